@@ -1,0 +1,279 @@
+"""embedfleet's configuration: ``embedfleet.*`` keys in dask.config.
+
+The defaults in ``embedfleet.yaml`` are merged into ``dask.config`` when this module is
+imported (as distributed does with ``distributed.yaml``), so any dask config file, the
+``DASK_CONFIG`` directory and ``DASK_EMBEDFLEET__...`` environment variables override them.
+Values are read when a settings object is built, never at import: a test or a notebook can
+change ``dask.config`` and the next job sees it. Workers never read config: tasks receive the
+frozen specs built here on the client.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dask.config
+import yaml
+from dask.utils import parse_bytes, parse_timedelta
+
+from embedfleet.errors import ConfigError
+
+__all__ = [
+    "get",
+    "validate",
+    "data_dir",
+    "ChunkSpec",
+    "ModelSpec",
+    "EmbedderSpec",
+    "RetrySpec",
+    "model_spec",
+    "embedder_spec",
+    "chunk_spec",
+    "retry_spec",
+    "resolve_model_path",
+    "bytes_value",
+    "seconds_value",
+]
+
+_HERE = Path(__file__).parent
+_DEFAULTS_FILE = _HERE / "embedfleet.yaml"
+_SCHEMA_FILE = _HERE / "embedfleet-schema.yaml"
+
+with open(_DEFAULTS_FILE) as _f:
+    _DEFAULTS = yaml.safe_load(_f)
+
+dask.config.update_defaults(_DEFAULTS)
+
+ChunkUnit = Literal["tokens", "words", "chars"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
+Device = Literal["cpu", "cuda", "auto"]
+Backend = Literal["sentence-transformers", "onnx"]
+
+_MISSING = object()
+
+
+def get(key: str, default: Any = _MISSING) -> Any:
+    """``dask.config.get("embedfleet." + key)``."""
+    if default is _MISSING:
+        return dask.config.get(f"embedfleet.{key}")
+    return dask.config.get(f"embedfleet.{key}", default)
+
+
+def _canonical(obj: Any) -> Any:
+    # Environment variables arrive as embedfleet.embed.batch_tokens; the schema speaks in dashes.
+    if isinstance(obj, dict):
+        return {str(k).replace("_", "-"): _canonical(v) for k, v in obj.items()}
+    return obj
+
+
+def validate() -> None:
+    """Check the merged ``embedfleet`` config against the schema; raise ConfigError naming the key."""
+    import jsonschema
+
+    with open(_SCHEMA_FILE) as f:
+        schema = yaml.safe_load(f)
+    config = {"embedfleet": _canonical(dask.config.get("embedfleet"))}
+    # Models and tiers are keyed by user-chosen names, which may legitimately contain underscores.
+    config["embedfleet"]["models"] = dask.config.get("embedfleet.models")
+    config["embedfleet"]["jobs"]["tiers"] = {
+        name: _canonical(tier) for name, tier in dask.config.get("embedfleet.jobs.tiers").items()
+    }
+    config["embedfleet"]["models"] = {
+        name: _canonical(model) for name, model in config["embedfleet"]["models"].items()
+    }
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=str)
+    if errors:
+        first = errors[0]
+        where = ".".join(str(p) for p in first.absolute_path)
+        raise ConfigError(f"invalid config key {where}: {first.message}")
+
+
+def bytes_value(key: str) -> int:
+    value = get(key)
+    try:
+        return int(parse_bytes(value)) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"embedfleet.{key}: {value!r} is not a size (e.g. 16MiB)") from exc
+
+
+def seconds_value(key: str) -> float:
+    value = get(key)
+    try:
+        return float(parse_timedelta(value, default="seconds"))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"embedfleet.{key}: {value!r} is not a duration (e.g. 500ms)") from exc
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path:
+    """The data directory, absolute; created if missing."""
+    path = Path(override if override is not None else get("data-dir")).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    unit: ChunkUnit = "tokens"
+    size: int = 200
+    overlap: int = 32
+
+    def __post_init__(self) -> None:
+        from embedfleet.errors import ChunkingError
+
+        if self.unit not in ("tokens", "words", "chars"):
+            raise ChunkingError(f"chunk unit must be tokens, words or chars, not {self.unit!r}")
+        if self.size < 1:
+            raise ChunkingError(f"chunk size must be at least 1, not {self.size}")
+        if self.overlap < 0 or self.overlap >= self.size:
+            raise ChunkingError(
+                f"chunk overlap must be at least 0 and smaller than the size ({self.size}), not {self.overlap}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load one named model. Hashable: it keys the per-worker model cache."""
+
+    name: str
+    path: str
+    dimensions: int
+    backend: Backend = "sentence-transformers"
+    max_seq_length: int = 256
+    normalize: bool = True
+    metric: Literal["cosine", "ip", "l2"] = "cosine"
+    query_prefix: str = ""
+    document_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    model: ModelSpec
+    backend: Backend = "sentence-transformers"
+    precision: Precision = "fp32"
+    device: Device = "auto"
+    batch_tokens: int = 8192
+    threads: int | None = None
+    quantize: Literal["int8"] | None = None
+    cache_dir: str | None = None  # where derived artefacts (ONNX exports) are kept
+
+    @property
+    def cache_key(self) -> tuple:
+        # batch_tokens and threads change how a loaded model is driven, not the model itself.
+        return (self.model, self.backend, self.precision, self.device, self.quantize)
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    attempts: int = 5
+    delay: float = 0.5
+    max_delay: float = 20.0
+
+
+_PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_path(path: str) -> str:
+    """A model directory from ``package:MODULE`` (MODULE.get_model_path()) or a plain path.
+
+    sentence-transformers rejects a Path object, so this always returns ``str``.
+    """
+    if path.startswith(_PACKAGE_PREFIX):
+        import importlib
+
+        module_name = path[len(_PACKAGE_PREFIX):]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"model path {path!r}: cannot import {module_name} ({exc})") from exc
+        return str(module.get_model_path())
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ConfigError(f"model path {path!r} does not exist")
+    return str(resolved.resolve())
+
+
+def model_spec(name: str | None = None) -> ModelSpec:
+    name = name or get("embed.model")
+    models = get("models")
+    if name not in models:
+        raise ConfigError(f"unknown model {name!r}; configured models: {', '.join(sorted(models))}")
+    raw = _canonical(models[name])
+    return ModelSpec(
+        name=name,
+        path=str(raw["path"]),
+        dimensions=int(raw["dimensions"]),
+        backend=raw.get("backend", "sentence-transformers"),
+        max_seq_length=int(raw.get("max-seq-length", 256)),
+        normalize=bool(raw.get("normalize", True)),
+        metric=raw.get("metric", "cosine"),
+        query_prefix=raw.get("query-prefix", "") or "",
+        document_prefix=raw.get("document-prefix", "") or "",
+    )
+
+
+def embedder_spec(
+    *,
+    model: str | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
+    device: str | None = None,
+    batch_tokens: int | None = None,
+    threads: int | None = None,
+    quantize: str | None = None,
+    cache_dir: str | None = None,
+) -> EmbedderSpec:
+    spec = model_spec(model)
+    chosen_backend = backend or get("embed.backend") or spec.backend
+    if chosen_backend not in ("sentence-transformers", "onnx"):
+        from embedfleet.errors import UnknownBackendError
+
+        raise UnknownBackendError("embedder backend", chosen_backend, ["sentence-transformers", "onnx"])
+    chosen_precision = precision or get("embed.precision")
+    if chosen_precision not in ("fp32", "bf16", "fp16", "auto"):
+        raise ConfigError(f"precision must be fp32, bf16, fp16 or auto, not {chosen_precision!r}")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize must be int8, not {quantize!r}")
+    if quantize and chosen_backend != "onnx":
+        raise ConfigError("--quantize int8 needs --backend onnx")
+    return EmbedderSpec(
+        model=spec,
+        backend=chosen_backend,
+        precision=chosen_precision,
+        device=device or get("embed.device"),
+        batch_tokens=int(batch_tokens or get("embed.batch-tokens")),
+        threads=threads if threads is not None else get("embed.threads"),
+        quantize=quantize,
+        cache_dir=cache_dir,
+    )
+
+
+def chunk_spec(*, unit: str | None = None, size: int | None = None, overlap: int | None = None) -> ChunkSpec:
+    return ChunkSpec(
+        unit=unit or get("chunk.unit"),
+        size=int(size if size is not None else get("chunk.size")),
+        overlap=int(overlap if overlap is not None else get("chunk.overlap")),
+    )
+
+
+def retry_spec() -> RetrySpec:
+    return RetrySpec(
+        attempts=max(1, int(get("write.retries"))),
+        delay=seconds_value("write.retry-delay"),
+        max_delay=seconds_value("write.retry-max-delay"),
+    )
+
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """User ids and collection names: lowercase letters, digits, '-' and '_', 1-63 chars."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ConfigError(
+            f"invalid {kind} {value!r}: use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    return value

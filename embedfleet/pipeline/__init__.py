@@ -1,0 +1,1 @@
+"""Job -> Dask graph: read -> chunk -> embed -> write -> commit."""

@@ -1,0 +1,172 @@
+"""The contract every vector store implements (DESIGN §4).
+
+A :class:`Sink` is a connection to one store, addressed by URI. It opens collections by their
+*physical* name (see :mod:`embedfleet.sinks.naming`): the user-facing name never reaches a
+store directly. A :class:`SinkCollection` takes embedding frames (``pyarrow.Table`` with the
+schema of :func:`embedfleet.tasks.schemas.embeddings_schema`) and splits every request to stay
+under the store's own limits.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from embedfleet.errors import CollectionMismatch
+
+__all__ = ["CollectionInfo", "Hit", "Sink", "SinkCollection", "SinkSpec", "metadata_for_store"]
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """What a collection records about how its vectors were made. The model guard compares these."""
+
+    model: str
+    dimensions: int
+    metric: str = "cosine"
+    precision: str | None = None  # informational: mixing precisions of one model is allowed
+
+    def check_compatible(self, existing: "CollectionInfo", *, collection: str) -> None:
+        if existing.model != self.model or existing.dimensions != self.dimensions or existing.metric != self.metric:
+            raise CollectionMismatch(
+                f"collection {collection!r} was built with model {existing.model!r} "
+                f"({existing.dimensions} dimensions, {existing.metric}); this job uses {self.model!r} "
+                f"({self.dimensions} dimensions, {self.metric}). Use another collection name, or drop "
+                f"it explicitly with `embedfleet collections drop`; it was left untouched."
+            )
+
+    def to_metadata(self) -> dict[str, Any]:
+        out = {"embedfleet_model": self.model, "embedfleet_dimensions": self.dimensions, "embedfleet_metric": self.metric}
+        if self.precision:
+            out["embedfleet_precision"] = self.precision
+        return out
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any] | None) -> "CollectionInfo | None":
+        if not metadata or "embedfleet_model" not in metadata:
+            return None
+        return cls(
+            model=str(metadata["embedfleet_model"]),
+            dimensions=int(metadata["embedfleet_dimensions"]),
+            metric=str(metadata.get("embedfleet_metric", "cosine")),
+            precision=metadata.get("embedfleet_precision"),
+        )
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    doc_id: str
+    chunk_index: int
+    score: float  # higher is closer: cosine similarity for cosine collections
+    text: str
+    start: int | None = None
+    end: int | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """A picklable description of a sink: what tasks on workers receive instead of a connection."""
+
+    uri: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+
+def metadata_for_store(row_metadata: str | None) -> dict[str, Any]:
+    """A chunk's source metadata (a JSON object) flattened to scalar values stores accept."""
+    if not row_metadata:
+        return {}
+    try:
+        parsed = json.loads(row_metadata)
+    except ValueError:
+        return {}
+    if not isinstance(parsed, dict):
+        return {}
+    flat: dict[str, Any] = {}
+    for key, value in parsed.items():
+        if isinstance(value, (str, bool, int, float)) and value is not None:
+            flat[str(key)] = value
+        elif value is not None:
+            flat[str(key)] = json.dumps(value, sort_keys=True)
+    return flat
+
+
+class SinkCollection(abc.ABC):
+    name: str
+    info: CollectionInfo
+
+    @property
+    @abc.abstractmethod
+    def max_batch_size(self) -> int:
+        """Rows per write request this store accepts."""
+
+    @abc.abstractmethod
+    def upsert(self, frame: pa.Table) -> int:
+        """Insert or replace rows by chunk_id; returns rows written. Idempotent."""
+
+    @abc.abstractmethod
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete by chunk_id; unknown ids are ignored. Returns how many were asked to go."""
+
+    @abc.abstractmethod
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` present in the collection."""
+
+    @abc.abstractmethod
+    def query(self, vector: np.ndarray, k: int) -> list[Hit]:
+        """Top-k nearest chunks, best first."""
+
+    @abc.abstractmethod
+    def count(self) -> int: ...
+
+
+class Sink(abc.ABC):
+    """A connection to one vector store."""
+
+    scheme: ClassVar[str]
+    #: Embedded stores (Chroma PersistentClient, Milvus Lite) must be written by one process.
+    single_writer: ClassVar[bool] = False
+
+    def __init__(self, spec: SinkSpec):
+        self.spec = spec
+
+    @property
+    def uri(self) -> str:
+        return self.spec.uri
+
+    @abc.abstractmethod
+    def open(self, name: str, *, info: CollectionInfo | None = None, create: bool = False) -> SinkCollection:
+        """Open a collection by physical name.
+
+        With ``create`` and ``info`` a missing collection is created recording ``info``; an
+        existing one is checked against ``info`` (model guard) and refused on mismatch, never
+        changed. Without ``create`` a missing collection raises SinkError.
+        """
+
+    @abc.abstractmethod
+    def list_collections(self) -> list[str]:
+        """Physical names of the collections in the store."""
+
+    @abc.abstractmethod
+    def drop(self, name: str) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - most clients need nothing
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,195 @@
+"""ChromaDB: ``chroma:///abs/dir`` (embedded PersistentClient) or ``chroma://host:port`` (server)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+
+from embedfleet.errors import ConfigError, SinkError
+from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, metadata_for_store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChromaSink", "ChromaCollection"]
+
+_RESERVED = ("doc_id", "chunk_index", "start", "end")
+
+
+def _client(spec: SinkSpec):
+    try:
+        import chromadb
+        from chromadb.config import Settings
+    except ImportError as exc:  # pragma: no cover - chromadb is a core dependency
+        from embedfleet.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("the chroma sink", "chroma", str(exc)) from exc
+
+    parts = urlsplit(spec.uri)
+    settings = Settings(anonymized_telemetry=False, allow_reset=False)
+    try:
+        if parts.netloc:
+            if not parts.hostname:
+                raise ConfigError(f"sink {spec.uri!r}: expected chroma://host:port")
+            headers = dict(spec.option("headers", ()) or ())
+            return chromadb.HttpClient(
+                host=parts.hostname,
+                port=parts.port or 8000,
+                ssl=bool(spec.option("ssl", False)),
+                headers=headers or None,
+                settings=settings,
+            ), False
+        if not parts.path.startswith("/"):
+            raise ConfigError(f"sink {spec.uri!r}: an embedded Chroma store needs an absolute path, chroma:///abs/dir")
+        return chromadb.PersistentClient(path=parts.path, settings=settings), True
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise SinkError(f"cannot connect to Chroma at {spec.uri}: {exc}") from exc
+
+
+class ChromaCollection(SinkCollection):
+    def __init__(self, collection, info: CollectionInfo, max_batch_size: int):
+        self._collection = collection
+        self.name = collection.name
+        self.info = info
+        self._max_batch_size = max_batch_size
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    def upsert(self, frame: pa.Table) -> int:
+        written = 0
+        for batch in frame.to_batches(max_chunksize=self._max_batch_size):
+            if batch.num_rows == 0:
+                continue
+            cols = batch.to_pydict()
+            vectors = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
+            vectors = vectors.reshape(batch.num_rows, -1).astype(np.float32, copy=False)
+            metadatas = []
+            for i in range(batch.num_rows):
+                meta = {k: v for k, v in metadata_for_store(cols["metadata"][i]).items() if k not in _RESERVED}
+                meta.update(
+                    doc_id=cols["doc_id"][i],
+                    chunk_index=int(cols["chunk_index"][i]),
+                    start=int(cols["start"][i]),
+                    end=int(cols["end"][i]),
+                )
+                metadatas.append(meta)
+            try:
+                self._collection.upsert(
+                    ids=cols["chunk_id"], embeddings=vectors, documents=cols["text"], metadatas=metadatas
+                )
+            except Exception as exc:
+                raise SinkError(f"Chroma upsert into {self.name!r} failed: {exc}") from exc
+            written += batch.num_rows
+        return written
+
+    def delete(self, ids: Sequence[str]) -> int:
+        ids = list(ids)
+        for i in range(0, len(ids), self._max_batch_size):
+            try:
+                self._collection.delete(ids=ids[i : i + self._max_batch_size])
+            except Exception as exc:
+                raise SinkError(f"Chroma delete from {self.name!r} failed: {exc}") from exc
+        return len(ids)
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        ids = list(ids)
+        found: set[str] = set()
+        for i in range(0, len(ids), self._max_batch_size):
+            try:
+                got = self._collection.get(ids=ids[i : i + self._max_batch_size], include=[])
+            except Exception as exc:
+                raise SinkError(f"Chroma get from {self.name!r} failed: {exc}") from exc
+            found.update(got["ids"])
+        return found
+
+    def query(self, vector: np.ndarray, k: int) -> list[Hit]:
+        try:
+            result = self._collection.query(
+                query_embeddings=[np.asarray(vector, dtype=np.float32)],
+                n_results=k,
+                include=["documents", "metadatas", "distances"],
+            )
+        except Exception as exc:
+            raise SinkError(f"Chroma query on {self.name!r} failed: {exc}") from exc
+        hits = []
+        for chunk_id, text, meta, distance in zip(
+            result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0]
+        ):
+            meta = dict(meta or {})
+            score = 1.0 - float(distance) if self.info.metric == "cosine" else -float(distance)
+            hits.append(
+                Hit(
+                    chunk_id=chunk_id,
+                    doc_id=str(meta.pop("doc_id", "")),
+                    chunk_index=int(meta.pop("chunk_index", -1)),
+                    score=score,
+                    text=text or "",
+                    start=meta.pop("start", None),
+                    end=meta.pop("end", None),
+                    metadata=meta,
+                )
+            )
+        return hits
+
+    def count(self) -> int:
+        return int(self._collection.count())
+
+
+_CHROMA_SPACE = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
+
+
+class ChromaSink(Sink):
+    scheme = "chroma"
+
+    def __init__(self, spec: SinkSpec):
+        super().__init__(spec)
+        self._client, self.single_writer = _client(spec)
+        configured = spec.option("max-batch-size")
+        limit = int(self._client.get_max_batch_size())
+        self._max_batch_size = min(int(configured), limit) if configured else limit
+
+    def open(self, name: str, *, info: CollectionInfo | None = None, create: bool = False) -> ChromaCollection:
+        existing = self._get(name)
+        if existing is None:
+            if not (create and info):
+                raise SinkError(f"collection {name!r} does not exist in {self.uri}")
+            metadata: dict[str, Any] = {**info.to_metadata(), "hnsw:space": _CHROMA_SPACE[info.metric]}
+            try:
+                collection = self._client.get_or_create_collection(name, metadata=metadata, embedding_function=None)
+            except Exception as exc:
+                raise SinkError(f"cannot create Chroma collection {name!r}: {exc}") from exc
+            recorded = CollectionInfo.from_metadata(collection.metadata) or info
+            info.check_compatible(recorded, collection=name)  # a concurrent creator may have won
+            return ChromaCollection(collection, recorded, self._max_batch_size)
+        recorded = CollectionInfo.from_metadata(existing.metadata)
+        if recorded is None:
+            raise SinkError(f"collection {name!r} in {self.uri} was not made by embedfleet (no model recorded); refusing to use it")
+        if info is not None:
+            info.check_compatible(recorded, collection=name)
+        return ChromaCollection(existing, recorded, self._max_batch_size)
+
+    def _get(self, name: str):
+        try:
+            return self._client.get_collection(name, embedding_function=None)
+        except Exception as exc:
+            if "does not exist" in str(exc) or type(exc).__name__ in ("NotFoundError", "InvalidCollectionException"):
+                return None
+            raise SinkError(f"cannot read Chroma collection {name!r} at {self.uri}: {exc}") from exc
+
+    def list_collections(self) -> list[str]:
+        try:
+            return sorted(c.name if hasattr(c, "name") else str(c) for c in self._client.list_collections())
+        except Exception as exc:
+            raise SinkError(f"cannot list collections at {self.uri}: {exc}") from exc
+
+    def drop(self, name: str) -> None:
+        if self._get(name) is None:
+            raise SinkError(f"collection {name!r} does not exist in {self.uri}")
+        self._client.delete_collection(name)

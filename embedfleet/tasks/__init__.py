@@ -1,0 +1,1 @@
+"""Pure per-partition functions: no cluster, no config, only their arguments."""
