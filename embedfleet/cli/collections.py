@@ -1,0 +1,153 @@
+"""``embedfleet collections``: list, inspect and drop a user's collections."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from embedfleet.cli.common import EmbedfleetGroup, data_dir_option, emit_json, handle_errors, user_option
+from embedfleet.errors import ConfigError, SinkError
+
+__all__ = ["collections"]
+
+sink_option = click.option(
+    "--sink",
+    "sink_uri",
+    default=None,
+    metavar="URI",
+    help="Vector store (config embedfleet.sink; default chroma://<data-dir>/chroma), e.g. "
+    "chroma://host:8000, milvus:///abs/file.db, milvus://host:19530, parquet:///abs/dir.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+def _user(user: str | None) -> str:
+    from embedfleet import config
+    from embedfleet.sinks.naming import check_part
+
+    return check_part("user id", user or str(config.get("user")))
+
+
+def _open(sink_uri: str | None, data_dir: str | None):
+    from embedfleet.sinks.catalog import default_sink_uri
+    from embedfleet.sinks.registry import open_sink
+
+    return open_sink(sink_uri or default_sink_uri(data_dir))
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+@click.group(cls=EmbedfleetGroup)
+def collections() -> None:
+    """List, inspect and drop your collections.
+
+    Collection names are per user: every command works on the collections of --user only
+    (config embedfleet.user), whatever the store holds for other users.
+
+    \b
+    Examples:
+      embedfleet collections list --user alice
+      embedfleet collections info kb --user alice --json
+      embedfleet collections drop kb --user alice --sink milvus:///srv/vectors.db --yes
+    """
+
+
+@collections.command("list")
+@user_option
+@sink_option
+@data_dir_option
+@json_option
+@handle_errors
+def list_cmd(user: str | None, sink_uri: str | None, data_dir: str | None, as_json: bool) -> None:
+    """List the user's collections with their model and size.
+
+    \b
+    Examples:
+      embedfleet collections list --user alice
+      embedfleet collections list --user alice --sink parquet:///data/export --json
+    """
+    from embedfleet.sinks.catalog import describe_user_collection, display_uri, list_user_collections
+
+    user = _user(user)
+    with _open(sink_uri, data_dir) as sink:
+        rows = []
+        for name in list_user_collections(sink, user):
+            try:
+                rows.append(describe_user_collection(sink, user, name))
+            except SinkError as exc:
+                # One unreadable collection must not hide the others.
+                rows.append({"name": name, "user": user, "error": str(exc)})
+        if as_json:
+            emit_json({"user": user, "sink": display_uri(sink.uri), "collections": rows})
+            return
+        if not rows:
+            click.echo(f"No collections for user {user!r} in {display_uri(sink.uri)}.", err=True)
+            return
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            if "error" in r:
+                click.echo(f"{r['name']:<{width}}  error: {r['error']}")
+            else:
+                click.echo(f"{r['name']:<{width}}  {r['count']:>9} chunks  {r['model']} ({r['dimensions']}d, {r['metric']})")
+
+
+@collections.command("info")
+@click.argument("name")
+@user_option
+@sink_option
+@data_dir_option
+@json_option
+@handle_errors
+def info_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | None, as_json: bool) -> None:
+    """Show a collection: model, dimensions, metric, chunk count, physical name and store.
+
+    \b
+    Examples:
+      embedfleet collections info kb --user alice
+      embedfleet collections info kb --user alice --sink chroma://localhost:8000 --json
+    """
+    from embedfleet.sinks.catalog import describe_user_collection
+
+    user = _user(user)
+    with _open(sink_uri, data_dir) as sink:
+        described = describe_user_collection(sink, user, name)
+    if as_json:
+        emit_json(described)
+        return
+    for key in ("name", "user", "model", "dimensions", "metric", "precision", "count", "physical_name", "sink"):
+        if described.get(key) is not None:
+            click.echo(f"{key + ':':<15}{described[key]}")
+
+
+@collections.command("drop")
+@click.argument("name")
+@user_option
+@sink_option
+@data_dir_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask; required when stdin is not a terminal.")
+@handle_errors
+def drop_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | None, yes: bool) -> None:
+    """Drop a collection and every vector in it. This cannot be undone.
+
+    Asks for confirmation on a terminal; elsewhere (scripts, cron) --yes is required.
+
+    \b
+    Examples:
+      embedfleet collections drop kb --user alice
+      embedfleet collections drop kb --user alice --sink milvus://milvus:19530 --yes
+    """
+    from embedfleet.sinks.catalog import display_uri, drop_user_collection, open_user_collection
+
+    user = _user(user)
+    with _open(sink_uri, data_dir) as sink:
+        where = display_uri(sink.uri)
+        if not yes:
+            if not _interactive():
+                raise ConfigError(f"refusing to drop collection {name!r} without --yes (stdin is not a terminal)")
+            count = open_user_collection(sink, user, name).count()
+            click.confirm(f"Drop collection {name!r} of user {user!r} ({count} chunks) from {where}?", abort=True)
+        physical = drop_user_collection(sink, user, name)
+    click.echo(f"Dropped collection {name!r} of user {user!r} ({physical}) from {where}.", err=True)
