@@ -83,6 +83,14 @@ class SinkSpec:
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
 
+    def __repr__(self) -> str:
+        # Specs travel into task graphs, logs and tracebacks: never show a credential.
+        shown = tuple((k, "***" if k in _SECRET_OPTIONS and v else v) for k, v in self.options)
+        return f"SinkSpec(uri={self.uri!r}, options={shown!r})"
+
+
+_SECRET_OPTIONS = frozenset({"token", "password", "headers", "api-key"})
+
 
 def metadata_for_store(row_metadata: str | None) -> dict[str, Any]:
     """A chunk's source metadata (a JSON object) flattened to scalar values stores accept."""

@@ -63,6 +63,11 @@ class ChromaCollection(SinkCollection):
         return self._max_batch_size
 
     def upsert(self, frame: pa.Table) -> int:
+        ids = frame.column("chunk_id").to_pylist()
+        last = {chunk_id: i for i, chunk_id in enumerate(ids)}
+        if len(last) < len(ids):
+            # Chroma refuses a request naming an id twice; the last row of an id is the newest.
+            frame = frame.take(pa.array(sorted(last.values())))
         written = 0
         for batch in frame.to_batches(max_chunksize=self._max_batch_size):
             if batch.num_rows == 0:
@@ -91,15 +96,16 @@ class ChromaCollection(SinkCollection):
 
     def delete(self, ids: Sequence[str]) -> int:
         ids = list(ids)
-        for i in range(0, len(ids), self._max_batch_size):
+        unique = list(dict.fromkeys(ids))  # Chroma refuses duplicate ids in one request
+        for i in range(0, len(unique), self._max_batch_size):
             try:
-                self._collection.delete(ids=ids[i : i + self._max_batch_size])
+                self._collection.delete(ids=unique[i : i + self._max_batch_size])
             except Exception as exc:
                 raise SinkError(f"Chroma delete from {self.name!r} failed: {exc}") from exc
         return len(ids)
 
     def existing(self, ids: Sequence[str]) -> set[str]:
-        ids = list(ids)
+        ids = list(dict.fromkeys(ids))  # Chroma refuses duplicate ids in one request
         found: set[str] = set()
         for i in range(0, len(ids), self._max_batch_size):
             try:
