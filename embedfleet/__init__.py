@@ -1,7 +1,36 @@
-"""embedfleet: batch-indexing of text embeddings on Dask."""
+"""embedfleet: batch-indexing of text embeddings on Dask.
+
+>>> import embedfleet
+>>> result = embedfleet.index("./docs", collection="kb")          # doctest: +SKIP
+>>> embedfleet.search("how do I rotate a log file", collection="kb")  # doctest: +SKIP
+"""
 
 from embedfleet import config  # noqa: F401  (loads the embedfleet.* defaults into dask.config first)
-from embedfleet.errors import EmbedfleetError
+from embedfleet.api import index, search
+from embedfleet.errors import (
+    CollectionMismatch,
+    ConfigError,
+    EmbedfleetError,
+    JobNotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    SinkError,
+)
+from embedfleet.pipeline.job import JobResult, JobSpec, Progress
 
-__all__ = ["EmbedfleetError", "config"]
+__all__ = [
+    "CollectionMismatch",
+    "ConfigError",
+    "EmbedfleetError",
+    "JobNotFound",
+    "JobResult",
+    "JobSpec",
+    "PermissionDenied",
+    "Progress",
+    "QuotaExceeded",
+    "SinkError",
+    "config",
+    "index",
+    "search",
+]
 __version__ = "0.1.0"

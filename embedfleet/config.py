@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +51,8 @@ dask.config.update_defaults(_DEFAULTS)
 ChunkUnit = Literal["tokens", "words", "chars"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Device = Literal["cpu", "cuda", "auto"]
-Backend = Literal["sentence-transformers", "onnx"]
+# Open: backends come from a registry (and entry points), not a closed list.
+Backend = str
 
 _MISSING = object()
 
@@ -228,10 +229,12 @@ def embedder_spec(
 ) -> EmbedderSpec:
     spec = model_spec(model)
     chosen_backend = backend or get("embed.backend") or spec.backend
-    if chosen_backend not in ("sentence-transformers", "onnx"):
+    from embedfleet.embedders.registry import known_backends
+
+    if chosen_backend not in known_backends():
         from embedfleet.errors import UnknownBackendError
 
-        raise UnknownBackendError("embedder backend", chosen_backend, ["sentence-transformers", "onnx"])
+        raise UnknownBackendError("embedder backend", chosen_backend, known_backends())
     chosen_precision = precision or get("embed.precision")
     if chosen_precision not in ("fp32", "bf16", "fp16", "auto"):
         raise ConfigError(f"precision must be fp32, bf16, fp16 or auto, not {chosen_precision!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
@@ -20,16 +21,18 @@ _RESERVED = ("doc_id", "chunk_index", "start", "end")
 
 
 def _client(spec: SinkSpec):
+    # Telemetry off through the environment rather than Settings: Chroma refuses a second
+    # PersistentClient on one path with different settings in a process, and users open
+    # our stores with plain chromadb.PersistentClient(path).
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
     try:
         import chromadb
-        from chromadb.config import Settings
     except ImportError as exc:  # pragma: no cover - chromadb is a core dependency
         from embedfleet.errors import BackendUnavailableError
 
         raise BackendUnavailableError("the chroma sink", "chroma", str(exc)) from exc
 
     parts = urlsplit(spec.uri)
-    settings = Settings(anonymized_telemetry=False, allow_reset=False)
     try:
         if parts.netloc:
             if not parts.hostname:
@@ -40,11 +43,10 @@ def _client(spec: SinkSpec):
                 port=parts.port or 8000,
                 ssl=bool(spec.option("ssl", False)),
                 headers=headers or None,
-                settings=settings,
             ), False
         if not parts.path.startswith("/"):
             raise ConfigError(f"sink {spec.uri!r}: an embedded Chroma store needs an absolute path, chroma:///abs/dir")
-        return chromadb.PersistentClient(path=parts.path, settings=settings), True
+        return chromadb.PersistentClient(path=parts.path), True
     except ConfigError:
         raise
     except Exception as exc:

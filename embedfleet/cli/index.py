@@ -1,0 +1,123 @@
+"""``embedfleet index``: one corpus into one collection, now, on a Dask cluster."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from embedfleet.cli.common import data_dir_option, db_option, emit_json, handle_errors, user_option
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr that follows the job's stages: partitions while chunking, chunks while embedding."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bar = None
+        self._stage = None
+
+    def __call__(self, progress) -> None:
+        if progress.stage != self._stage:
+            self._stage = progress.stage
+            self.close()
+            if progress.stage == "chunking":
+                self._bar = self._tqdm(total=progress.partitions_total or None, desc="chunking", unit="part", file=sys.stderr)
+            elif progress.stage == "embedding":
+                self._bar = self._tqdm(total=progress.chunks_to_embed or 0, desc="embedding", unit="chunk", file=sys.stderr)
+        if self._bar is None:
+            return
+        done = progress.partitions_done if progress.stage == "chunking" else progress.embedded
+        self._bar.update(max(0, done - self._bar.n))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@click.command()
+@click.argument("source")
+@click.option("--sink", default=None, metavar="URI", help="chroma:///abs/dir, chroma://host:port, milvus:///abs/file.db, milvus://host:port, parquet:///abs/dir. Default chroma://<data-dir>/chroma.")
+@click.option("--collection", default=None, help="Collection name (default 'default').")
+@click.option("--model", default=None, help="A model name from embedfleet.models (default minilm).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Chunk length in units (default 200).")
+@click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, help="Units shared by consecutive chunks (default 32).")
+@click.option("--chunk-unit", type=click.Choice(["tokens", "words", "chars"]), default=None, help="Chunk unit; tokens are the model's own (default).")
+@click.option("--mode", type=click.Choice(["sync", "append", "full"]), default=None, help="sync (default): embed new/changed chunks and delete stale ones; append: never delete; full: re-embed everything.")
+@click.option("--text-column", default=None, help="Text column of a JSONL/CSV/Parquet source (default 'text').")
+@click.option("--id-column", default=None, help="Document id column of a table source (default: file name and row number).")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default=None, help="Unreadable documents: skip with a reason (default) or stop.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default=None, help="Model precision (default fp32; auto picks bf16 where the hardware has it).")
+@click.option("--backend", default=None, help="Embedder backend: sentence-transformers (default) or onnx.")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Use an existing Dask scheduler, e.g. tcp://10.0.0.5:8786.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes of the local cluster (default 1, using every core).")
+@click.option("--gpu", is_flag=True, default=None, help="Start a dask_cuda.LocalCUDACluster (pip install 'embedfleet[gpu]').")
+@user_option
+@data_dir_option
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
+@handle_errors
+def index(source, sink, collection, model, chunk_size, chunk_overlap, chunk_unit, mode, text_column, id_column,
+          on_error, precision, backend, scheduler, workers, gpu, user, data_dir, database_url, as_json):
+    """Chunk, embed and store SOURCE: a folder, a .jsonl/.csv/.parquet file, or python-docs.
+
+    Running it again is incremental: unchanged chunks are not embedded again, and chunks of
+    edited or removed documents are replaced or deleted.
+
+    \b
+    Examples:
+      embedfleet index ./docs
+      embedfleet index corpus.jsonl --text-column body --id-column url --collection kb
+      embedfleet index python-docs --collection pydocs --json
+      embedfleet index ./docs --sink milvus:///srv/vectors.db --collection kb
+      embedfleet index ./docs --scheduler tcp://scheduler:8786 --precision auto
+    """
+    import embedfleet
+
+    bar = _ProgressBar() if sys.stderr.isatty() and not as_json else None
+
+    def announce(client) -> None:
+        if not as_json:
+            click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+
+    try:
+        result = embedfleet.index(
+            source, collection=collection, sink=sink, user=user, model=model, chunk_size=chunk_size,
+            chunk_overlap=chunk_overlap, chunk_unit=chunk_unit, mode=mode, on_error=on_error, data_dir=data_dir,
+            text_column=text_column, id_column=id_column, precision=precision, backend=backend,
+            scheduler=scheduler, workers=workers, gpu=gpu, database_url=database_url,
+            on_progress=bar, on_cluster=announce,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    _print_summary(result)
+    if result.status != "succeeded":
+        sys.exit(1)
+
+
+def _print_summary(result) -> None:
+    click.echo(
+        f"{result.status}: {result.documents} documents -> {result.chunks} chunks; "
+        f"embedded {result.embedded}, unchanged {result.skipped}, deleted {result.deleted} "
+        f"in {result.seconds:.1f}s"
+    )
+    if result.embedded and result.chunks_per_second:
+        efficiency = f", padding efficiency {result.padding_efficiency:.0%}" if result.padding_efficiency else ""
+        click.echo(
+            f"embedding: {result.chunks_per_second:.1f} chunks/s, {result.tokens_per_second:.0f} tokens/s"
+            f" at {result.precision}{efficiency}"
+        )
+    click.echo(f"collection {result.collection!r} of user {result.user!r} in {result.sink} (job {result.job_id})")
+    if result.skipped_documents:
+        click.echo(f"skipped {len(result.skipped_documents)} unreadable documents:", err=True)
+        for skipped in result.skipped_documents[:10]:
+            click.echo(f"  {skipped.doc_id}: {skipped.reason}", err=True)
+        if len(result.skipped_documents) > 10:
+            click.echo("  ... (--json lists them all)", err=True)

@@ -1,0 +1,433 @@
+"""Run one job on a Dask cluster: read -> chunk -> (diff) -> embed -> write -> commit.
+
+Every stage works partition by partition and writes its output atomically under the job's
+directory (``<data-dir>/jobs/<job-id>/``), so running the same job again resumes it: a
+partition whose output exists is not redone. The driver only moves paths and small
+counts; documents, chunks and vectors stay on the workers and on disk, except for embedded
+stores (Chroma PersistentClient, Milvus Lite), which must have one writer: the driver
+streams their writes one embedding partition at a time while the cluster keeps embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pyarrow.parquet as pq
+
+from embedfleet.config import resolve_model_path
+from embedfleet.embedders.base import SPECIAL_TOKENS
+from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled
+from embedfleet.pipeline.cluster import embed_resources, worker_threads
+from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
+from embedfleet.pipeline.manifest import Manifest
+from embedfleet.sinks.base import CollectionInfo
+from embedfleet.sinks.naming import physical_name
+from embedfleet.sinks.registry import open_sink
+from embedfleet.tasks import stages
+from embedfleet.tasks.io import is_done, read_json, sidecar, write_json_atomic
+from embedfleet.tasks.schemas import CHUNKS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_job"]
+
+# Task retries for worker-side errors (a worker lost mid-task is rescheduled by Dask anyway).
+TASK_RETRIES = 2
+POLL_SECONDS = 0.2
+
+
+class _Driver:
+    """Submits a stage's tasks and follows them: progress, cancellation, first error."""
+
+    def __init__(self, client, *, priority: int, cancel: threading.Event | None, on_progress, progress: Progress):
+        self.client = client
+        self.priority = priority
+        self.cancel = cancel
+        self.on_progress = on_progress
+        self.progress = progress
+
+    def report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(dataclasses.replace(self.progress))
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise JobCancelled("job cancelled")
+
+    def follow(self, futures: dict, on_done: Callable[[Any, Any], None]) -> None:
+        """Wait for ``futures`` (future -> key), calling ``on_done(key, result)`` as each finishes."""
+        from distributed import wait
+
+        pending = set(futures)
+        try:
+            while pending:
+                self.check_cancel()
+                try:
+                    # as_current: the job's client need not be the process's default client.
+                    with self.client.as_current():
+                        done, pending = wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    continue
+                for future in done:
+                    on_done(futures[future], future.result())  # re-raises the task's error
+                    self.report()
+        except BaseException:
+            # Stop the rest of this stage's tasks: a cancelled or failed job must not keep the
+            # cluster busy, and nothing half-done is left looking finished (outputs are atomic).
+            self.client.cancel(list(pending), force=True)
+            raise
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    client,
+    priority: int = 0,
+    on_progress: Callable[[Progress], None] | None = None,
+    before_embed: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> JobResult:
+    """Run (or resume) ``spec`` on ``client``'s cluster and return its result.
+
+    ``priority`` becomes the Dask priority of every task of the job. ``before_embed(n)`` is
+    called once, after chunking, with the exact number of chunks about to be embedded; it
+    may raise (e.g. QuotaExceeded) to stop the job before any embedding. Setting ``cancel``
+    cancels the job's tasks; the result then has status ``cancelled``. Other failures raise.
+    """
+    started = time.perf_counter()
+    progress = Progress(stage="reading")
+    driver = _Driver(client, priority=priority, cancel=cancel, on_progress=on_progress, progress=progress)
+    result = JobResult(
+        job_id=spec.job_id, status="succeeded", user=spec.user, sink=spec.sink.uri, collection=spec.collection
+    )
+    try:
+        _run(spec, driver, result, before_embed)
+    except JobCancelled:
+        result.status = "cancelled"
+        logger.info("job %s cancelled", spec.job_id)
+    finally:
+        result.seconds = time.perf_counter() - started
+    result.documents, result.chunks = progress.documents, progress.chunks
+    result.embedded, result.skipped, result.deleted = progress.embedded, progress.skipped, progress.deleted
+    result.tokens = progress.tokens
+    if result.status == "succeeded":
+        write_json_atomic(result.to_dict(), Path(spec.job_dir) / "result.json")
+    return result
+
+
+def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> None:
+    from embedfleet.datasets import plan_partitions, read_documents
+    from embedfleet.tasks.chunking import validate_for_model
+
+    client, progress = driver.client, driver.progress
+    model = spec.embedder.model
+    max_tokens = model.max_seq_length - SPECIAL_TOKENS
+    validate_for_model(spec.chunk, max_tokens)
+    model_path = resolve_model_path(model.path)
+
+    job_dir = Path(spec.job_dir)
+    dirs = {name: job_dir / name for name in ("chunks", "embeddings", "written", "deleted")}
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_spec(spec), job_dir / "spec.json")
+
+    # The model guard runs before any work: a collection made by another model is refused
+    # now, not after an hour of embedding.
+    collection_name = physical_name(spec.user, spec.collection)
+    info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric, precision=spec.embedder.precision)
+    sink = open_sink(spec.sink)
+    try:
+        sink.open(collection_name, info=info, create=True)
+        single_writer = sink.single_writer
+    finally:
+        if not sink.single_writer:
+            sink.close()
+    manifest = Manifest(spec.data_dir, spec.sink.uri, collection_name)
+
+    # --- read + chunk ----------------------------------------------------------------
+    plan = plan_partitions(spec.source)
+    documents = read_documents(spec.source)
+    chunk_paths = [str(dirs["chunks"] / f"part-{i:05d}.parquet") for i in range(len(plan))]
+    progress.partitions_total = len(plan)
+    todo = [i for i, path in enumerate(chunk_paths) if not is_done(path)]
+    chunk_stats: dict[int, dict] = {i: read_json(sidecar(p)) for i, p in enumerate(chunk_paths) if is_done(p)}
+
+    def count_chunks(stats: dict) -> None:
+        progress.documents += stats["documents"]
+        progress.chunks += stats["chunks"]
+        progress.skipped_documents += len(stats["skipped_documents"])
+        progress.partitions_done += 1
+
+    for stats in chunk_stats.values():
+        count_chunks(stats)
+    progress.stage = "chunking"
+    driver.report()
+    if todo:
+        from dask import delayed
+
+        parts = documents.to_delayed()
+        tasks = [
+            delayed(stages.chunk_stage, pure=False)(
+                parts[i],
+                out_path=chunk_paths[i],
+                chunk=spec.chunk,
+                model_path=model_path,
+                max_tokens=max_tokens,
+                on_error=spec.on_error,
+                dask_key_name=f"chunk-{spec.job_id}-{i}",
+            )
+            for i in todo
+        ]
+        futures = client.compute(tasks, priority=driver.priority, retries=TASK_RETRIES)
+
+        def chunked(i: int, stats: dict) -> None:
+            chunk_stats[i] = stats
+            count_chunks(stats)
+
+        driver.follow(dict(zip(futures, todo)), chunked)
+    result.skipped_documents = [
+        SkippedDocument(**s) for i in sorted(chunk_stats) for s in chunk_stats[i]["skipped_documents"]
+    ]
+    non_empty = [p for i, p in enumerate(chunk_paths) if chunk_stats[i]["chunks"]]
+    _check_duplicates(client, non_empty, job_dir)
+
+    # --- diff against the manifest ----------------------------------------------------
+    embed_inputs, stale_paths = _diff(spec, driver, manifest, non_empty, job_dir)
+    to_embed = sum(pq.ParquetFile(p).metadata.num_rows for p in embed_inputs)
+    progress.chunks_to_embed = to_embed
+    progress.skipped = progress.chunks - to_embed
+    if before_embed is not None:
+        before_embed(to_embed)
+    driver.check_cancel()
+
+    # --- embed + write ----------------------------------------------------------------
+    progress.stage = "embedding"
+    resources = embed_resources(client)
+    embedder = spec.embedder
+    if embedder.threads is None:
+        embedder = dataclasses.replace(embedder, threads=worker_threads(client, resources))
+    slices = list(_slices(embed_inputs, spec.chunks_per_partition))
+    out_paths = [str(dirs["embeddings"] / f"e-{fi:05d}-{si:04d}.parquet") for fi, si, *_ in slices]
+    progress.partitions_total, progress.partitions_done = len(slices), 0
+    embed_totals = {"real": 0, "padded": 0, "seconds": 0.0}
+    precisions: set[str] = set()
+
+    def embedded(stats: dict) -> None:
+        progress.embedded += stats["rows"]
+        progress.tokens += stats["real_tokens"]
+        embed_totals["real"] += stats["real_tokens"]
+        embed_totals["padded"] += stats["padded_tokens"]
+        precisions.add(stats["precision"])
+        progress.partitions_done += 1
+
+    already = [k for k, p in enumerate(out_paths) if is_done(p)]
+    for k in already:
+        stats = read_json(sidecar(out_paths[k]))
+        # Embedded by an earlier, interrupted run of this job: not embedded (nor charged) again.
+        progress.partitions_done += 1
+        precisions.add(stats["precision"])
+    embed_started = time.perf_counter()
+    write_kwargs = dict(sink=spec.sink, collection=collection_name, info=info, retry=spec.retry)
+    markers = [str(dirs["written"] / (Path(p).name + ".json")) for p in out_paths]
+
+    def write_locally(k: int) -> None:
+        progress.stage = "writing" if progress.partitions_done == len(slices) else progress.stage
+        progress.written += stages.write_stage(out_paths[k], marker=markers[k], **write_kwargs)
+
+    pending_embed = [k for k in range(len(slices)) if k not in set(already)]
+    embed_futures = {
+        client.submit(
+            stages.embed_stage,
+            slices[k][2],
+            slices[k][3],
+            slices[k][4],
+            out_path=out_paths[k],
+            embedder=embedder,
+            key=f"embed-{spec.job_id}-{k}",
+            priority=driver.priority,
+            retries=TASK_RETRIES,
+            resources=resources,
+            pure=False,
+        ): k
+        for k in pending_embed
+    }
+    write_futures: dict = {}
+
+    def after_embed(k: int, stats: dict) -> None:
+        embedded(stats)
+        if single_writer:
+            write_locally(k)
+        else:
+            write_futures[_submit_write(client, driver, out_paths[k], markers[k], write_kwargs, spec.job_id, k)] = k
+
+    # Partitions embedded by an earlier run may still need writing.
+    for k in already:
+        if single_writer:
+            write_locally(k)
+        else:
+            write_futures[_submit_write(client, driver, out_paths[k], markers[k], write_kwargs, spec.job_id, k)] = k
+    driver.follow(embed_futures, after_embed)
+    result.embed_seconds = time.perf_counter() - embed_started
+    if write_futures:
+        progress.stage = "writing"
+
+        def written(_k: int, n: int) -> None:
+            progress.written += n
+
+        driver.follow(write_futures, written)
+
+    # --- delete stale chunks, then commit the manifest ---------------------------------
+    progress.stage = "committing"
+    driver.report()
+    if stale_paths:
+        delete_markers = [str(dirs["deleted"] / (Path(p).name + ".json")) for p in stale_paths]
+        if single_writer:
+            for path, marker in zip(stale_paths, delete_markers):
+                progress.deleted += stages.delete_stage(path, marker=marker, **write_kwargs)
+                driver.report()
+        else:
+            futures = {
+                client.submit(
+                    stages.delete_stage, path, marker=marker, key=f"delete-{spec.job_id}-{i}",
+                    priority=driver.priority, pure=False, **write_kwargs
+                ): i
+                for i, (path, marker) in enumerate(zip(stale_paths, delete_markers))
+            }
+
+            def deleted(_i: int, n: int) -> None:
+                progress.deleted += n
+
+            driver.follow(futures, deleted)
+    _commit_manifest(spec, driver, manifest, non_empty)
+    if single_writer:
+        stages.forget_collections()
+    progress.stage = "done"
+    driver.report()
+
+    result.padding_efficiency = embed_totals["real"] / embed_totals["padded"] if embed_totals["padded"] else None
+    result.precision = ",".join(sorted(precisions)) or None
+    if result.embed_seconds > 0 and progress.embedded:
+        result.tokens_per_second = embed_totals["real"] / result.embed_seconds
+        result.chunks_per_second = progress.embedded / result.embed_seconds
+
+
+def _submit_write(client, driver: _Driver, path: str, marker: str, write_kwargs: dict, job_id: str, k: int):
+    return client.submit(
+        stages.write_stage, path, marker=marker, key=f"write-{job_id}-{k}", priority=driver.priority, pure=False,
+        **write_kwargs,
+    )
+
+
+def json_spec(spec: JobSpec) -> dict:
+    import json
+
+    return json.loads(spec.to_json())
+
+
+def _slices(paths: Iterable[str], rows_per_slice: int):
+    """(file index, slice index, path, row start, row stop): embed partitions of at most ``rows_per_slice``."""
+    for fi, path in enumerate(paths):
+        rows = pq.ParquetFile(path).metadata.num_rows
+        for si, start in enumerate(range(0, rows, rows_per_slice)):
+            yield fi, si, path, start, min(rows, start + rows_per_slice)
+
+
+def _chunk_frame(paths: list[str], columns: list[str] | None = None):
+    import dask.dataframe as dd
+
+    return dd.read_parquet(paths, columns=columns, schema=CHUNKS) if columns is None else dd.read_parquet(paths, columns=columns)
+
+
+def _check_duplicates(client, chunk_paths: list[str], job_dir: Path) -> None:
+    """Two documents with one doc_id would overwrite each other's chunks: refuse the source.
+
+    Counted on the cluster: every document's first chunk carries chunk_index 0.
+    """
+    marker = job_dir / "unique-doc-ids.json"
+    if not chunk_paths or marker.exists():
+        return
+    firsts = _chunk_frame(chunk_paths, ["doc_id", "chunk_index"])
+    firsts = firsts[firsts["chunk_index"] == 0]
+    counts = firsts["doc_id"].value_counts()
+    duplicates = client.compute(counts[counts > 1]).result()
+    if len(duplicates):
+        raise DuplicateDocumentError(sorted(str(d) for d in duplicates.index))
+    write_json_atomic({"ok": True}, marker)
+
+
+def _compute_to_parquet(driver: _Driver, frame, out_dir: Path, schema) -> list[str]:
+    """Write a dask frame as Parquet on the cluster; a ``_SUCCESS.json`` marks it complete."""
+    done = out_dir / "_SUCCESS.json"
+    if not done.exists():
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        job = frame.to_parquet(str(out_dir), write_index=False, schema=schema, compute=False)
+        future = driver.client.compute(job, priority=driver.priority)
+        driver.follow({future: None}, lambda *_: None)
+        write_json_atomic({"ok": True}, done)
+    return sorted(str(p) for p in out_dir.glob("*.parquet") if pq.ParquetFile(p).metadata.num_rows)
+
+
+def _diff(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[str], job_dir: Path):
+    """Which chunks to embed, and which stale chunk ids to delete, for the job's mode.
+
+    Joined on the cluster against the collection's manifest, never in driver memory.
+    """
+    import pyarrow as pa
+
+    old = manifest.files()
+    if spec.mode == "full" or not old:
+        embed_inputs = chunk_paths
+    else:
+        known = _chunk_frame(old, ["chunk_id"]).assign(_known=True)
+        new = _chunk_frame(chunk_paths)
+        joined = new.merge(known, on="chunk_id", how="left")
+        fresh = joined[joined["_known"].isna()].drop(columns=["_known"])
+        embed_inputs = _compute_to_parquet(driver, fresh, job_dir / "todo", CHUNKS)
+    stale_paths: list[str] = []
+    if spec.mode in ("sync", "full") and old:
+        current = _chunk_frame(chunk_paths, ["chunk_id"]).assign(_current=True) if chunk_paths else None
+        previous = _chunk_frame(old, ["chunk_id"])
+        if current is None:
+            stale = previous
+        else:
+            joined = previous.merge(current, on="chunk_id", how="left")
+            stale = joined[joined["_current"].isna()][["chunk_id"]]
+        stale_paths = _compute_to_parquet(driver, stale, job_dir / "stale", pa.schema([("chunk_id", pa.string())]))
+    return embed_inputs, stale_paths
+
+
+def _commit_manifest(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[str]) -> None:
+    import pyarrow as pa
+
+    marker = Path(spec.job_dir) / "committed.json"
+    if marker.exists():
+        return
+    ids = _chunk_frame(chunk_paths, ["doc_id", "chunk_id"]) if chunk_paths else None
+    old = manifest.files()
+    if spec.mode == "append" and old:
+        previous = _chunk_frame(old, ["doc_id", "chunk_id"])
+        import dask.dataframe as dd
+
+        ids = previous if ids is None else dd.concat([previous, ids]).drop_duplicates(subset=["chunk_id"])
+    version = manifest.new_version(spec.job_id)
+    if ids is not None:
+        schema = pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string())])
+        future = driver.client.compute(ids.to_parquet(str(version), write_index=False, schema=schema, compute=False),
+                                       priority=driver.priority)
+        driver.follow({future: None}, lambda *_: None)
+    else:
+        version.mkdir(parents=True, exist_ok=True)
+    manifest.commit(version)
+    write_json_atomic({"version": version.name}, marker)
+
+
+def job_failed_message(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, EmbedfleetError) else f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,183 @@
+"""The per-partition work of each stage, as pure functions Dask runs on workers.
+
+Each takes paths and frozen specs (never objects or dask.config), writes its output
+atomically (:mod:`embedfleet.tasks.io`) and returns a small dict of counts, so a finished
+partition is skipped when a job resumes and the driver never holds the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedfleet.config import ChunkSpec, EmbedderSpec, RetrySpec
+from embedfleet.errors import CollectionMismatch, DocumentError, SinkError
+from embedfleet.sinks.base import CollectionInfo, SinkSpec
+from embedfleet.tasks.io import read_json, sidecar, write_json_atomic, write_table_atomic
+from embedfleet.tasks.schemas import CHUNKS, DOCUMENTS, check_schema, embeddings_schema
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["chunk_stage", "embed_stage", "write_stage", "delete_stage", "with_retries"]
+
+T = TypeVar("T")
+
+
+def chunk_stage(
+    documents: pd.DataFrame | pa.Table,
+    *,
+    out_path: str,
+    chunk: ChunkSpec,
+    model_path: str | None,
+    max_tokens: int,
+    on_error: str,
+) -> dict[str, Any]:
+    from embedfleet.tasks.chunking import chunk_partition
+
+    if isinstance(documents, pd.DataFrame):
+        documents = pa.Table.from_pandas(documents, schema=DOCUMENTS, preserve_index=False)
+    documents = check_schema(documents, DOCUMENTS, stage="read")
+    errors = documents.column("error").to_pylist()
+    doc_ids = documents.column("doc_id").to_pylist()
+    skipped = [{"doc_id": d, "reason": e} for d, e in zip(doc_ids, errors) if e is not None]
+    if skipped and on_error == "fail":
+        raise DocumentError(skipped[0]["doc_id"], skipped[0]["reason"])
+    chunks = chunk_partition(
+        documents, unit=chunk.unit, size=chunk.size, overlap=chunk.overlap, model_path=model_path, max_tokens=max_tokens
+    )
+    chunks = check_schema(chunks, CHUNKS, stage="chunk")
+    write_table_atomic(chunks, out_path)
+    stats = {
+        "documents": len(doc_ids) - len(skipped),
+        "chunks": chunks.num_rows,
+        "skipped_documents": skipped,
+    }
+    write_json_atomic(stats, sidecar(out_path))
+    return stats
+
+
+def _vectors_column(vectors: np.ndarray, dimensions: int) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), type=pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, dimensions)
+
+
+def embed_stage(
+    in_path: str,
+    row_start: int,
+    row_stop: int,
+    *,
+    out_path: str,
+    embedder: EmbedderSpec,
+) -> dict[str, Any]:
+    from embedfleet.embedders.cache import get_embedder
+
+    table = pq.read_table(in_path, schema=CHUNKS).slice(row_start, row_stop - row_start)
+    table = check_schema(table, CHUNKS, stage="embed input")
+    model = get_embedder(embedder)
+    vectors, stats = model.embed_with_stats(
+        table.column("text").to_pylist(), table.column("n_tokens").to_numpy(), batch_tokens=embedder.batch_tokens
+    )
+    out = table.append_column(pa.field("embedding", pa.list_(pa.float32(), model.dimensions), nullable=False),
+                              _vectors_column(vectors, model.dimensions))
+    out = check_schema(out, embeddings_schema(model.dimensions), stage="embed")
+    write_table_atomic(out, out_path)
+    result = {
+        "rows": out.num_rows,
+        "real_tokens": stats.real_tokens,
+        "padded_tokens": stats.padded_tokens,
+        "seconds": stats.seconds,
+        "precision": model.precision,
+        "pid": os.getpid(),
+    }
+    write_json_atomic(result, sidecar(out_path))
+    return result
+
+
+def with_retries(action: Callable[[], T], *, retry: RetrySpec, what: str) -> T:
+    """Run ``action``, retrying a SinkError with exponential backoff and full jitter.
+
+    A CollectionMismatch is not transient and is raised at once.
+    """
+    delay = retry.delay
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return action()
+        except CollectionMismatch:
+            raise
+        except SinkError as exc:
+            if attempt == retry.attempts:
+                raise SinkError(f"{what} failed after {retry.attempts} attempts: {exc}") from exc
+            sleep = random.uniform(0, min(retry.max_delay, delay))
+            logger.warning("%s failed (attempt %d/%d), retrying in %.2fs: %s", what, attempt, retry.attempts, sleep, exc)
+            time.sleep(sleep)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+_sinks_lock = threading.Lock()
+_open_collections: dict[tuple, Any] = {}
+
+
+def _collection(sink: SinkSpec, name: str, info: CollectionInfo):
+    """One open collection per (sink, name) per process: connecting per partition would be slow."""
+    from embedfleet.sinks.registry import open_sink
+
+    key = (sink, name, info)
+    with _sinks_lock:
+        found = _open_collections.get(key)
+        if found is None:
+            found = open_sink(sink).open(name, info=info, create=True)
+            _open_collections[key] = found
+        return found
+
+
+def forget_collections() -> None:
+    with _sinks_lock:
+        _open_collections.clear()
+
+
+def write_stage(
+    embeddings_path: str, *, sink: SinkSpec, collection: str, info: CollectionInfo, retry: RetrySpec, marker: str
+) -> int:
+    if os.path.exists(marker):
+        return read_json(marker)["written"]
+    table = pq.read_table(embeddings_path)
+
+    def upsert() -> int:
+        try:
+            return _collection(sink, collection, info).upsert(table)
+        except SinkError:
+            forget_collections()  # reconnect on the next attempt: the server may have restarted
+            raise
+
+    written = with_retries(upsert, retry=retry, what=f"writing {os.path.basename(embeddings_path)} to {sink.uri}")
+    write_json_atomic({"written": written}, marker)
+    return written
+
+
+def delete_stage(
+    ids_path: str, *, sink: SinkSpec, collection: str, info: CollectionInfo, retry: RetrySpec, marker: str
+) -> int:
+    if os.path.exists(marker):
+        return read_json(marker)["deleted"]
+    ids = pq.read_table(ids_path, columns=["chunk_id"]).column("chunk_id").to_pylist()
+
+    def delete() -> int:
+        try:
+            return _collection(sink, collection, info).delete(ids)
+        except SinkError:
+            forget_collections()
+            raise
+
+    deleted = with_retries(delete, retry=retry, what=f"deleting stale chunks from {sink.uri}") if ids else 0
+    write_json_atomic({"deleted": deleted}, marker)
+    return deleted

