@@ -95,7 +95,7 @@ def search(
     """
     from embedfleet.embedders.cache import get_embedder
     from embedfleet.errors import ConfigError
-    from embedfleet.pipeline.spec import default_sink_uri
+    from embedfleet.sinks.catalog import default_sink_uri
     from embedfleet.sinks.naming import check_part, physical_name
     from embedfleet.sinks.registry import make_spec, open_sink
 

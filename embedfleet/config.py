@@ -11,7 +11,6 @@ frozen specs built here on the client.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -268,15 +267,3 @@ def retry_spec() -> RetrySpec:
         delay=seconds_value("write.retry-delay"),
         max_delay=seconds_value("write.retry-max-delay"),
     )
-
-
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-
-def check_name(kind: str, value: str) -> str:
-    """User ids and collection names: lowercase letters, digits, '-' and '_', 1-63 chars."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ConfigError(
-            f"invalid {kind} {value!r}: use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
-        )
-    return value

@@ -8,23 +8,17 @@ from typing import Any
 from embedfleet import config
 from embedfleet.errors import ConfigError
 from embedfleet.pipeline.job import JobSpec
+from embedfleet.sinks.catalog import default_sink_uri
 from embedfleet.sinks.naming import check_part
 from embedfleet.sinks.registry import make_spec
 
-__all__ = ["build_job_spec", "default_sink_uri", "new_job_id"]
+__all__ = ["build_job_spec", "new_job_id"]
 
 MODES = ("sync", "append", "full")
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def default_sink_uri(data_dir: str | None = None) -> str:
-    configured = config.get("sink")
-    if configured:
-        return configured
-    return f"chroma://{config.data_dir(data_dir)}/chroma"
 
 
 def build_job_spec(
