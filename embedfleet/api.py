@@ -50,8 +50,13 @@ def index(
     >>> result = embedfleet.index("python-docs", collection="pydocs")  # doctest: +SKIP
     >>> result.chunks, result.embedded  # doctest: +SKIP
     """
+    from embedfleet.datasets import source_spec
     from embedfleet.pipeline.cluster import connect
     from embedfleet.schedulers.service import JobService
+
+    # Cheap checks first: a typo in the source or the chunking should not cost a cluster start.
+    source_spec(source, text_column=text_column, id_column=id_column)
+    config.chunk_spec(unit=chunk_unit, size=chunk_size, overlap=chunk_overlap)
 
     service = JobService(database_url=database_url, data_dir=data_dir)
     options = dict(
@@ -61,9 +66,8 @@ def index(
         chunk_size=chunk_size,
         chunk_overlap=chunk_overlap,
         chunk_unit=chunk_unit,
-        mode=mode,
+        mode=mode or "sync",
         on_error=on_error,
-        data_dir=data_dir,
         text_column=text_column,
         id_column=id_column,
         precision=precision,

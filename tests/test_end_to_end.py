@@ -88,7 +88,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert missing.returncode != 0
     assert "Traceback" not in missing.stderr
     assert missing.stderr.strip().startswith("Error:") and len(missing.stderr.strip().splitlines()) == 1
-    bad = _cli("index", str(tmp_path), "--chunk-size", "10", "--chunk-overlap", "10", "--data-dir", str(tmp_path / "d"),
+    bad = _cli("index", "python-docs", "--chunk-size", "10", "--chunk-overlap", "10", "--data-dir", str(tmp_path / "d"),
                cwd=tmp_path)
     assert bad.returncode != 0 and "overlap" in bad.stderr and "Traceback" not in bad.stderr
 
