@@ -21,8 +21,7 @@ from typing import Any, Callable, Iterable
 import pyarrow.parquet as pq
 
 from embedfleet.config import resolve_model_path
-from embedfleet.embedders.base import SPECIAL_TOKENS
-from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled
+from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled, JobError
 from embedfleet.pipeline.cluster import embed_resources, worker_threads
 from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
 from embedfleet.pipeline.manifest import Manifest
@@ -123,13 +122,14 @@ def run_job(
 
 def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> None:
     from embedfleet.datasets import plan_partitions, read_documents
-    from embedfleet.tasks.chunking import validate_for_model
+    from embedfleet.tasks.chunking import reserved_tokens, validate_for_model
 
     client, progress = driver.client, driver.progress
     model = spec.embedder.model
-    max_tokens = model.max_seq_length - SPECIAL_TOKENS
-    validate_for_model(spec.chunk, max_tokens)
     model_path = resolve_model_path(model.path)
+    # Room for the chunk's own text: the model adds special tokens and the document prefix.
+    max_tokens = model.max_seq_length - reserved_tokens(model_path, prefix=model.document_prefix)
+    validate_for_model(spec.chunk, max_tokens, model_name=model.name, max_seq_length=model.max_seq_length)
 
     job_dir = Path(spec.job_dir)
     dirs = {name: job_dir / name for name in ("chunks", "embeddings", "written", "deleted")}
@@ -152,7 +152,8 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
 
     # --- read + chunk ----------------------------------------------------------------
     plan = plan_partitions(spec.source)
-    documents = read_documents(spec.source)
+    _check_plan_unchanged(plan, job_dir)
+    documents = read_documents(spec.source, plan=plan)
     chunk_paths = [str(dirs["chunks"] / f"part-{i:05d}.parquet") for i in range(len(plan))]
     progress.partitions_total = len(plan)
     todo = [i for i, path in enumerate(chunk_paths) if not is_done(path)]
@@ -336,6 +337,26 @@ def _slices(paths: Iterable[str], rows_per_slice: int):
         rows = pq.ParquetFile(path).metadata.num_rows
         for si, start in enumerate(range(0, rows, rows_per_slice)):
             yield fi, si, path, start, min(rows, start + rows_per_slice)
+
+
+def _check_plan_unchanged(plan: list, job_dir: Path) -> None:
+    """A resumed job must read the source as its first run did, or finished partitions would lie.
+
+    The plan (files with sizes, byte ranges) is fingerprinted on the first run; if the source
+    changed before a resume, the resume is refused rather than mixing two versions of it.
+    """
+    import hashlib
+
+    fingerprint = hashlib.sha256(repr(plan).encode()).hexdigest()
+    recorded = job_dir / "plan.json"
+    if recorded.exists():
+        if read_json(recorded)["fingerprint"] != fingerprint:
+            raise JobError(
+                f"the source changed since job {job_dir.name} started (files added, removed or resized), so it "
+                "cannot be resumed consistently; submit a new job (it embeds only what changed)"
+            )
+        return
+    write_json_atomic({"fingerprint": fingerprint, "partitions": len(plan)}, recorded)
 
 
 def _chunk_frame(paths: list[str], columns: list[str] | None = None):
