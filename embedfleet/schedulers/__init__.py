@@ -1,0 +1,33 @@
+"""The job service: users, tiers, quotas, priority and the dispatcher (DESIGN §5).
+
+Public API (also re-exported from :mod:`embedfleet`)::
+
+    from embedfleet.schedulers import JobService, Dispatcher
+
+:class:`JobService` lives in :mod:`embedfleet.schedulers.service`, the tables in
+:mod:`embedfleet.schedulers.models`, tiers and effective priority in
+:mod:`embedfleet.schedulers.priority`, the dispatcher in :mod:`embedfleet.schedulers.dispatcher`.
+Importing this package does not import Dask's distributed, torch or the pipeline.
+"""
+
+from __future__ import annotations
+
+from embedfleet.schedulers.dispatcher import Dispatcher, JobExecution
+from embedfleet.schedulers.models import SCHEMA_VERSION, STATUSES
+from embedfleet.schedulers.priority import PrioritySettings, Tier, effective_priority, tiers
+from embedfleet.schedulers.service import JobInfo, JobService, QuotaInfo, UserInfo
+
+__all__ = [
+    "JobService",
+    "JobInfo",
+    "UserInfo",
+    "QuotaInfo",
+    "Dispatcher",
+    "JobExecution",
+    "Tier",
+    "PrioritySettings",
+    "effective_priority",
+    "tiers",
+    "SCHEMA_VERSION",
+    "STATUSES",
+]

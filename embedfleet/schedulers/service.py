@@ -1,0 +1,1245 @@
+"""The job service: users, tiers, quotas, submission and the job records (DESIGN §5).
+
+:class:`JobService` is the one object the CLI, notebooks and ``embedfleet index`` talk to::
+
+    from embedfleet.schedulers import JobService
+
+    service = JobService()                          # sqlite:///<data-dir>/jobs.db, or embedfleet.jobs.database-url
+    service.add_user("alice", tier="premium")       # admin: the submitter never chooses a tier
+    job = service.submit("./docs", user="alice", collection="kb", priority=70)
+    service.status(job.id, user="alice").status     # 'queued'
+    service.run_once(client=client)                 # dispatch until nothing is queued or running
+    service.quota("alice").remaining
+
+Rules kept here (the dispatcher in :mod:`embedfleet.schedulers.dispatcher` keeps the rest):
+
+* Admission at submit, in one transaction: user id and collection validated; an unknown user is
+  created at ``embedfleet.jobs.default-tier`` (the user ``embedfleet index`` runs as, config
+  ``embedfleet.user``, at ``embedfleet.jobs.local-tier``); at most ``queue-limit`` waiting jobs
+  per user (:class:`QueueFull`); the estimated chunks must fit in what is left of today's quota
+  (:class:`QuotaExceeded`, naming the remaining amount); file sources must lie under
+  ``allowed-roots`` when that is set (:class:`PermissionDenied`).
+* "Left today" is the tier's daily chunks minus the chunks charged today (UTC) minus the chunks
+  that running jobs were admitted to embed and have not embedded yet.
+* Only chunks actually embedded are charged, as they are embedded, each charge in the same
+  transaction as the job's counts.
+* A user only ever sees their own jobs: another user's job id is :class:`JobNotFound` for
+  ``status``, exactly like a missing one, and never listed. ``cancel``/``resume`` of it is
+  :class:`PermissionDenied`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from sqlalchemy import Engine, and_, bindparam, func, select, text, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from embedfleet import config
+from embedfleet.errors import (
+    ConfigError,
+    JobError,
+    JobNotFound,
+    PermissionDenied,
+    QueueFull,
+    QuotaExceeded,
+)
+from embedfleet.schedulers.models import (
+    ACTIVE_STATUSES,
+    STATUSES,
+    WAITING_STATUSES,
+    Job,
+    Usage,
+    User,
+    ensure_schema,
+    make_engine,
+    read_engine,
+    utcnow,
+)
+from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier, effective_priority, tier, tiers
+from embedfleet.sinks.naming import check_part
+
+if TYPE_CHECKING:
+    import threading
+
+    from embedfleet.config import ChunkSpec
+    from embedfleet.datasets.source import SourceSpec
+    from embedfleet.pipeline.job import JobResult, JobSpec, Progress
+
+__all__ = ["JobService", "JobInfo", "UserInfo", "QuotaInfo", "Candidate", "Claim", "NOTIFY_CHANNEL"]
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "embedfleet_jobs"
+MODES = ("sync", "append", "full")
+_ID_HEX = 12
+
+Clock = Callable[[], dt.datetime]
+SpecBuilder = Callable[..., "JobSpec"]
+Estimator = Callable[["SourceSpec", "ChunkSpec"], int]
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One job as its owner sees it. ``to_dict()`` is what ``jobs status --json`` prints."""
+
+    id: str
+    user: str
+    status: str
+    stage: str
+    priority: int
+    effective_priority: float | None  # live for waiting jobs; as dispatched for the others
+    source: str
+    sink: str
+    collection: str
+    model: str
+    mode: str
+    chunk_unit: str
+    chunk_size: int
+    chunk_overlap: int
+    documents: int
+    chunks: int
+    embedded: int
+    skipped: int
+    deleted: int
+    skipped_documents: int
+    partitions_done: int
+    partitions_total: int
+    estimated_chunks: int
+    to_embed: int | None
+    charged: int
+    cancel_requested: bool
+    attempt: int
+    dispatcher: str | None
+    created_at: dt.datetime
+    queued_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    heartbeat_at: dt.datetime | None
+    error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = _iso(value) if isinstance(value, dt.datetime) else value
+        if out["effective_priority"] is not None:
+            out["effective_priority"] = round(out["effective_priority"], 3)
+        return out
+
+    @classmethod
+    def from_row(cls, job: Job, effective: float | None) -> "JobInfo":
+        return cls(
+            id=job.id,
+            user=job.owner,
+            status=job.status,
+            stage=job.stage,
+            priority=job.priority,
+            effective_priority=effective,
+            source=job.source,
+            sink=job.sink,
+            collection=job.collection,
+            model=job.model,
+            mode=job.mode,
+            chunk_unit=job.chunk_unit,
+            chunk_size=job.chunk_size,
+            chunk_overlap=job.chunk_overlap,
+            documents=job.documents,
+            chunks=job.chunks,
+            embedded=job.embedded,
+            skipped=job.skipped,
+            deleted=job.deleted,
+            skipped_documents=job.skipped_documents,
+            partitions_done=job.partitions_done,
+            partitions_total=job.partitions_total,
+            estimated_chunks=job.estimated_chunks,
+            to_embed=job.to_embed,
+            charged=job.charged,
+            cancel_requested=bool(job.cancel_requested),
+            attempt=job.attempt,
+            dispatcher=job.dispatcher,
+            created_at=job.created_at,
+            queued_at=job.queued_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            heartbeat_at=job.heartbeat_at,
+            error=job.error,
+        )
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    id: str
+    tier: str
+    created_at: dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "tier": self.tier, "created_at": _iso(self.created_at)}
+
+
+@dataclass(frozen=True)
+class QuotaInfo:
+    user: str
+    tier: str
+    day: dt.date  # the UTC day the numbers are for
+    daily_limit: int | None  # None: unlimited
+    used_today: int  # chunks charged today
+    reserved: int  # chunks running jobs were admitted to embed and have not embedded yet
+    remaining: int | None  # None: unlimited
+    concurrent_limit: int
+    running: int
+    queued: int  # waiting: queued or interrupted
+    queue_limit: int
+    known_user: bool  # False: the user does not exist yet; these are the defaults they would get
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["day"] = self.day.isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A waiting job as the dispatcher ranks it."""
+
+    id: str
+    owner: str
+    tier: str
+    base: int
+    effective: float
+    queued_at: dt.datetime
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job a dispatcher has just claimed: what it needs to run it."""
+
+    id: str
+    owner: str
+    attempt: int
+    spec: str  # JobSpec JSON
+    priority: float  # effective priority at the claim
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Counts to store from a Progress or a JobResult."""
+
+    stage: str | None = None
+    documents: int | None = None
+    chunks: int | None = None
+    embedded: int | None = None
+    skipped: int | None = None
+    deleted: int | None = None
+    skipped_documents: int | None = None
+    partitions_done: int | None = None
+    partitions_total: int | None = None
+
+    @classmethod
+    def from_progress(cls, p: "Progress") -> "Counts":
+        return cls(
+            stage=p.stage,
+            documents=p.documents,
+            chunks=p.chunks,
+            embedded=p.embedded,
+            skipped=p.skipped,
+            deleted=p.deleted,
+            skipped_documents=p.skipped_documents,
+            partitions_done=p.partitions_done,
+            partitions_total=p.partitions_total,
+        )
+
+    def values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def _admission_query(*, notify: bool):
+    """The user's row (locked) with everything admission needs, in one round trip."""
+    user = bindparam("user")
+    columns = [
+        User.tier.label("tier"),
+        select(func.count()).where(Job.owner == user, Job.status.in_(WAITING_STATUSES)).scalar_subquery().label("waiting"),
+        select(Usage.chunks).where(Usage.user == user, Usage.day == bindparam("day")).scalar_subquery().label("used"),
+        select(func.coalesce(func.sum(Job.reserved), 0))
+        .where(Job.owner == user, Job.status == "running")
+        .scalar_subquery()
+        .label("reserved"),
+        select(func.count()).where(Job.owner == user, Job.started_at >= bindparam("since")).scalar_subquery().label("recent"),
+    ]
+    if notify:
+        columns.append(func.pg_notify(bindparam("channel"), "").label("notified"))
+    return select(*columns).where(User.id == user).with_for_update(of=User.__table__)
+
+
+def _rank_query():
+    """Every waiting job with its owner's tier, running jobs and jobs started since ``since``."""
+    running = (
+        select(Job.owner.label("owner"), func.count().label("n"))
+        .where(Job.status == "running")
+        .group_by(Job.owner)
+        .subquery("running_by_owner")
+    )
+    recent = (
+        select(Job.owner.label("owner"), func.count().label("n"))
+        .where(Job.started_at >= bindparam("since"))
+        .group_by(Job.owner)
+        .subquery("recent_by_owner")
+    )
+    return (
+        select(
+            Job.id,
+            Job.owner,
+            Job.priority,
+            Job.queued_at,
+            Job.created_at,
+            User.tier,
+            running.c.n.label("running"),
+            recent.c.n.label("recent"),
+        )
+        .select_from(Job)
+        .outerjoin(User, User.id == Job.owner)
+        .outerjoin(running, running.c.owner == Job.owner)
+        .outerjoin(recent, recent.c.owner == Job.owner)
+        .where(Job.status.in_(WAITING_STATUSES))
+    )
+
+
+_RANK = _rank_query()
+_ADMISSION = _admission_query(notify=False)
+_ADMISSION_NOTIFY = _admission_query(notify=True)
+_INSERT_JOB = Job.__table__.insert()
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:_ID_HEX]
+
+
+def _default_spec_builder(*args, **kwargs) -> "JobSpec":
+    from embedfleet.pipeline.spec import build_job_spec
+
+    return build_job_spec(*args, **kwargs)
+
+
+def _default_estimator(source: "SourceSpec", chunk: "ChunkSpec") -> int:
+    from embedfleet.datasets import estimate_chunks
+
+    return int(estimate_chunks(source, chunk))
+
+
+class JobService:
+    """Users, quotas and job records over one job database.
+
+    :param database_url: SQLAlchemy URL; default ``embedfleet.jobs.database-url``, else
+        ``sqlite:///<data-dir>/jobs.db``.
+    :param data_dir: the data directory jobs write their frames to (default ``embedfleet.data-dir``).
+    :param clock: returns the current aware UTC datetime; injected by tests.
+    :param spec_builder: ``build_job_spec``-compatible callable (default
+        :func:`embedfleet.pipeline.spec.build_job_spec`).
+    :param estimator: ``(SourceSpec, ChunkSpec) -> int`` chunk estimate at submit, from file
+        sizes only (default :func:`embedfleet.datasets.estimate_chunks`).
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        data_dir: str | os.PathLike | None = None,
+        clock: Clock | None = None,
+        spec_builder: SpecBuilder | None = None,
+        estimator: Estimator | None = None,
+        engine: Engine | None = None,
+    ):
+        self.data_dir = str(config.data_dir(data_dir))
+        url = database_url or config.get("jobs.database-url", None) or f"sqlite:///{Path(self.data_dir) / 'jobs.db'}"
+        self.engine = engine if engine is not None else make_engine(url)
+        self.url = self.engine.url.render_as_string(hide_password=True)
+        self._read_engine = read_engine(self.engine)
+        self._single_read_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.engine.dialect.name == "postgresql"
+            else self._read_engine
+        )
+        self.clock: Clock = clock or utcnow
+        self._spec_builder = spec_builder or _default_spec_builder
+        self._estimator = estimator or _default_estimator
+        self.schema_version = ensure_schema(self.engine)
+
+    # ----------------------------------------------------------------------------------------
+    # plumbing
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "JobService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"JobService({self.url!r})"
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _read(self, *, single: bool = False) -> Iterator[Session]:
+        """A read-only transaction; ``single``: for one statement, which on PostgreSQL then
+        runs in autocommit (no BEGIN/COMMIT round trips: a statement is its own snapshot)."""
+        engine = self._single_read_engine if single else self._read_engine
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def _insert(self):
+        return pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert
+
+    def _notify(self, session: Session) -> None:
+        """Wake listening dispatchers at commit (PostgreSQL; SQLite dispatchers watch data_version)."""
+        if self.dialect == "postgresql":
+            session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+    def _tier_of(self, name: str) -> Tier:
+        known = tiers()
+        if name in known:
+            return known[name]
+        fallback = config.get("jobs.default-tier")
+        log.warning("tier %r is not configured any more; using the default tier %r", name, fallback)
+        return tier(fallback)
+
+    @staticmethod
+    def _today(now: dt.datetime) -> dt.date:
+        return now.astimezone(dt.timezone.utc).date()
+
+    def _lock_user(self, session: Session, user: str) -> User | None:
+        return session.execute(select(User).where(User.id == user).with_for_update()).scalar_one_or_none()
+
+    def _ensure_user(self, session: Session, user: str, tier_name: str, now: dt.datetime) -> User:
+        """The user row, created at ``tier_name`` if unknown, locked for this transaction."""
+        stmt = self._insert()(User).values(id=user, tier=tier_name, created_at=now).on_conflict_do_nothing(
+            index_elements=["id"]
+        )
+        session.execute(stmt)
+        row = self._lock_user(session, user)
+        assert row is not None
+        return row
+
+    def _used_today(self, session: Session, user: str, day: dt.date) -> int:
+        used = session.execute(select(Usage.chunks).where(Usage.user == user, Usage.day == day)).scalar_one_or_none()
+        return int(used or 0)
+
+    def _reserved(self, session: Session, user: str, *, exclude: str | None = None) -> int:
+        stmt = select(func.coalesce(func.sum(Job.reserved), 0)).where(Job.owner == user, Job.status == "running")
+        if exclude is not None:
+            stmt = stmt.where(Job.id != exclude)
+        return int(session.execute(stmt).scalar_one())
+
+    def _remaining(self, session: Session, user: str, t: Tier, now: dt.datetime, *, exclude: str | None = None) -> int | None:
+        if t.daily_chunks is None:
+            return None
+        used = self._used_today(session, user, self._today(now))
+        return max(0, t.daily_chunks - used - self._reserved(session, user, exclude=exclude))
+
+    def _recent_jobs(self, session: Session, users: Iterable[str], now: dt.datetime) -> dict[str, int]:
+        users = list(set(users))
+        if not users:
+            return {}
+        rows = session.execute(
+            select(Job.owner, func.count())
+            .where(Job.owner.in_(users), Job.started_at >= now - RECENT_WINDOW)
+            .group_by(Job.owner)
+        ).all()
+        return {owner: int(n) for owner, n in rows}
+
+    def _effective(self, session: Session, jobs: list[Job], now: dt.datetime) -> list[float | None]:
+        waiting = [j for j in jobs if j.status in WAITING_STATUSES]
+        if not waiting:
+            return [j.dispatch_priority for j in jobs]
+        settings = PrioritySettings.from_config()
+        owners = {j.owner for j in waiting}
+        tier_names = dict(session.execute(select(User.id, User.tier).where(User.id.in_(owners))).all())
+        recent = self._recent_jobs(session, owners, now)
+        out: list[float | None] = []
+        for j in jobs:
+            if j.status not in WAITING_STATUSES:
+                out.append(j.dispatch_priority)
+                continue
+            t = self._tier_of(tier_names.get(j.owner, config.get("jobs.default-tier")))
+            out.append(
+                effective_priority(
+                    j.priority,
+                    multiplier=t.multiplier,
+                    recent_jobs=recent.get(j.owner, 0),
+                    waiting=now - j.queued_at,
+                    settings=settings,
+                )
+            )
+        return out
+
+    def _infos(self, session: Session, jobs: list[Job], now: dt.datetime) -> list[JobInfo]:
+        return [JobInfo.from_row(j, e) for j, e in zip(jobs, self._effective(session, jobs, now))]
+
+    @staticmethod
+    def _check_user(user: str) -> str:
+        return check_part("user id", user)
+
+    @staticmethod
+    def _check_priority(priority: int | None) -> int:
+        if priority is None:
+            return int(PrioritySettings.from_config().default)
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 100:
+            raise ConfigError(f"priority must be an integer from 0 to 100, not {priority!r}")
+        return priority
+
+    # ----------------------------------------------------------------------------------------
+    # allowed roots
+
+    @staticmethod
+    def _allowed_roots() -> list[Path]:
+        return [Path(r).expanduser().resolve() for r in (config.get("jobs.allowed-roots", None) or [])]
+
+    def _check_root(self, location: str) -> None:
+        roots = self._allowed_roots()
+        if not roots:
+            return
+        path = Path(location).expanduser().resolve()
+        if not any(path == root or path.is_relative_to(root) for root in roots):
+            raise PermissionDenied(
+                f"source {str(path)!r} is outside the allowed roots ({', '.join(str(r) for r in roots)})"
+            )
+
+    def _check_raw_source(self, source: str) -> None:
+        # Before building the spec, which may open the file (Parquet footers, CSV headers): its
+        # error messages must not tell a user about a file outside the roots. A name that is no
+        # path (a built-in dataset) is checked on the built spec instead.
+        if not self._allowed_roots() or source.startswith("builtin:") or "://" in source:
+            return
+        if Path(source).expanduser().exists():
+            self._check_root(source)
+
+    # ----------------------------------------------------------------------------------------
+    # submission
+
+    def submit(
+        self,
+        source: str,
+        *,
+        user: str,
+        collection: str | None = None,
+        priority: int | None = None,
+        mode: str = "sync",
+        sink: str | None = None,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        chunk_overlap: int | None = None,
+        chunk_unit: str | None = None,
+        on_error: str | None = None,
+        text_column: str | None = None,
+        id_column: str | None = None,
+        precision: str | None = None,
+        backend: str | None = None,
+    ) -> JobInfo:
+        """Queue a job for ``user``; returns it. One transaction; no file is read.
+
+        Raises ConfigError (bad user id, collection, priority, mode or options), QueueFull,
+        QuotaExceeded (with ``remaining``) or PermissionDenied (source outside allowed roots).
+        """
+        job, effective = self._admit(
+            source,
+            user=user,
+            collection=collection,
+            priority=priority,
+            mode=mode,
+            options=dict(
+                sink=sink,
+                model=model,
+                chunk_size=chunk_size,
+                chunk_overlap=chunk_overlap,
+                chunk_unit=chunk_unit,
+                on_error=on_error,
+                text_column=text_column,
+                id_column=id_column,
+                precision=precision,
+                backend=backend,
+            ),
+            new_user_tier=None,
+            run_as=None,
+        )
+        log.info("queued job %s for %s (estimated %d chunks)", job.id, job.owner, job.estimated_chunks)
+        return JobInfo.from_row(job, effective)
+
+    def _admit(
+        self,
+        source: str,
+        *,
+        user: str,
+        collection: str | None,
+        priority: int | None,
+        mode: str,
+        options: dict[str, Any],
+        new_user_tier: str | None,
+        run_as: str | None,
+    ) -> tuple[Job, float]:
+        """Validate, build the spec, estimate, and insert the job (queued, or running for ``run_as``)."""
+        user = self._check_user(user)
+        collection = check_part("collection name", collection or config.get("collection"))
+        priority = self._check_priority(priority)
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        source = str(source)
+        self._check_raw_source(source)
+        if new_user_tier is None:
+            new_user_tier = (
+                config.get("jobs.local-tier") if user == config.get("user") else config.get("jobs.default-tier")
+            )
+        tier(new_user_tier)  # a misconfigured tier fails before anything is written
+        queue_limit = int(config.get("jobs.queue-limit"))
+        settings = PrioritySettings.from_config()
+
+        for _ in range(3):  # a 48-bit id collision is rare; a retry makes it harmless
+            job_id = new_job_id()
+            spec = self._spec_builder(
+                source,
+                job_id=job_id,
+                user=user,
+                collection=collection,
+                mode=mode,
+                data_dir=self.data_dir,
+                **options,
+            )
+            if spec.source.kind != "builtin":
+                self._check_root(spec.source.location)
+            estimated = max(0, int(self._estimator(spec.source, spec.chunk)))
+            try:
+                return self._insert_job(
+                    spec,
+                    priority=priority,
+                    estimated=estimated,
+                    new_user_tier=new_user_tier,
+                    queue_limit=queue_limit,
+                    settings=settings,
+                    run_as=run_as,
+                )
+            except IntegrityError:
+                with self._read() as session:
+                    if session.get(Job, job_id) is None:
+                        raise
+                log.warning("job id %s collided; drawing another", job_id)
+        raise JobError("could not draw an unused job id")
+
+    def _insert_job(
+        self,
+        spec: "JobSpec",
+        *,
+        priority: int,
+        estimated: int,
+        new_user_tier: str,
+        queue_limit: int,
+        settings: PrioritySettings,
+        run_as: str | None,
+    ) -> tuple[Job, float]:
+        # Submit is the hot path (aim: >= 10,000/min): one transaction of four statements —
+        # create the user if new, lock it and read everything admission needs in one query,
+        # insert the job (Core, no unit of work).
+        user = spec.user
+        with self._write() as session:
+            now = self.clock()
+            session.execute(
+                self._insert()(User)
+                .values(id=user, tier=new_user_tier, created_at=now)
+                .on_conflict_do_nothing(index_elements=["id"])
+            )
+            params = {"user": user, "day": self._today(now), "since": now - RECENT_WINDOW}
+            if self.dialect == "postgresql":
+                params["channel"] = NOTIFY_CHANNEL  # delivered at commit, dropped on a refusal
+                row = session.execute(_ADMISSION_NOTIFY, params).one()
+            else:
+                row = session.execute(_ADMISSION, params).one()
+            t = self._tier_of(row.tier)
+            if row.waiting >= queue_limit:
+                raise QueueFull(
+                    f"user {user!r} already has {row.waiting} jobs waiting (queue limit {queue_limit}); "
+                    f"wait for some to start or cancel one"
+                )
+            if t.daily_chunks is not None:
+                remaining = max(0, t.daily_chunks - int(row.used or 0) - int(row.reserved or 0))
+                if estimated > remaining:
+                    raise QuotaExceeded(
+                        f"job refused: it needs about {estimated} chunks but user {user!r} has only {remaining} "
+                        f"of today's {t.daily_chunks} chunks left (tier {t.name}); the quota resets at 00:00 UTC",
+                        remaining=remaining,
+                        requested=estimated,
+                    )
+            effective = effective_priority(
+                priority, multiplier=t.multiplier, recent_jobs=int(row.recent or 0), waiting=0, settings=settings
+            )
+            values = dict(
+                id=spec.job_id,
+                owner=user,
+                source=spec.source.display,
+                sink=spec.sink.uri,
+                collection=spec.collection,
+                model=spec.embedder.model.name,
+                chunk_unit=spec.chunk.unit,
+                chunk_size=spec.chunk.size,
+                chunk_overlap=spec.chunk.overlap,
+                mode=spec.mode,
+                spec=spec.to_json(),
+                priority=priority,
+                status="queued",
+                stage="queued",
+                error=None,
+                created_at=now,
+                queued_at=now,
+                started_at=None,
+                finished_at=None,
+                heartbeat_at=None,
+                dispatcher=None,
+                attempt=0,
+                cancel_requested=False,
+                dispatch_priority=None,
+                documents=0,
+                chunks=0,
+                embedded=0,
+                skipped=0,
+                deleted=0,
+                skipped_documents=0,
+                partitions_done=0,
+                partitions_total=0,
+                estimated_chunks=estimated,
+                to_embed=None,
+                reserved=0,
+                charged=0,
+            )
+            if run_as is not None:
+                values.update(
+                    status="running",
+                    stage="reading",
+                    attempt=1,
+                    dispatcher=run_as,
+                    started_at=now,
+                    heartbeat_at=now,
+                    dispatch_priority=effective,
+                )
+            session.execute(_INSERT_JOB, values)
+        return Job(**values), effective
+
+    # ----------------------------------------------------------------------------------------
+    # the owner's view
+
+    def _own_job(self, session: Session, job_id: str, user: str, *, lock: bool = False) -> Job:
+        stmt = select(Job).where(Job.id == job_id)
+        if lock:
+            stmt = stmt.with_for_update()
+        job = session.execute(stmt).scalar_one_or_none()
+        if job is None or job.owner != user:
+            raise JobNotFound(f"no job {job_id!r} for user {user!r}")
+        return job
+
+    def status(self, job_id: str, *, user: str) -> JobInfo:
+        """The job, if ``user`` owns it; JobNotFound otherwise (a missing id and another user's job look the same)."""
+        user = self._check_user(user)
+        with self._read() as session:
+            now = self.clock()
+            return self._infos(session, [self._own_job(session, str(job_id), user)], now)[0]
+
+    def list(self, *, user: str, status: str | Iterable[str] | None = None, limit: int | None = 100) -> list[JobInfo]:
+        """``user``'s jobs, newest first, optionally only those in ``status`` (one or several)."""
+        user = self._check_user(user)
+        stmt = select(Job).where(Job.owner == user)
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            unknown = sorted(set(wanted) - set(STATUSES))
+            if unknown:
+                raise ConfigError(f"unknown job status {', '.join(map(repr, unknown))}; statuses: {', '.join(STATUSES)}")
+            stmt = stmt.where(Job.status.in_(wanted))
+        stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc())
+        if limit is not None:
+            stmt = stmt.limit(int(limit))
+        with self._read() as session:
+            now = self.clock()
+            return self._infos(session, list(session.execute(stmt).scalars()), now)
+
+    def cancel(self, job_id: str, *, user: str) -> JobInfo:
+        """Cancel ``user``'s job: a waiting job at once, a running one through its dispatcher.
+
+        A running job keeps status ``running`` with ``cancel_requested`` until its dispatcher has
+        stopped its Dask tasks; then it is ``cancelled``. Cancelling a cancelled job is a no-op;
+        a finished one is a JobError. Another user's job: PermissionDenied.
+        """
+        user = self._check_user(user)
+        with self._write() as session:
+            now = self.clock()
+            job = session.execute(select(Job).where(Job.id == str(job_id)).with_for_update()).scalar_one_or_none()
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r} for user {user!r}")
+            if job.owner != user:
+                raise PermissionDenied(f"user {user!r} may not cancel job {job_id!r}")
+            if job.status in WAITING_STATUSES:
+                job.status = "cancelled"
+                job.finished_at = now
+                job.error = None
+                job.dispatcher = None
+            elif job.status == "running":
+                job.cancel_requested = True
+            elif job.status != "cancelled":
+                raise JobError(f"job {job_id!r} already {job.status}; nothing to cancel")
+            session.flush()
+            return self._infos(session, [job], now)[0]
+
+    def resume(self, job_id: str, *, user: str) -> JobInfo:
+        """Queue ``user``'s interrupted, failed or cancelled job again under the same id.
+
+        The pipeline skips the partitions the earlier run finished, so this continues the job.
+        The queue limit applies, and its estimate (less the chunks already charged) must fit
+        in what is left of today's quota.
+        """
+        user = self._check_user(user)
+        with self._write() as session:
+            now = self.clock()
+            job = session.execute(select(Job).where(Job.id == str(job_id)).with_for_update()).scalar_one_or_none()
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r} for user {user!r}")
+            if job.owner != user:
+                raise PermissionDenied(f"user {user!r} may not resume job {job_id!r}")
+            if job.status not in ("interrupted", "failed", "cancelled"):
+                raise JobError(f"job {job_id!r} is {job.status}; only interrupted, failed or cancelled jobs can be resumed")
+            row = self._lock_user(session, user)
+            t = self._tier_of(row.tier if row else config.get("jobs.default-tier"))
+            queue_limit = int(config.get("jobs.queue-limit"))
+            waiting = session.execute(
+                select(func.count()).where(Job.owner == user, Job.status.in_(WAITING_STATUSES), Job.id != job.id)
+            ).scalar_one()
+            if waiting >= queue_limit:
+                raise QueueFull(f"user {user!r} already has {waiting} jobs waiting (queue limit {queue_limit})")
+            remaining = self._remaining(session, user, t, now)
+            needed = max(0, job.estimated_chunks - job.charged)
+            if remaining is not None and needed > remaining:
+                raise QuotaExceeded(
+                    f"job {job.id} needs about {needed} more chunks but user {user!r} has only {remaining} of "
+                    f"today's {t.daily_chunks} chunks left (tier {t.name})",
+                    remaining=remaining,
+                    requested=needed,
+                )
+            job.status = "queued"
+            job.stage = "queued"
+            job.queued_at = now
+            job.finished_at = None
+            job.heartbeat_at = None
+            job.error = None
+            job.dispatcher = None
+            job.cancel_requested = False
+            job.reserved = 0
+            session.flush()
+            self._notify(session)
+            return self._infos(session, [job], now)[0]
+
+    # ----------------------------------------------------------------------------------------
+    # users and quota (admin commands)
+
+    def add_user(self, user: str, *, tier: str | None = None) -> UserInfo:
+        """Create ``user`` at ``tier`` (default ``embedfleet.jobs.default-tier``)."""
+        user = self._check_user(user)
+        tier_name = tier or config.get("jobs.default-tier")
+        _tier_check(tier_name)
+        with self._write() as session:
+            existing = self._lock_user(session, user)
+            if existing is not None:
+                raise ConfigError(
+                    f"user {user!r} already exists (tier {existing.tier}); change it with `embedfleet users set-tier`"
+                )
+            row = User(id=user, tier=tier_name, created_at=self.clock())
+            session.add(row)
+        return UserInfo(row.id, row.tier, row.created_at)
+
+    def set_tier(self, user: str, tier: str) -> UserInfo:
+        """Move an existing user to another tier (effective for the next admission and pick)."""
+        user = self._check_user(user)
+        _tier_check(tier)
+        with self._write() as session:
+            row = self._lock_user(session, user)
+            if row is None:
+                raise ConfigError(f"unknown user {user!r}; add it with `embedfleet users add {user} --tier {tier}`")
+            row.tier = tier
+            self._notify(session)  # a higher concurrency limit may let a waiting job start
+        return UserInfo(row.id, row.tier, row.created_at)
+
+    def get_user(self, user: str) -> UserInfo | None:
+        user = self._check_user(user)
+        with self._read() as session:
+            row = session.get(User, user)
+            return UserInfo(row.id, row.tier, row.created_at) if row else None
+
+    def list_users(self) -> list[UserInfo]:
+        with self._read() as session:
+            return [UserInfo(r.id, r.tier, r.created_at) for r in session.execute(select(User).order_by(User.id)).scalars()]
+
+    def quota(self, user: str) -> QuotaInfo:
+        """Today's (UTC) quota of ``user``: limit, used, reserved, remaining, concurrency."""
+        user = self._check_user(user)
+        with self._read() as session:
+            now = self.clock()
+            row = session.get(User, user)
+            t = self._tier_of(row.tier) if row else tier(config.get("jobs.default-tier"))
+            counts = dict(
+                session.execute(
+                    select(Job.status, func.count()).where(Job.owner == user, Job.status.in_(ACTIVE_STATUSES)).group_by(Job.status)
+                ).all()
+            )
+            used = self._used_today(session, user, self._today(now))
+            reserved = self._reserved(session, user)
+            return QuotaInfo(
+                user=user,
+                tier=t.name,
+                day=self._today(now),
+                daily_limit=t.daily_chunks,
+                used_today=used,
+                reserved=reserved,
+                remaining=None if t.daily_chunks is None else max(0, t.daily_chunks - used - reserved),
+                concurrent_limit=t.concurrent_jobs,
+                running=int(counts.get("running", 0)),
+                queued=int(counts.get("queued", 0)) + int(counts.get("interrupted", 0)),
+                queue_limit=int(config.get("jobs.queue-limit")),
+                known_user=row is not None,
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # running jobs
+
+    def run_once(
+        self,
+        client: Any = None,
+        *,
+        runner: Callable[..., "JobResult"] | None = None,
+        max_running: int | None = None,
+    ) -> list[JobInfo]:
+        """Dispatch until no job is queued, interrupted or running; return the jobs this call ran."""
+        from embedfleet.schedulers.dispatcher import Dispatcher
+
+        return Dispatcher(self, client=client, runner=runner, max_running=max_running).run(once=True)
+
+    def run_inline(
+        self,
+        source: str,
+        *,
+        client: Any,
+        user: str | None = None,
+        collection: str | None = None,
+        priority: int | None = None,
+        mode: str = "sync",
+        runner: Callable[..., "JobResult"] | None = None,
+        on_progress: Callable[["Progress"], None] | None = None,
+        cancel: "threading.Event | None" = None,
+        **options: Any,
+    ) -> "JobResult":
+        """Submit and run a job now, in this process, on ``client`` (what ``embedfleet index`` does).
+
+        The same admission as :meth:`submit` (validation, queue limit, quota estimate, allowed
+        roots); an unknown user (default ``embedfleet.user``) is created at
+        ``embedfleet.jobs.local-tier``. The job is recorded as running from the start (no
+        dispatcher can take it), its progress, exact-count quota check and charges are kept
+        like a dispatched job's, and it ends succeeded/failed/cancelled (interrupted on Ctrl-C,
+        then ``embedfleet jobs resume`` continues it). Exceptions from the runner are recorded
+        and re-raised. ``options`` are build_job_spec's (sink, model, chunk_size, ...).
+        """
+        from embedfleet.schedulers.dispatcher import JobExecution, dispatcher_name, default_runner
+
+        name = dispatcher_name("inline")
+        job, effective = self._admit(
+            source,
+            user=user or config.get("user"),
+            collection=collection,
+            priority=priority,
+            mode=mode,
+            options=options,
+            new_user_tier=config.get("jobs.local-tier"),
+            run_as=name,
+        )
+        claim = Claim(id=job.id, owner=job.owner, attempt=job.attempt, spec=job.spec, priority=effective)
+        execution = JobExecution(
+            self,
+            claim,
+            client=client,
+            runner=runner or default_runner,
+            cancel=cancel,
+            on_progress=on_progress,
+        )
+        return execution.run(reraise=True)
+
+    # -- used by the dispatcher (and JobExecution); not part of the notebook API --------------
+
+    def has_active(self) -> bool:
+        """Whether any job is queued, interrupted or running (on any dispatcher)."""
+        with self._read(single=True) as session:
+            return session.execute(select(Job.id).where(Job.status.in_(ACTIVE_STATUSES)).limit(1)).first() is not None
+
+    def expire_leases(self, lease_seconds: float | None = None) -> list[str]:
+        """Mark running jobs whose lease expired ``interrupted`` (to be resumed); return their ids.
+
+        A job whose owner had asked to cancel it is marked ``cancelled`` instead. Leases are
+        compared with this process's clock: keep dispatcher hosts' clocks in sync (NTP) to well
+        under the lease.
+        """
+        lease = float(lease_seconds if lease_seconds is not None else config.seconds_value("jobs.lease-seconds"))
+        now = self.clock()
+        cutoff = now - dt.timedelta(seconds=lease)
+        with self._read() as session:
+            stale = session.execute(
+                select(Job.id, Job.attempt, Job.dispatcher, Job.heartbeat_at, Job.cancel_requested).where(
+                    Job.status == "running", Job.heartbeat_at < cutoff
+                )
+            ).all()
+        expired = []
+        for job_id, attempt, dispatcher, heartbeat, cancel_requested in stale:
+            why = f"dispatcher {dispatcher} stopped renewing its lease (last heartbeat {_iso(heartbeat)})"
+            if cancel_requested:  # its owner wanted it stopped anyway
+                values = dict(status="cancelled", finished_at=now, error=f"cancelled; {why}")
+            else:
+                values = dict(status="interrupted", queued_at=now, error=f"interrupted: {why}; the job will be resumed")
+            with self._write() as session:
+                result = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.attempt == attempt, Job.status == "running", Job.heartbeat_at < cutoff)
+                    .values(dispatcher=None, reserved=0, heartbeat_at=None, **values)
+                    .execution_options(synchronize_session=False)
+                )
+                if result.rowcount == 1:
+                    self._notify(session)
+                    expired.append(job_id)
+                    log.warning("job %s: lease of dispatcher %s expired; marked %s", job_id, dispatcher, values["status"])
+        return expired
+
+    def rank(self, *, now: dt.datetime | None = None) -> list[Candidate]:
+        """Waiting jobs whose owner is below their tier's concurrency limit, best first.
+
+        Order: effective priority (highest first), then the oldest submission, then the id.
+        """
+        now = now or self.clock()
+        settings = PrioritySettings.from_config()
+        with self._read(single=True) as session:
+            waiting = session.execute(_RANK, {"since": now - RECENT_WINDOW}).all()
+        tier_cache: dict[str, Tier] = {}
+        out = []
+        for w in waiting:
+            name = w.tier or config.get("jobs.default-tier")
+            t = tier_cache.get(name) or tier_cache.setdefault(name, self._tier_of(name))
+            if (w.running or 0) >= t.concurrent_jobs:
+                continue
+            eff = effective_priority(
+                w.priority, multiplier=t.multiplier, recent_jobs=w.recent or 0, waiting=now - w.queued_at, settings=settings
+            )
+            out.append(Candidate(w.id, w.owner, t.name, w.priority, eff, w.queued_at, w.created_at))
+        out.sort(key=lambda c: (-c.effective, c.created_at, c.id))
+        return out
+
+    def claim(self, candidate: Candidate, *, dispatcher: str) -> Claim | None:
+        """Atomically take a waiting job for ``dispatcher``; None if another got it or its owner is at the limit.
+
+        PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` on the job, then the owner's row is
+        locked while their running jobs are counted, so two dispatchers never exceed a user's
+        concurrency limit. SQLite: the write transaction holds the database lock and the
+        update is conditional on the job still waiting (rowcount checked).
+        """
+        with self._write() as session:
+            now = self.clock()
+            row = session.execute(
+                select(Job.id, Job.owner, Job.attempt, Job.spec)
+                .where(Job.id == candidate.id, Job.status.in_(WAITING_STATUSES))
+                .with_for_update(skip_locked=True)
+            ).first()
+            if row is None:
+                return None
+            user = self._lock_user(session, row.owner)
+            t = self._tier_of(user.tier if user else config.get("jobs.default-tier"))
+            running = session.execute(
+                select(func.count()).where(Job.owner == row.owner, Job.status == "running")
+            ).scalar_one()
+            if running >= t.concurrent_jobs:
+                return None
+            result = session.execute(
+                update(Job)
+                .where(Job.id == row.id, Job.attempt == row.attempt, Job.status.in_(WAITING_STATUSES))
+                .values(
+                    status="running",
+                    stage="reading",
+                    attempt=row.attempt + 1,
+                    dispatcher=dispatcher,
+                    started_at=now,
+                    heartbeat_at=now,
+                    finished_at=None,
+                    dispatch_priority=candidate.effective,
+                    cancel_requested=False,
+                    reserved=0,
+                    to_embed=None,
+                    error=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                return None
+        return Claim(id=row.id, owner=row.owner, attempt=row.attempt + 1, spec=row.spec, priority=candidate.effective)
+
+    def _charge(self, session: Session, user: str, delta: int, now: dt.datetime) -> None:
+        if delta <= 0:
+            return
+        insert = self._insert()
+        stmt = insert(Usage).values(user=user, day=self._today(now), chunks=delta)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["user", "day"], set_={"chunks": Usage.chunks + stmt.excluded.chunks}
+        )
+        session.execute(stmt)
+
+    def _fence(self, claim: Claim):
+        return and_(Job.id == claim.id, Job.attempt == claim.attempt, Job.status == "running")
+
+    def heartbeat(self, claim: Claim, *, counts: Counts | None = None, charge: int = 0) -> bool | None:
+        """Renew the lease, store counts and charge ``charge`` embedded chunks in one transaction.
+
+        Returns the job's ``cancel_requested``, or None when the job is no longer this claim's
+        (its lease expired and it was interrupted): the caller must stop it.
+        """
+        values: dict[str, Any] = dict(counts.values()) if counts else {}
+        with self._write() as session:
+            now = self.clock()
+            values["heartbeat_at"] = now
+            if charge > 0:
+                values["charged"] = Job.charged + charge
+                values["reserved"] = func.coalesce(_max0(Job.reserved - charge), 0)
+            row = session.execute(
+                update(Job).where(self._fence(claim)).values(**values).returning(Job.cancel_requested)
+                .execution_options(synchronize_session=False)
+            ).first()
+            if row is None:
+                return None
+            self._charge(session, claim.owner, charge, now)
+            return bool(row[0])
+
+    def poll(self, claim: Claim) -> bool | None:
+        """``cancel_requested`` of a claimed job without writing; None if the claim was lost."""
+        with self._read(single=True) as session:
+            row = session.execute(select(Job.cancel_requested).where(self._fence(claim))).first()
+            return None if row is None else bool(row[0])
+
+    def reserve(self, claim: Claim, chunks: int) -> None:
+        """The exact check after chunking: admit ``chunks`` to be embedded or raise QuotaExceeded.
+
+        Admitted chunks are reserved (counted as used for other admissions) until they are
+        charged or the job ends.
+        """
+        with self._write() as session:
+            now = self.clock()
+            user = self._lock_user(session, claim.owner)
+            t = self._tier_of(user.tier if user else config.get("jobs.default-tier"))
+            remaining = self._remaining(session, claim.owner, t, now, exclude=claim.id)
+            if remaining is not None and chunks > remaining:
+                raise QuotaExceeded(
+                    f"quota exceeded: job {claim.id} has {chunks} chunks to embed but user {claim.owner!r} has only "
+                    f"{remaining} of today's {t.daily_chunks} chunks left (tier {t.name}); nothing was embedded",
+                    remaining=remaining,
+                    requested=chunks,
+                )
+            result = session.execute(
+                update(Job).where(self._fence(claim)).values(reserved=chunks, to_embed=chunks, heartbeat_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                from embedfleet.errors import JobCancelled
+
+                raise JobCancelled(f"job {claim.id} is no longer running on this dispatcher")
+
+    def finish(
+        self,
+        claim: Claim,
+        *,
+        status: str,
+        counts: Counts | None = None,
+        charge: int = 0,
+        error: str | None = None,
+    ) -> bool:
+        """Record the end of a run (with the last charge) atomically; False if the claim was lost."""
+        assert status in ("succeeded", "failed", "cancelled", "interrupted"), status
+        values: dict[str, Any] = dict(counts.values()) if counts else {}
+        with self._write() as session:
+            now = self.clock()
+            values.update(
+                status=status,
+                error=error,
+                reserved=0,
+                heartbeat_at=None,
+                charged=Job.charged + max(0, charge),
+                finished_at=None if status == "interrupted" else now,
+            )
+            if status == "interrupted":
+                values.update(queued_at=now, dispatcher=None)
+            if status == "succeeded":
+                values["stage"] = "done"
+            result = session.execute(
+                update(Job).where(self._fence(claim)).values(**values).execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                return False
+            self._charge(session, claim.owner, charge, now)
+            self._notify(session)  # a slot is free
+        return True
+
+    def interrupt_dispatcher(self, dispatcher: str) -> list[str]:
+        """Mark every job still running on ``dispatcher`` interrupted (its clean shutdown)."""
+        with self._write() as session:
+            now = self.clock()
+            ids = list(
+                session.execute(
+                    update(Job)
+                    .where(Job.dispatcher == dispatcher, Job.status == "running")
+                    .values(
+                        status="interrupted",
+                        queued_at=now,
+                        dispatcher=None,
+                        reserved=0,
+                        heartbeat_at=None,
+                        error=f"interrupted: dispatcher {dispatcher} stopped; the job will be resumed",
+                    )
+                    .returning(Job.id)
+                    .execution_options(synchronize_session=False)
+                ).scalars()
+            )
+            if ids:
+                self._notify(session)
+        return ids
+
+    def job(self, job_id: str) -> JobInfo:
+        """Any job by id, without the owner check (admin/dispatcher use only)."""
+        with self._read() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            return self._infos(session, [job], self.clock())[0]
+
+
+def _max0(expr):
+    from sqlalchemy import case
+
+    return case((expr > 0, expr), else_=0)
+
+
+def _tier_check(name: str) -> None:
+    tier(name)
