@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 DATASET ?= python-docs
-QUERY ?= how do I open a file for writing
+QUERY ?= what does the with statement do
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

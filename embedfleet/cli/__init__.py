@@ -57,5 +57,11 @@ def main(verbose: int) -> None:
     """
     import logging
 
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # distributed sets its own loggers to INFO from dask config, and pymilvus logs failed
+    # requests with tracebacks that our retries already handle: quiet unless asked.
+    for noisy in ("distributed", "pymilvus", "chromadb", "httpx", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(level if verbose else logging.WARNING)
+    if not verbose:
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
