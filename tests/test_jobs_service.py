@@ -231,3 +231,15 @@ def test_quota_of_an_unknown_user_shows_defaults_without_creating_it(service):  
 def test_submit_reads_no_file_and_uses_one_estimate(service, estimator, tmp_path):  # noqa: F811
     service.submit(str(tmp_path / "does-not-exist"), user="alice", collection="kb")
     assert estimator.calls == 1
+
+
+def test_submit_recovers_when_a_known_user_row_disappears(service):  # noqa: F811
+    import sqlalchemy as sa
+
+    service.submit("/srv", user="alice", collection="kb")
+    with service.engine.begin() as conn:  # e.g. an admin reset the tables under a running service
+        conn.execute(sa.text("DELETE FROM ef_jobs"))
+        conn.execute(sa.text("DELETE FROM ef_users"))
+    job = service.submit("/srv", user="alice", collection="kb")
+    assert service.status(job.id, user="alice").status == "queued"
+    assert service.get_user("alice").tier == "free"

@@ -378,6 +378,7 @@ class JobService:
         self._spec_builder = spec_builder or _default_spec_builder
         self._estimator = estimator or _default_estimator
         self.schema_version = ensure_schema(self.engine)
+        self._known_users: set[str] = set()
 
     # ----------------------------------------------------------------------------------------
     # plumbing
@@ -640,7 +641,12 @@ class JobService:
                     settings=settings,
                     run_as=run_as,
                 )
+            except _RetryAdmission:
+                continue
             except IntegrityError:
+                if user in self._known_users:  # the user's row is gone (a reset database): create it again
+                    self._known_users.discard(user)
+                    continue
                 with self._read() as session:
                     if session.get(Job, job_id) is None:
                         raise
@@ -664,17 +670,21 @@ class JobService:
         user = spec.user
         with self._write() as session:
             now = self.clock()
-            session.execute(
-                self._insert()(User)
-                .values(id=user, tier=new_user_tier, created_at=now)
-                .on_conflict_do_nothing(index_elements=["id"])
-            )
+            if user not in self._known_users:  # users are never deleted: skip the insert once seen
+                session.execute(
+                    self._insert()(User)
+                    .values(id=user, tier=new_user_tier, created_at=now)
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
             params = {"user": user, "day": self._today(now), "since": now - RECENT_WINDOW}
             if self.dialect == "postgresql":
                 params["channel"] = NOTIFY_CHANNEL  # delivered at commit, dropped on a refusal
-                row = session.execute(_ADMISSION_NOTIFY, params).one()
+                row = session.execute(_ADMISSION_NOTIFY, params).first()
             else:
-                row = session.execute(_ADMISSION, params).one()
+                row = session.execute(_ADMISSION, params).first()
+            if row is None:  # a cached user whose row is gone (a reset database)
+                self._known_users.discard(user)
+                raise _RetryAdmission
             t = self._tier_of(row.tier)
             if row.waiting >= queue_limit:
                 raise QueueFull(
@@ -742,6 +752,7 @@ class JobService:
                     dispatch_priority=effective,
                 )
             session.execute(_INSERT_JOB, values)
+        self._known_users.add(user)
         return Job(**values), effective
 
     # ----------------------------------------------------------------------------------------
@@ -812,7 +823,9 @@ class JobService:
 
         The pipeline skips the partitions the earlier run finished, so this continues the job.
         The queue limit applies, and its estimate (less the chunks already charged) must fit
-        in what is left of today's quota.
+        in what is left of today's quota. A job still recorded ``running`` whose run is dead
+        (:meth:`_dead_run`: e.g. a SIGKILLed ``embedfleet index``) is resumed like an
+        interrupted one.
         """
         user = self._check_user(user)
         with self._write() as session:
@@ -822,7 +835,16 @@ class JobService:
                 raise JobNotFound(f"no job {job_id!r} for user {user!r}")
             if job.owner != user:
                 raise PermissionDenied(f"user {user!r} may not resume job {job_id!r}")
-            if job.status not in ("interrupted", "failed", "cancelled"):
+            if job.status == "running":
+                dead = self._dead_run(job, now)
+                if dead is None:
+                    raise JobError(
+                        f"job {job_id!r} is running (dispatcher {job.dispatcher}); if its process died, it can be "
+                        f"resumed once its lease expires ({config.seconds_value('jobs.lease-seconds'):g}s after "
+                        f"its last heartbeat)"
+                    )
+                log.warning("job %s was recorded running but %s; resuming it", job.id, dead)
+            elif job.status not in ("interrupted", "failed", "cancelled"):
                 raise JobError(f"job {job_id!r} is {job.status}; only interrupted, failed or cancelled jobs can be resumed")
             row = self._lock_user(session, user)
             t = self._tier_of(row.tier if row else config.get("jobs.default-tier"))
@@ -853,6 +875,28 @@ class JobService:
             session.flush()
             self._notify(session)
             return self._infos(session, [job], now)[0]
+
+    def _dead_run(self, job: Job, now: dt.datetime) -> str | None:
+        """Why ``job``, recorded running, cannot be running any more; None if it may be.
+
+        Either its lease expired (what :meth:`expire_leases` acts on, without waiting for a
+        dispatcher to notice), or it ran on this host in a process that no longer exists: a
+        SIGKILLed or OOM-killed ``embedfleet index`` leaves nobody to record its end, and
+        making its user wait out the lease before resuming would protect nothing. The run's
+        late writes, if any, are fenced off by the attempt number either way.
+        """
+        lease = config.seconds_value("jobs.lease-seconds")
+        if job.heartbeat_at is not None and job.heartbeat_at < now - dt.timedelta(seconds=lease):
+            return f"its lease expired (last heartbeat {_iso(job.heartbeat_at)})"
+        # dispatcher_name(): "<kind>:<host>:<pid>:<random>"
+        parts = (job.dispatcher or "").rsplit(":", 2)
+        if len(parts) == 3 and parts[1].isdigit() and ":" in parts[0]:
+            import socket
+
+            host, pid = parts[0].split(":", 1)[1], int(parts[1])
+            if host == socket.gethostname() and not _process_exists(pid):
+                return f"its process {pid} on this host is gone"
+        return None
 
     # ----------------------------------------------------------------------------------------
     # users and quota (admin commands)
@@ -1233,6 +1277,20 @@ class JobService:
             if job is None:
                 raise JobNotFound(f"no job {job_id!r}")
             return self._infos(session, [job], self.clock())[0]
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+class _RetryAdmission(Exception):
+    """Internal: run the admission transaction again."""
 
 
 def _max0(expr):
