@@ -32,5 +32,15 @@ __all__ = [
     "config",
     "index",
     "search",
+    "JobService",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The job service pulls in SQLAlchemy; load it when a notebook asks for it, not on import.
+    if name == "JobService":
+        from embedfleet.schedulers import JobService
+
+        return JobService
+    raise AttributeError(f"module 'embedfleet' has no attribute {name!r}")

@@ -58,7 +58,6 @@ def index(
     source_spec(source, text_column=text_column, id_column=id_column)
     config.chunk_spec(unit=chunk_unit, size=chunk_size, overlap=chunk_overlap)
 
-    service = JobService(database_url=database_url, data_dir=data_dir)
     options = dict(
         collection=collection,
         sink=sink,
@@ -75,12 +74,13 @@ def index(
         batch_tokens=batch_tokens,
         quantize=quantize,
     )
-    if client is not None:
-        return service.run_inline(source, user=user, client=client, on_progress=on_progress, **options)
-    with connect(scheduler_address=scheduler, workers=workers, gpu=gpu) as own_client:
-        if on_cluster is not None:
-            on_cluster(own_client)
-        return service.run_inline(source, user=user, client=own_client, on_progress=on_progress, **options)
+    with JobService(database_url=database_url, data_dir=data_dir) as service:
+        if client is not None:
+            return service.run_inline(source, user=user, client=client, on_progress=on_progress, **options)
+        with connect(scheduler_address=scheduler, workers=workers, gpu=gpu) as own_client:
+            if on_cluster is not None:
+                on_cluster(own_client)
+            return service.run_inline(source, user=user, client=own_client, on_progress=on_progress, **options)
 
 
 def search(

@@ -10,6 +10,7 @@ frozen specs built here on the client.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +71,17 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict:
+    with open(_SCHEMA_FILE) as f:
+        return yaml.safe_load(f)
+
+
 def validate() -> None:
     """Check the merged ``embedfleet`` config against the schema; raise ConfigError naming the key."""
     import jsonschema
 
-    with open(_SCHEMA_FILE) as f:
-        schema = yaml.safe_load(f)
+    schema = _schema()
     config = {"embedfleet": _canonical(dask.config.get("embedfleet"))}
     # Models and tiers are keyed by user-chosen names, which may legitimately contain underscores.
     config["embedfleet"]["models"] = dask.config.get("embedfleet.models")
@@ -159,10 +165,15 @@ class EmbedderSpec:
     threads: int | None = None
     quantize: Literal["int8"] | None = None
     cache_dir: str | None = None  # where derived artefacts (ONNX exports) are kept
+    # Bounds of the per-worker-process model cache (embed.cache.*), carried in the spec
+    # because workers never read dask.config.
+    cache_max_models: int = 2
+    cache_max_bytes: int = 4 * 2**30
 
     @property
     def cache_key(self) -> tuple:
-        # batch_tokens and threads change how a loaded model is driven, not the model itself.
+        # batch_tokens, threads and the cache bounds change how a loaded model is driven or
+        # kept, not the model itself.
         return (self.model, self.backend, self.precision, self.device, self.quantize)
 
 
@@ -241,15 +252,24 @@ def embedder_spec(
         raise ConfigError(f"quantize must be int8, not {quantize!r}")
     if quantize and chosen_backend != "onnx":
         raise ConfigError("--quantize int8 needs --backend onnx")
+    chosen_device = device or get("embed.device")
+    if chosen_precision == "fp16" and chosen_device == "cpu":
+        # CPUs without AVX512-FP16 emulate fp16 matmuls: slower than fp32 and no more accurate.
+        raise ConfigError("precision fp16 needs a CUDA device; on CPU use bf16 (or auto) or fp32")
+    if chosen_backend == "onnx" and chosen_precision in ("bf16", "fp16"):
+        raise ConfigError(f"the onnx backend runs fp32 (or --quantize int8), not {chosen_precision}; "
+                          "use --backend sentence-transformers for bf16/fp16")
     return EmbedderSpec(
         model=spec,
         backend=chosen_backend,
         precision=chosen_precision,
-        device=device or get("embed.device"),
+        device=chosen_device,
         batch_tokens=int(batch_tokens or get("embed.batch-tokens")),
         threads=threads if threads is not None else get("embed.threads"),
         quantize=quantize,
         cache_dir=cache_dir,
+        cache_max_models=int(get("embed.cache.max-models")),
+        cache_max_bytes=bytes_value("embed.cache.max-memory"),
     )
 
 

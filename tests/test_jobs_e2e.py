@@ -61,11 +61,7 @@ def test_dispatched_job_runs_on_the_cluster_with_its_priority(jobs, client, docs
     info = jobs.status(again.id, user="pat")
     assert (info.status, info.embedded, info.skipped, info.charged) == ("succeeded", 0, ran.chunks, 0)
     assert jobs.quota("pat").used_today == ran.embedded
-    if recorder_all != {-60}:
-        pytest.xfail(
-            f"not every task of the job carries its priority: {sorted(recorder_all)} "
-            "(embedfleet/pipeline/run.py _check_duplicates computes without priority=)"
-        )
+    assert recorder_all == {-60}, "every task of the job carries its priority"
 
 
 def test_exact_quota_check_stops_the_real_pipeline_before_embedding(db_url, data_dir, docs_dir, fake_model, client):  # noqa: F811

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib.metadata import entry_points
 from typing import Callable
@@ -25,8 +26,14 @@ def register(name: str, factory: str | Callable[[EmbedderSpec], Embedder]) -> No
     _BACKENDS[name] = factory
 
 
+@functools.lru_cache(maxsize=1)
+def _entry_point_names() -> frozenset[str]:
+    # Scanning installed distributions costs milliseconds; job submission calls this per job.
+    return frozenset(ep.name for ep in entry_points(group="embedfleet.embedders"))
+
+
 def known_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | {ep.name for ep in entry_points(group="embedfleet.embedders")})
+    return sorted(set(_BACKENDS) | _entry_point_names())
 
 
 def backend_factory(name: str) -> Callable[[EmbedderSpec], Embedder]:

@@ -196,7 +196,7 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
         SkippedDocument(**s) for i in sorted(chunk_stats) for s in chunk_stats[i]["skipped_documents"]
     ]
     non_empty = [p for i, p in enumerate(chunk_paths) if chunk_stats[i]["chunks"]]
-    _check_duplicates(client, non_empty, job_dir)
+    _check_duplicates(driver, non_empty, job_dir)
 
     # --- diff against the manifest ----------------------------------------------------
     embed_inputs, stale_paths = _diff(spec, driver, manifest, non_empty, job_dir)
@@ -365,7 +365,7 @@ def _chunk_frame(paths: list[str], columns: list[str] | None = None):
     return dd.read_parquet(paths, columns=columns, schema=CHUNKS) if columns is None else dd.read_parquet(paths, columns=columns)
 
 
-def _check_duplicates(client, chunk_paths: list[str], job_dir: Path) -> None:
+def _check_duplicates(driver: _Driver, chunk_paths: list[str], job_dir: Path) -> None:
     """Two documents with one doc_id would overwrite each other's chunks: refuse the source.
 
     Counted on the cluster: every document's first chunk carries chunk_index 0.
@@ -376,7 +376,10 @@ def _check_duplicates(client, chunk_paths: list[str], job_dir: Path) -> None:
     firsts = _chunk_frame(chunk_paths, ["doc_id", "chunk_index"])
     firsts = firsts[firsts["chunk_index"] == 0]
     counts = firsts["doc_id"].value_counts()
-    duplicates = client.compute(counts[counts > 1]).result()
+    found: list = []
+    future = driver.client.compute(counts[counts > 1], priority=driver.priority)
+    driver.follow({future: None}, lambda _key, result: found.append(result))
+    duplicates = found[0]
     if len(duplicates):
         raise DuplicateDocumentError(sorted(str(d) for d in duplicates.index))
     write_json_atomic({"ok": True}, marker)
