@@ -249,6 +249,8 @@ class FakeRunner:
         self.calls: list[dict] = []
         self.active: dict[str, int] = {}  # user -> running now
         self.max_active: dict[str, int] = {}
+        self.active_by_collection: dict[str, int] = {}
+        self.max_by_collection: dict[str, int] = {}
         self.total_active = 0
         self.max_total_active = 0
         self.tasks_done: dict[str, int] = {}
@@ -261,6 +263,8 @@ class FakeRunner:
             self.calls.append({"job_id": spec.job_id, "user": spec.user, "priority": priority, "client": client})
             self.active[spec.user] = self.active.get(spec.user, 0) + 1
             self.max_active[spec.user] = max(self.max_active.get(spec.user, 0), self.active[spec.user])
+            on = self.active_by_collection[spec.collection] = self.active_by_collection.get(spec.collection, 0) + 1
+            self.max_by_collection[spec.collection] = max(self.max_by_collection.get(spec.collection, 0), on)
             self.total_active += 1
             self.max_total_active = max(self.max_total_active, self.total_active)
             self.tasks_done.setdefault(spec.job_id, 0)
@@ -304,7 +308,11 @@ class FakeRunner:
         finally:
             with self.lock:
                 self.active[spec.user] -= 1
+                self.active_by_collection[spec.collection] -= 1
                 self.total_active -= 1
+
+    def max_active_by_collection(self, collection: str) -> int:
+        return self.max_by_collection.get(collection, 0)
 
     @staticmethod
     def _result(spec, progress, status):

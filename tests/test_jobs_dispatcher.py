@@ -59,6 +59,25 @@ def test_priority_order_with_age_bonus_and_usage_penalty(service, clock):  # noq
     assert service.status(late.id, user="alice").effective_priority == 70
 
 
+def test_jobs_on_one_collection_never_run_at_once(service):  # noqa: F811
+    service.add_user("ann", tier="premium")
+    same = [service.submit("/srv", user="ann", collection="kb").id for _ in range(3)]
+    other = service.submit("/srv", user="ann", collection="notes").id
+    gate = threading.Event()
+    runner = FakeRunner(gate=gate)
+    thread, out = start(dispatcher(service, runner, max_running=4))
+    wait_for(lambda: runner.total_active == 2)
+    # One job of "kb" and the "notes" job run; the other "kb" jobs wait, though the tier allows 5.
+    assert {service.status(j, user="ann").status for j in same} == {"running", "queued"}
+    assert sum(service.status(j, user="ann").status == "running" for j in same) == 1
+    assert service.status(other, user="ann").status == "running"
+    gate.set()
+    thread.join(timeout=30)
+    assert "error" not in out
+    assert {service.status(j, user="ann").status for j in [*same, other]} == {"succeeded"}
+    assert runner.max_active_by_collection("kb") == 1
+
+
 def test_premium_outranks_free_at_equal_base_priority(service, clock):  # noqa: F811
     service.add_user("pat", tier="premium")
     free = service.submit("/srv", user="fred", collection="kb", priority=50)
@@ -72,8 +91,9 @@ def test_premium_outranks_free_at_equal_base_priority(service, clock):  # noqa: 
 
 def test_concurrency_per_tier_and_in_total(service):  # noqa: F811
     service.add_user("bob", tier="premium")
-    alice = [service.submit("/srv", user="alice", collection="kb").id for _ in range(4)]
-    bob = [service.submit("/srv", user="bob", collection="kb").id for _ in range(7)]
+    # Distinct collections: jobs on one collection run one at a time (see the test below).
+    alice = [service.submit("/srv", user="alice", collection=f"kb{i}").id for i in range(4)]
+    bob = [service.submit("/srv", user="bob", collection=f"kb{i}").id for i in range(7)]
     gate = threading.Event()
     runner = FakeRunner(gate=gate)
     thread, out = start(dispatcher(service, runner, max_running=8))
@@ -91,8 +111,8 @@ def test_concurrency_per_tier_and_in_total(service):  # noqa: F811
     # --max-running caps the total whatever the tiers allow.
     with dask.config.set({"embedfleet.jobs.queue-limit": 100}):
         service.add_user("erin", tier="enterprise")
-        for _ in range(9):
-            service.submit("/srv", user="erin", collection="kb")
+        for i in range(9):
+            service.submit("/srv", user="erin", collection=f"kb{i}")
     gate = threading.Event()
     runner = FakeRunner(gate=gate)
     thread, out = start(dispatcher(service, runner, max_running=3))
@@ -137,7 +157,7 @@ def test_running_jobs_reserve_what_they_were_admitted_for(service):  # noqa: F81
     wait_for(lambda: service.status(first.id, user="alice").to_embed == 600)
     q = service.quota("alice")
     assert (q.used_today, q.reserved, q.remaining) == (0, 600, 400)
-    second = service.submit("/srv", user="alice", collection="kb")
+    second = service.submit("/srv", user="alice", collection="kb2")
     # Run the second job next to the first: its exact count no longer fits.
     other = dispatcher(service, runner, max_running=1)
     claim = service.claim(next(c for c in service.rank() if c.id == second.id), dispatcher=other.name)

@@ -742,6 +742,7 @@ class JobService:
                 charged=0,
             )
             if run_as is not None:
+                self._refuse_busy_collection(session, user, spec.sink.uri, spec.collection)
                 values.update(
                     status="running",
                     stage="reading",
@@ -1107,7 +1108,7 @@ class JobService:
         with self._write() as session:
             now = self.clock()
             row = session.execute(
-                select(Job.id, Job.owner, Job.attempt, Job.spec)
+                select(Job.id, Job.owner, Job.attempt, Job.spec, Job.sink, Job.collection)
                 .where(Job.id == candidate.id, Job.status.in_(WAITING_STATUSES))
                 .with_for_update(skip_locked=True)
             ).first()
@@ -1120,6 +1121,8 @@ class JobService:
             ).scalar_one()
             if running >= t.concurrent_jobs:
                 return None
+            if self._collection_busy(session, row.owner, row.sink, row.collection) is not None:
+                return None  # waits until the job on its collection ends
             result = session.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.attempt == row.attempt, Job.status.in_(WAITING_STATUSES))
@@ -1142,6 +1145,29 @@ class JobService:
             if result.rowcount != 1:
                 return None
         return Claim(id=row.id, owner=row.owner, attempt=row.attempt + 1, spec=row.spec, priority=candidate.effective)
+
+    @staticmethod
+    def _collection_busy(session: Session, owner: str, sink: str, collection: str) -> str | None:
+        """The id of a running job on this collection, if any.
+
+        Two jobs on one collection would each diff against the same manifest and commit over
+        each other, so jobs on one collection run one at a time. Callers hold the owner's row
+        lock, which serialises this check with the owner's other claims.
+        """
+        return session.execute(
+            select(Job.id)
+            .where(Job.owner == owner, Job.status == "running", Job.sink == sink, Job.collection == collection)
+            .limit(1)
+        ).scalar()
+
+    def _refuse_busy_collection(self, session: Session, owner: str, sink: str, collection: str) -> None:
+        self._lock_user(session, owner)
+        busy = self._collection_busy(session, owner, sink, collection)
+        if busy is not None:
+            raise JobError(
+                f"job {busy} is already running on collection {collection!r}; wait for it to finish "
+                f"(embedfleet jobs status {busy}) or cancel it"
+            )
 
     def _charge(self, session: Session, user: str, delta: int, now: dt.datetime) -> None:
         if delta <= 0:
