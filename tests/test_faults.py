@@ -1,0 +1,278 @@
+"""Crash-proof jobs, proven with real processes: SIGKILL the job, SIGKILL a worker, stop the sink.
+
+Every fault here is real: ``python -m embedfleet.cli`` subprocesses (with their own
+LocalCluster) killed with SIGKILL as a process group, a Dask worker process killed with
+SIGKILL, a ``chroma run`` server on loopback stopped and started again. The fake embedder is
+slowed down on the workers (a preload, :mod:`tests.faults_helpers`) so the faults land while
+embedding is under way; its vectors are deterministic, so "the same collection as a clean
+run" is checked vector by vector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import dask.config
+import pytest
+
+from embedfleet.pipeline.run import run_job
+from embedfleet.pipeline.spec import build_job_spec
+from tests import faults_helpers as fh
+from tests.sink_servers import _chroma_executable, free_port, stop, wait_for_heartbeat
+
+pytestmark = pytest.mark.slow
+
+CHUNKING = dict(chunk_size=64, chunk_overlap=8)
+CHUNK_ARGS = ["--chunk-size", "64", "--chunk-overlap", "8"]
+PER_PARTITION = 8
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults") / "corpus"
+    fh.make_corpus(root, documents=30, words=400, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, client, tmp_path_factory):
+    """What a clean, uninterrupted run stores: chunk id -> vector, text, metadata.
+
+    Run once, in this process on the session cluster; with the fake embedder it is the
+    exact collection any correct run of this corpus must end with.
+    """
+    data_dir = tmp_path_factory.mktemp("reference")
+    with dask.config.set({"embedfleet.models.fake": dict(fh.FAKE_MODEL)}):
+        spec = build_job_spec(str(corpus), collection="kb", model="fake", data_dir=str(data_dir), **CHUNKING)
+    result = run_job(spec, client=client)
+    assert result.status == "succeeded" and result.embedded == result.chunks > 0
+    return fh.read_chroma(f"chroma://{data_dir}/chroma", "local", "kb")
+
+
+@pytest.fixture(scope="module")
+def real_reference(corpus, client, tmp_path_factory):
+    """The same with the real model (minilm), for the variant that kills a real embedding run."""
+    data_dir = tmp_path_factory.mktemp("real-reference")
+    spec = build_job_spec(str(corpus), collection="kb", model="minilm", data_dir=str(data_dir), **CHUNKING)
+    result = run_job(spec, client=client)
+    assert result.status == "succeeded" and result.embedded == result.chunks > 0
+    return fh.read_chroma(f"chroma://{data_dir}/chroma", "local", "kb")
+
+
+@pytest.fixture
+def config_dir(tmp_path):
+    return fh.write_dask_config(tmp_path / "dask-config")
+
+
+@pytest.mark.parametrize("model", ["fake", "minilm"])
+def test_sigkill_during_embedding_then_resume(tmp_path, corpus, config_dir, model, request):
+    """SIGKILL `embedfleet index` (the CLI and its LocalCluster, as a process group) mid-embedding;
+    `jobs resume` + `jobs run --once` finish it, embedding only the unfinished partitions."""
+    reference = request.getfixturevalue("reference" if model == "fake" else "real_reference")
+    # The fake embedder is slowed down so the kill lands mid-embedding; the real model is slow
+    # enough by itself with small partitions.
+    per_partition = PER_PARTITION if model == "fake" else 2
+    data = tmp_path / "data"
+    env = fh.cli_env(config_dir, slow=0.03 if model == "fake" else None,
+                     DASK_EMBEDFLEET__EMBED__CHUNKS_PER_PARTITION=str(per_partition))
+    process = fh.start_cli("index", str(corpus), "--collection", "kb", "--model", model, "--data-dir", str(data),
+                           "--json", *CHUNK_ARGS, env=env, cwd=tmp_path, log=tmp_path / "index.log")
+    try:
+        done = fh.wait_for(lambda: [p for d in fh.job_dirs(data) for p in (d / "embeddings").glob("*.parquet.json")],
+                           timeout=240, interval=0.01, what="a finished embedding partition", process=process)
+        fh.kill_group(process)
+    finally:
+        fh.stop_group(process)
+    assert done
+    [job_dir] = fh.job_dirs(data)
+    finished, total = fh.embed_partitions(job_dir, per_partition)
+    assert 0 < len(finished) < total, f"{len(finished)} of {total} partitions done: the kill came too late"
+    unfinished_rows = len(reference) - fh.partition_rows(finished)
+    # Nothing a killed process half-wrote may look finished: every sidecar names a readable file.
+    for sidecar in finished:
+        import pyarrow.parquet as pq
+
+        assert pq.ParquetFile(str(sidecar)[: -len(".json")]).metadata.num_rows == json.loads(sidecar.read_text())["rows"]
+
+    quick = fh.cli_env(config_dir)
+    status = fh.run_cli("jobs", "status", job_dir.name, "--user", "local", "--data-dir", str(data), "--json",
+                        env=quick, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert fh.last_json(status.stdout)["status"] == "running"  # nobody was left to record the crash
+
+    resumed = fh.run_cli("jobs", "resume", job_dir.name, "--user", "local", "--data-dir", str(data), "--json",
+                         env=quick, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert fh.last_json(resumed.stdout)["status"] == "queued"
+    ran = fh.run_cli("jobs", "run", "--once", "--json", "--data-dir", str(data), env=quick, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    [job] = fh.last_json(ran.stdout)
+    assert job["id"] == job_dir.name and job["status"] == "succeeded", job
+    # Only the partitions the killed run had not finished were embedded again.
+    assert job["embedded"] == unfinished_rows < len(reference)
+    assert job["chunks"] == len(reference)
+
+    stored = fh.read_chroma(f"chroma://{data}/chroma", "local", "kb")
+    fh.assert_same_collection(stored, reference)
+    fh.assert_nearest_is_itself(f"chroma://{data}/chroma", "local", "kb", stored)
+
+
+def test_sigkill_dispatcher_then_the_next_one_resumes(tmp_path, corpus, config_dir, reference):
+    """A `jobs run` dispatcher SIGKILLed mid-embedding: the next dispatcher finds the job's lease
+    expired, marks it interrupted and resumes it by itself (no `jobs resume`)."""
+    data = tmp_path / "data"
+    # A short lease, so the next dispatcher does not wait a minute to call the job dead.
+    lease = {"DASK_EMBEDFLEET__JOBS__LEASE_SECONDS": "3"}
+    quick = fh.cli_env(config_dir, **lease)
+    submitted = fh.run_cli("jobs", "submit", str(corpus), "--user", "local", "--collection", "kb", "--model", "fake",
+                           *CHUNK_ARGS, "--data-dir", str(data), "--json", env=quick, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = fh.last_json(submitted.stdout)["id"]
+
+    env = fh.cli_env(config_dir, slow=0.03, DASK_EMBEDFLEET__EMBED__CHUNKS_PER_PARTITION=str(PER_PARTITION), **lease)
+    process = fh.start_cli("jobs", "run", "--once", "--data-dir", str(data), env=env, cwd=tmp_path,
+                           log=tmp_path / "dispatcher.log")
+    embeddings = data / "jobs" / job_id / "embeddings"
+    try:
+        fh.wait_for(lambda: list(embeddings.glob("*.parquet.json")), timeout=240, interval=0.02,
+                    what="a finished embedding partition", process=process)
+        fh.kill_group(process)
+    finally:
+        fh.stop_group(process)
+    finished, total = fh.embed_partitions(data / "jobs" / job_id, PER_PARTITION)
+    assert 0 < len(finished) < total
+
+    ran = fh.run_cli("jobs", "run", "--once", "--json", "--data-dir", str(data), env=quick, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    [job] = fh.last_json(ran.stdout)
+    assert job["id"] == job_id and job["status"] == "succeeded" and job["attempt"] == 2, job
+    assert job["embedded"] == len(reference) - fh.partition_rows(finished)
+    fh.assert_same_collection(fh.read_chroma(f"chroma://{data}/chroma", "local", "kb"), reference)
+
+
+def test_sigkill_one_worker_during_embedding(tmp_path, corpus, reference, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    from embedfleet.pipeline.cluster import EMBED_SLOT
+
+    # Spawned worker processes inherit the environment: the slow embedder reads its delay there.
+    monkeypatch.setenv(fh.DELAY_ENV, "0.03")
+    data = tmp_path / "data"
+    with dask.config.set({"embedfleet.models.fake": dict(fh.FAKE_MODEL), "embedfleet.embed.chunks-per-partition": PER_PARTITION}):
+        spec = build_job_spec(str(corpus), collection="kb", model="fake", data_dir=str(data), **CHUNKING)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      resources={EMBED_SLOT: 1}, preload=[str(fh.HERE)]) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = run_job(spec, client=client)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        job_dir = data / "jobs" / spec.job_id
+        fh.wait_for(lambda: list((job_dir / "embeddings").glob("*.parquet.json")) or "error" in outcome,
+                    timeout=180, interval=0.02, what="a finished embedding partition")
+
+        def embedding_worker():
+            for address, keys in client.processing().items():
+                if any(str(k).startswith(f"embed-{spec.job_id}-") for k in keys):
+                    return address
+            return None
+
+        victim = fh.wait_for(embedding_worker, timeout=60, interval=0.01, what="a worker running an embedding task")
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        finished_before, total = fh.embed_partitions(job_dir, PER_PARTITION)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(timeout=240)
+        assert not thread.is_alive(), "the job did not finish after its worker was killed"
+        assert victim not in client.run(os.getpid), "the killed worker is still registered"
+
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert 0 < len(finished_before) < total, "the worker was killed after embedding had finished"
+    assert result.status == "succeeded"
+    # Every chunk counted once although the killed worker's partition ran twice.
+    assert result.embedded == result.chunks == len(reference)
+    fh.assert_same_collection(fh.read_chroma(f"chroma://{data}/chroma", "local", "kb"), reference)
+
+
+def _start_chroma(path: Path, port: int, log: Path):
+    import subprocess
+
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [_chroma_executable(), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_for_heartbeat(f"http://127.0.0.1:{port}/api/v2/heartbeat", process)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
+def test_sink_outage_during_writes_fails_then_resume_writes_without_embedding(tmp_path, corpus, config_dir, reference):
+    port = free_port()
+    sink = f"chroma://127.0.0.1:{port}"
+    server = _start_chroma(tmp_path / "chroma-db", port, tmp_path / "chroma.log")
+    data = tmp_path / "data"
+    env = fh.cli_env(
+        config_dir, slow=0.03,
+        DASK_EMBEDFLEET__EMBED__CHUNKS_PER_PARTITION=str(PER_PARTITION),
+        DASK_EMBEDFLEET__WRITE__RETRIES="3",
+        DASK_EMBEDFLEET__WRITE__RETRY_DELAY="50ms",
+        DASK_EMBEDFLEET__WRITE__RETRY_MAX_DELAY="200ms",
+    )
+    process = fh.start_cli("index", str(corpus), "--sink", sink, "--collection", "kb", "--model", "fake",
+                           "--data-dir", str(data), "--json", *CHUNK_ARGS, env=env, cwd=tmp_path,
+                           log=tmp_path / "index.log")
+    try:
+        fh.wait_for(lambda: [p for d in fh.job_dirs(data) for p in (d / "written").glob("*.json")],
+                    timeout=240, interval=0.02, what="the first partition written to the server", process=process)
+        stop(server)
+        process.wait(timeout=240)
+    finally:
+        fh.stop_group(process)
+        stop(server)
+    output = (tmp_path / "index.log").read_text()
+    assert process.returncode != 0, output
+    error_lines = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(error_lines) == 1, output
+    [error] = error_lines
+    # Names the sink, says it gave up after the configured retries, and gives the cause.
+    assert sink in error and "after 3 attempts" in error, error
+    assert any(cause in error.lower() for cause in ("connect", "refused", "unreachable")), error
+
+    [job_dir] = fh.job_dirs(data)
+    finished, total = fh.embed_partitions(job_dir, PER_PARTITION)
+    assert len(finished) == total, "embeddings are all on disk before the job gives up on the sink"
+    written = list((job_dir / "written").glob("*.json"))
+    assert 0 < len(written) < total
+
+    quick = fh.cli_env(config_dir)
+    status = fh.last_json(fh.run_cli("jobs", "status", job_dir.name, "--user", "local", "--data-dir", str(data),
+                                     "--json", env=quick, cwd=tmp_path).stdout)
+    assert status["status"] == "failed" and sink in status["error"]
+
+    server = _start_chroma(tmp_path / "chroma-db", port, tmp_path / "chroma.log")
+    try:
+        resumed = fh.run_cli("jobs", "resume", job_dir.name, "--user", "local", "--data-dir", str(data),
+                             env=quick, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        ran = fh.run_cli("jobs", "run", "--once", "--json", "--data-dir", str(data), env=quick, cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+        [job] = fh.last_json(ran.stdout)
+        assert job["status"] == "succeeded", job
+        assert job["embedded"] == 0  # the vectors were on disk: the outage cost no embedding
+        fh.assert_same_collection(fh.read_chroma(sink, "local", "kb"), reference)
+    finally:
+        stop(server)
