@@ -121,6 +121,38 @@ def test_sigkill_during_embedding_then_resume(tmp_path, corpus, config_dir, mode
     fh.assert_nearest_is_itself(f"chroma://{data}/chroma", "local", "kb", stored)
 
 
+def test_sigkill_index_then_index_again(tmp_path, corpus, config_dir, reference, client):
+    """After a SIGKILLed `embedfleet index`, running the same command again just works: the dead
+    run does not hold the collection (it is marked interrupted), and the new run completes it."""
+    from click.testing import CliRunner
+
+    from embedfleet.cli import main
+
+    data = tmp_path / "data"
+    args = ["index", str(corpus), "--collection", "kb", "--model", "fake", "--data-dir", str(data), "--json", *CHUNK_ARGS]
+    env = fh.cli_env(config_dir, slow=0.03, DASK_EMBEDFLEET__EMBED__CHUNKS_PER_PARTITION=str(PER_PARTITION))
+    process = fh.start_cli(*args, env=env, cwd=tmp_path, log=tmp_path / "index.log")
+    try:
+        fh.wait_for(lambda: [p for d in fh.job_dirs(data) for p in (d / "embeddings").glob("*.parquet.json")],
+                    timeout=240, interval=0.02, what="a finished embedding partition", process=process)
+        fh.kill_group(process)
+    finally:
+        fh.stop_group(process)
+    [killed] = fh.job_dirs(data)
+
+    # The same command again (in this process, on the session cluster to save a cluster start).
+    with dask.config.set({"embedfleet.models.fake": dict(fh.FAKE_MODEL)}):
+        again = CliRunner().invoke(main, [*args, "--scheduler", client.scheduler.address])
+    assert again.exit_code == 0, (again.output, again.exception)
+    result = json.loads(again.stdout)
+    assert result["status"] == "succeeded" and result["chunks"] == len(reference)
+    fh.assert_same_collection(fh.read_chroma(f"chroma://{data}/chroma", "local", "kb"), reference)
+
+    status = fh.last_json(fh.run_cli("jobs", "status", killed.name, "--user", "local", "--data-dir", str(data),
+                                     "--json", env=fh.cli_env(config_dir), cwd=tmp_path).stdout)
+    assert status["status"] == "interrupted" and "gone" in status["error"], status
+
+
 def test_sigkill_dispatcher_then_the_next_one_resumes(tmp_path, corpus, config_dir, reference):
     """A `jobs run` dispatcher SIGKILLed mid-embedding: the next dispatcher finds the job's lease
     expired, marks it interrupted and resumes it by itself (no `jobs resume`)."""

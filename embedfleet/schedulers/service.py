@@ -1162,12 +1162,25 @@ class JobService:
 
     def _refuse_busy_collection(self, session: Session, owner: str, sink: str, collection: str) -> None:
         self._lock_user(session, owner)
-        busy = self._collection_busy(session, owner, sink, collection)
-        if busy is not None:
-            raise JobError(
-                f"job {busy} is already running on collection {collection!r}; wait for it to finish "
-                f"(embedfleet jobs status {busy}) or cancel it"
-            )
+        while (busy := self._collection_busy(session, owner, sink, collection)) is not None:
+            job = session.execute(select(Job).where(Job.id == busy).with_for_update()).scalar_one()
+            now = self.clock()
+            dead = self._dead_run(job, now)
+            if dead is None:
+                raise JobError(
+                    f"job {busy} is already running on collection {collection!r}; wait for it to finish "
+                    f"(embedfleet jobs status {busy}) or cancel it"
+                )
+            # A SIGKILLed `embedfleet index` leaves its job "running" with nobody to record its
+            # end; running the command again must not be refused for it (until a lease expiry
+            # that, without a dispatcher, nobody would even notice). It ends like an expired lease.
+            if job.cancel_requested:
+                job.status, job.finished_at, job.error = "cancelled", now, f"cancelled; {dead}"
+            else:
+                job.status, job.queued_at, job.error = "interrupted", now, f"interrupted: {dead}; the job can be resumed"
+            job.dispatcher, job.reserved, job.heartbeat_at = None, 0, None
+            session.flush()
+            log.warning("job %s was recorded running on collection %r but %s; marked %s", busy, collection, dead, job.status)
 
     def _charge(self, session: Session, user: str, delta: int, now: dt.datetime) -> None:
         if delta <= 0:
