@@ -153,6 +153,48 @@ def test_sigkill_index_then_index_again(tmp_path, corpus, config_dir, reference,
     assert status["status"] == "interrupted" and "gone" in status["error"], status
 
 
+@pytest.mark.parametrize("mode", ["sync", "append"])
+def test_resume_after_a_crash_between_manifest_switch_and_commit_marker(tmp_path, corpus, client, fake_model, mode):
+    """The one instant a SIGKILL cannot be aimed at from outside: after the manifest's CURRENT
+    pointer was switched to the job's new version, before the job's ``committed.json``. Its
+    on-disk state is reproduced exactly (a finished job without the marker) and the job resumed:
+    it must finish, and the manifest must still describe the collection."""
+    import shutil
+
+    from embedfleet.pipeline.manifest import Manifest
+    from embedfleet.sinks.naming import physical_name
+
+    docs = tmp_path / "corpus"
+    shutil.copytree(corpus, docs)
+    data = tmp_path / "data"
+
+    def spec(mode: str = "sync"):
+        return build_job_spec(str(docs), collection="kb", model=fake_model, data_dir=str(data), mode=mode, **CHUNKING)
+
+    assert run_job(spec(), client=client).status == "succeeded"
+    removed = fh.read_chroma(f"chroma://{data}/chroma", "local", "kb")
+    removed = {c for c, row in removed.items() if row["metadata"]["doc_id"] == "doc-003.txt"}
+    (docs / "doc-003.txt").unlink()
+    (docs / "doc-100.txt").write_text("A document added between the two runs, about a silver harbor in winter.\n")
+
+    second = spec(mode)
+    assert run_job(second, client=client).status == "succeeded"
+    (data / "jobs" / second.job_id / "committed.json").unlink()
+    resumed = run_job(second, client=client)
+    assert resumed.status == "succeeded" and resumed.embedded == 0
+
+    manifest = Manifest(str(data), second.sink.uri, physical_name("local", "kb"))
+    assert manifest.current is not None and manifest.files()
+    assert [p.name for p in manifest.root.iterdir() if p.is_dir()] == [manifest.current.name]
+    # The manifest still knows every chunk the store holds: an unchanged re-run embeds nothing
+    # and (after append) deletes exactly the removed document's chunks.
+    third = run_job(spec(), client=client)
+    assert third.embedded == 0
+    assert third.deleted == (len(removed) if mode == "append" else 0)
+    stored = fh.read_chroma(f"chroma://{data}/chroma", "local", "kb")
+    assert not removed & set(stored) and len(stored) == third.chunks
+
+
 def test_sigkill_dispatcher_then_the_next_one_resumes(tmp_path, corpus, config_dir, reference):
     """A `jobs run` dispatcher SIGKILLed mid-embedding: the next dispatcher finds the job's lease
     expired, marks it interrupted and resumes it by itself (no `jobs resume`)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import uuid
 from pathlib import Path
 
 from embedfleet.tasks.io import read_json, write_json_atomic
@@ -35,9 +36,14 @@ class Manifest:
         return sorted(str(p) for p in current.glob("*.parquet")) if current else []
 
     def new_version(self, job_id: str) -> Path:
-        path = self.root / f"v-{job_id}"
-        if path.exists():
-            shutil.rmtree(path)  # a crashed commit of this same job: rebuild it
+        """A fresh directory for the job's next manifest, never an existing one.
+
+        A job killed after ``CURRENT`` was switched to its version but before it recorded its
+        commit runs its commit again when resumed: that must not delete the live version (an
+        append reads it to build the next one, and a second crash would leave ``CURRENT``
+        pointing at nothing, so the collection's chunks would never be deleted again).
+        """
+        path = self.root / f"v-{job_id}-{uuid.uuid4().hex[:8]}"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -46,6 +52,11 @@ class Manifest:
         write_json_atomic({"version": version.name}, self._pointer)
         if previous is not None and previous != version:
             shutil.rmtree(previous, ignore_errors=True)
+        # What earlier, crashed commits of the same job left behind (never made current).
+        job_prefix = version.name.rsplit("-", 1)[0]
+        for leftover in self.root.glob(f"{job_prefix}-*"):
+            if leftover != version:
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def drop(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
