@@ -123,7 +123,7 @@ def test_sigkill_during_embedding_then_resume(tmp_path, corpus, config_dir, mode
 
 def test_sigkill_index_then_index_again(tmp_path, corpus, config_dir, reference, client):
     """After a SIGKILLed `embedfleet index`, running the same command again just works: the dead
-    run does not hold the collection (it is marked interrupted), and the new run completes it."""
+    run does not hold the collection (it is recorded failed, replaced), and the new run completes it."""
     from click.testing import CliRunner
 
     from embedfleet.cli import main
@@ -150,7 +150,8 @@ def test_sigkill_index_then_index_again(tmp_path, corpus, config_dir, reference,
 
     status = fh.last_json(fh.run_cli("jobs", "status", killed.name, "--user", "local", "--data-dir", str(data),
                                      "--json", env=fh.cli_env(config_dir), cwd=tmp_path).stdout)
-    assert status["status"] == "interrupted" and "gone" in status["error"], status
+    # Replaced by the new run: failed (a dispatcher must not resume it over the new manifest).
+    assert status["status"] == "failed" and "is gone before the job finished" in status["error"], status
 
 
 @pytest.mark.parametrize("mode", ["sync", "append"])

@@ -1173,12 +1173,14 @@ class JobService:
                 )
             # A SIGKILLed `embedfleet index` leaves its job "running" with nobody to record its
             # end; running the command again must not be refused for it (until a lease expiry
-            # that, without a dispatcher, nobody would even notice). It ends like an expired lease.
+            # that, without a dispatcher, nobody would even notice). The new run replaces it, so
+            # it ends failed, not interrupted: a dispatcher must not resume it afterwards and
+            # commit its older view of the source over the new run's manifest.
             if job.cancel_requested:
-                job.status, job.finished_at, job.error = "cancelled", now, f"cancelled; {dead}"
+                job.status, job.error = "cancelled", f"cancelled; {dead}"
             else:
-                job.status, job.queued_at, job.error = "interrupted", now, f"interrupted: {dead}; the job can be resumed"
-            job.dispatcher, job.reserved, job.heartbeat_at = None, 0, None
+                job.status, job.error = "failed", f"{dead} before the job finished; a new run on the collection replaced it"
+            job.finished_at, job.dispatcher, job.reserved, job.heartbeat_at = now, None, 0, None
             session.flush()
             log.warning("job %s was recorded running on collection %r but %s; marked %s", busy, collection, dead, job.status)
 
