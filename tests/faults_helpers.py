@@ -181,20 +181,22 @@ def job_dirs(data_dir: Path) -> list[Path]:
     return sorted(p for p in (data_dir / "jobs").glob("*") if p.is_dir())
 
 
-def embed_partitions(job_dir: Path, chunks_per_partition: int) -> tuple[list[Path], int]:
+def embed_partitions(job_dir: Path) -> tuple[list[Path], int]:
     """(finished embedding partitions, planned total) of a job, from its directory alone.
 
     The total follows run.py's slicing: each non-empty embed input file (``todo/`` after a
-    diff, else ``chunks/``) cut into slices of ``chunks_per_partition`` rows.
+    diff, else ``chunks/``) cut into slices of the job's own ``chunks_per_partition`` (from
+    its ``spec.json``: the spec is fixed when the job is built, e.g. at ``jobs submit``).
     """
     import pyarrow.parquet as pq
 
+    per_partition = json.loads((job_dir / "spec.json").read_text())["chunks_per_partition"]
     done = sorted((job_dir / "embeddings").glob("*.parquet.json"))
     inputs = sorted((job_dir / "todo").glob("*.parquet")) or sorted((job_dir / "chunks").glob("*.parquet"))
     total = 0
     for path in inputs:
         rows = pq.ParquetFile(path).metadata.num_rows
-        total += -(-rows // chunks_per_partition)
+        total += -(-rows // per_partition)
     return done, total
 
 

@@ -89,7 +89,7 @@ def test_sigkill_during_embedding_then_resume(tmp_path, corpus, config_dir, mode
         fh.stop_group(process)
     assert done
     [job_dir] = fh.job_dirs(data)
-    finished, total = fh.embed_partitions(job_dir, per_partition)
+    finished, total = fh.embed_partitions(job_dir)
     assert 0 < len(finished) < total, f"{len(finished)} of {total} partitions done: the kill came too late"
     unfinished_rows = len(reference) - fh.partition_rows(finished)
     # Nothing a killed process half-wrote may look finished: every sidecar names a readable file.
@@ -196,37 +196,55 @@ def test_resume_after_a_crash_between_manifest_switch_and_commit_marker(tmp_path
     assert not removed & set(stored) and len(stored) == third.chunks
 
 
-def test_sigkill_dispatcher_then_the_next_one_resumes(tmp_path, corpus, config_dir, reference):
+def _charged(data: Path, job_id: str) -> int:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{data / 'jobs.db'}?mode=ro", uri=True, timeout=5) as db:
+        row = db.execute("SELECT charged FROM ef_jobs WHERE id = ?", (job_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_sigkill_dispatcher_then_the_next_one_resumes_within_quota(tmp_path, corpus, reference):
     """A `jobs run` dispatcher SIGKILLed mid-embedding: the next dispatcher finds the job's lease
-    expired, marks it interrupted and resumes it by itself (no `jobs resume`)."""
+    expired, marks it interrupted and resumes it by itself (no `jobs resume`) — for a user whose
+    daily quota covers the job once, but not the job again on top of what the first run was
+    charged: the resume must only ask for the chunks still to embed."""
+    quota = 320  # the job has fewer chunks than that (estimated 306 at submit)
+    config_dir = fh.write_dask_config(tmp_path / "dask-config", {"jobs": {"tiers": {"free": {"daily-chunks": quota}}}})
     data = tmp_path / "data"
     # A short lease, so the next dispatcher does not wait a minute to call the job dead.
     lease = {"DASK_EMBEDFLEET__JOBS__LEASE_SECONDS": "3"}
-    quick = fh.cli_env(config_dir, **lease)
-    submitted = fh.run_cli("jobs", "submit", str(corpus), "--user", "local", "--collection", "kb", "--model", "fake",
+    # Partitions are part of the job's spec: they are set where the job is submitted.
+    quick = fh.cli_env(config_dir, DASK_EMBEDFLEET__EMBED__CHUNKS_PER_PARTITION=str(PER_PARTITION), **lease)
+    submitted = fh.run_cli("jobs", "submit", str(corpus), "--user", "alice", "--collection", "kb", "--model", "fake",
                            *CHUNK_ARGS, "--data-dir", str(data), "--json", env=quick, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     job_id = fh.last_json(submitted.stdout)["id"]
 
-    env = fh.cli_env(config_dir, slow=0.03, DASK_EMBEDFLEET__EMBED__CHUNKS_PER_PARTITION=str(PER_PARTITION), **lease)
+    env = fh.cli_env(config_dir, slow=0.03, **lease)
     process = fh.start_cli("jobs", "run", "--once", "--data-dir", str(data), env=env, cwd=tmp_path,
                            log=tmp_path / "dispatcher.log")
-    embeddings = data / "jobs" / job_id / "embeddings"
     try:
-        fh.wait_for(lambda: list(embeddings.glob("*.parquet.json")), timeout=240, interval=0.02,
-                    what="a finished embedding partition", process=process)
+        # Killed once the first run was charged more than the quota leaves for a whole second run.
+        fh.wait_for(lambda: _charged(data, job_id) > quota - len(reference), timeout=240, interval=0.05,
+                    what="the first run to be charged", process=process)
         fh.kill_group(process)
     finally:
         fh.stop_group(process)
-    finished, total = fh.embed_partitions(data / "jobs" / job_id, PER_PARTITION)
+    finished, total = fh.embed_partitions(data / "jobs" / job_id)
     assert 0 < len(finished) < total
+    charged_before = _charged(data, job_id)
 
     ran = fh.run_cli("jobs", "run", "--once", "--json", "--data-dir", str(data), env=quick, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     [job] = fh.last_json(ran.stdout)
     assert job["id"] == job_id and job["status"] == "succeeded" and job["attempt"] == 2, job
     assert job["embedded"] == len(reference) - fh.partition_rows(finished)
-    fh.assert_same_collection(fh.read_chroma(f"chroma://{data}/chroma", "local", "kb"), reference)
+    fh.assert_same_collection(fh.read_chroma(f"chroma://{data}/chroma", "alice", "kb"), reference)
+    used = fh.last_json(fh.run_cli("quota", "show", "--user", "alice", "--data-dir", str(data), "--json",
+                                   env=quick, cwd=tmp_path).stdout)
+    # Every chunk charged at most once over both runs.
+    assert used["used_today"] == charged_before + job["embedded"] <= len(reference)
 
 
 def test_sigkill_one_worker_during_embedding(tmp_path, corpus, reference, monkeypatch):
@@ -264,7 +282,7 @@ def test_sigkill_one_worker_during_embedding(tmp_path, corpus, reference, monkey
 
         victim = fh.wait_for(embedding_worker, timeout=60, interval=0.01, what="a worker running an embedding task")
         pid = client.run(os.getpid, workers=[victim])[victim]
-        finished_before, total = fh.embed_partitions(job_dir, PER_PARTITION)
+        finished_before, total = fh.embed_partitions(job_dir)
         os.kill(pid, signal.SIGKILL)
         thread.join(timeout=240)
         assert not thread.is_alive(), "the job did not finish after its worker was killed"
@@ -328,7 +346,7 @@ def test_sink_outage_during_writes_fails_then_resume_writes_without_embedding(tm
     assert any(cause in error.lower() for cause in ("connect", "refused", "unreachable")), error
 
     [job_dir] = fh.job_dirs(data)
-    finished, total = fh.embed_partitions(job_dir, PER_PARTITION)
+    finished, total = fh.embed_partitions(job_dir)
     assert len(finished) == total, "embeddings are all on disk before the job gives up on the sink"
     written = list((job_dir / "written").glob("*.json"))
     assert 0 < len(written) < total

@@ -201,10 +201,15 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
     # --- diff against the manifest ----------------------------------------------------
     embed_inputs, stale_paths = _diff(spec, driver, manifest, non_empty, job_dir)
     to_embed = sum(pq.ParquetFile(p).metadata.num_rows for p in embed_inputs)
-    progress.chunks_to_embed = to_embed
+    slices = list(_slices(embed_inputs, spec.chunks_per_partition))
+    out_paths = [str(dirs["embeddings"] / f"e-{fi:05d}-{si:04d}.parquet") for fi, si, *_ in slices]
+    # A resumed job asks (and is charged) only for what is left: the partitions an earlier run
+    # of it embedded were charged then; asking for them again could refuse the resume on quota.
+    left = to_embed - sum(read_json(sidecar(p))["rows"] for p in out_paths if is_done(p))
+    progress.chunks_to_embed = left
     progress.skipped = progress.chunks - to_embed
     if before_embed is not None:
-        before_embed(to_embed)
+        before_embed(left)
     driver.check_cancel()
 
     # --- embed + write ----------------------------------------------------------------
@@ -213,8 +218,6 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
     embedder = spec.embedder
     if embedder.threads is None:
         embedder = dataclasses.replace(embedder, threads=worker_threads(client, resources))
-    slices = list(_slices(embed_inputs, spec.chunks_per_partition))
-    out_paths = [str(dirs["embeddings"] / f"e-{fi:05d}-{si:04d}.parquet") for fi, si, *_ in slices]
     progress.partitions_total, progress.partitions_done = len(slices), 0
     embed_totals = {"real": 0, "padded": 0, "seconds": 0.0}
     precisions: set[str] = set()
