@@ -196,6 +196,39 @@ def test_resume_after_a_crash_between_manifest_switch_and_commit_marker(tmp_path
     assert not removed & set(stored) and len(stored) == third.chunks
 
 
+def test_resume_refused_after_another_job_committed_to_the_collection(tmp_path, corpus, client, fake_model):
+    """A job stopped after computing its diff, then another job committed to the collection: the
+    first job's partitions are slices of a diff against a manifest that is gone, so resuming it
+    is refused (clearly) and leaves the collection as the other job made it."""
+    import shutil
+
+    from embedfleet.errors import JobError
+
+    docs = tmp_path / "corpus"
+    shutil.copytree(corpus, docs)
+    data = tmp_path / "data"
+
+    def spec():
+        return build_job_spec(str(docs), collection="kb", model=fake_model, data_dir=str(data), **CHUNKING)
+
+    assert run_job(spec(), client=client).status == "succeeded"
+    edited = docs / "doc-007.txt"
+    edited.write_text(edited.read_text() + "One more sentence about the winter market.\n")
+
+    def killed(_chunks: int) -> None:
+        raise KeyboardInterrupt  # the process stops right after the diff, before any embedding
+
+    first = spec()
+    with pytest.raises(KeyboardInterrupt):
+        run_job(first, client=client, before_embed=killed)
+    assert run_job(spec(), client=client).status == "succeeded"
+    collection = fh.read_chroma(f"chroma://{data}/chroma", "local", "kb")
+
+    with pytest.raises(JobError, match="collection changed since job .* started"):
+        run_job(first, client=client)
+    fh.assert_same_collection(fh.read_chroma(f"chroma://{data}/chroma", "local", "kb"), collection)
+
+
 def _charged(data: Path, job_id: str) -> int:
     import sqlite3
 

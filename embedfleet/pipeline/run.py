@@ -362,6 +362,29 @@ def _check_plan_unchanged(plan: list, job_dir: Path) -> None:
     write_json_atomic({"fingerprint": fingerprint, "partitions": len(plan)}, recorded)
 
 
+def _check_manifest_unchanged(manifest: Manifest, job_dir: Path) -> None:
+    """A resumed job must diff against the manifest its first run diffed against.
+
+    Its embedding partitions are slices of that diff. Had another job committed to the
+    collection in between, a new diff would give other slices under the same partition names:
+    the resume would take partitions embedded from other chunks as done (chunks never embedded,
+    yet in the manifest) and delete chunks the other job kept. Refused, like a changed source.
+    A version this job committed itself (killed before recording it) is its own: allowed.
+    """
+    current = manifest.current
+    name = current.name if current is not None else None
+    recorded = job_dir / "diff.json"
+    if not recorded.exists():
+        write_json_atomic({"manifest": name}, recorded)
+        return
+    own = name is not None and (name == f"v-{job_dir.name}" or name.startswith(f"v-{job_dir.name}-"))
+    if name != read_json(recorded)["manifest"] and not own:
+        raise JobError(
+            f"the collection changed since job {job_dir.name} started (another job committed to it), so it cannot "
+            "be resumed consistently; submit a new job (it embeds only what changed)"
+        )
+
+
 def _chunk_frame(paths: list[str], columns: list[str] | None = None):
     import dask.dataframe as dd
 
@@ -409,6 +432,7 @@ def _diff(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[
     """
     import pyarrow as pa
 
+    _check_manifest_unchanged(manifest, job_dir)
     old = manifest.files()
     if spec.mode == "full" or not old:
         embed_inputs = chunk_paths
