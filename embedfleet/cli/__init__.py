@@ -59,8 +59,13 @@ def main(verbose: int) -> None:
 
     level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # distributed sets its own loggers to INFO from dask config, and pymilvus logs failed
-    # requests with tracebacks that our retries already handle: quiet unless asked.
+    # distributed sets its loggers to INFO from dask config when it is first imported, which
+    # happens after this (commands import it lazily): set that config, not only the loggers.
+    # pymilvus logs failed requests with tracebacks that our retries already handle.
+    if not verbose:
+        import dask.config
+
+        dask.config.set({"logging.distributed": "warning"})
     for noisy in ("distributed", "pymilvus", "chromadb", "httpx", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(level if verbose else logging.WARNING)
     if not verbose:

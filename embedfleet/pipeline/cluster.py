@@ -103,10 +103,19 @@ def embed_resources(client) -> dict[str, float] | None:
     return None
 
 
+def _eligible(client, resources: dict[str, float] | None) -> list[dict]:
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return [w for w in workers if not resources or all((w.get("resources") or {}).get(k) for k in resources)]
+
+
+def embed_workers(client, resources: dict[str, float] | None) -> int:
+    """How many workers can run embedding tasks at once."""
+    return max(1, len(_eligible(client, resources)))
+
+
 def worker_threads(client, resources: dict[str, float] | None) -> int | None:
     """Threads torch should use on an embedding worker: the threads the worker was given."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    eligible = [w for w in workers if not resources or all((w.get("resources") or {}).get(k) for k in resources)]
+    eligible = _eligible(client, resources)
     if not eligible:
         return None
     return max(1, min(int(w.get("nthreads", 1)) for w in eligible))

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from embedfleet.config import resolve_model_path
 from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled, JobError
-from embedfleet.pipeline.cluster import embed_resources, worker_threads
+from embedfleet.pipeline.cluster import embed_resources, embed_workers, worker_threads
 from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
 from embedfleet.pipeline.manifest import Manifest
 from embedfleet.sinks.base import CollectionInfo
@@ -201,7 +201,9 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
     # --- diff against the manifest ----------------------------------------------------
     embed_inputs, stale_paths = _diff(spec, driver, manifest, non_empty, job_dir)
     to_embed = sum(pq.ParquetFile(p).metadata.num_rows for p in embed_inputs)
-    slices = list(_slices(embed_inputs, spec.chunks_per_partition))
+    resources = embed_resources(client)
+    rows_per_slice = _rows_per_slice(job_dir, to_embed, spec.chunks_per_partition, embed_workers(client, resources))
+    slices = list(_slices(embed_inputs, rows_per_slice))
     out_paths = [str(dirs["embeddings"] / f"e-{fi:05d}-{si:04d}.parquet") for fi, si, *_ in slices]
     # A resumed job asks (and is charged) only for what is left: the partitions an earlier run
     # of it embedded were charged then; asking for them again could refuse the resume on quota.
@@ -214,11 +216,11 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
 
     # --- embed + write ----------------------------------------------------------------
     progress.stage = "embedding"
-    resources = embed_resources(client)
     embedder = spec.embedder
     if embedder.threads is None:
         embedder = dataclasses.replace(embedder, threads=worker_threads(client, resources))
     progress.partitions_total, progress.partitions_done = len(slices), 0
+    driver.report()
     embed_totals = {"real": 0, "padded": 0, "seconds": 0.0}
     precisions: set[str] = set()
 
@@ -332,6 +334,29 @@ def json_spec(spec: JobSpec) -> dict:
     import json
 
     return json.loads(spec.to_json())
+
+
+#: Fewest chunks per embedding task: below this, per-task overhead and small batches cost more
+#: than the finer progress and load balance buy.
+MIN_ROWS_PER_SLICE = 64
+#: Embedding tasks per embedding worker a job aims for, so a small job still shows progress and
+#: keeps every worker busy.
+SLICES_PER_WORKER = 8
+
+
+def _rows_per_slice(job_dir: Path, to_embed: int, most: int, workers: int) -> int:
+    """Chunks per embedding task: up to ``most``, fewer for small jobs.
+
+    Chosen once per job and recorded, so a resumed job (maybe on another cluster) slices its
+    input exactly as before and recognises the partitions it already embedded.
+    """
+    recorded = job_dir / "embed-plan.json"
+    if recorded.exists():
+        return int(read_json(recorded)["rows_per_slice"])
+    target = -(-to_embed // max(1, workers * SLICES_PER_WORKER))
+    rows = max(1, min(most, max(MIN_ROWS_PER_SLICE, target)))
+    write_json_atomic({"rows_per_slice": rows}, recorded)
+    return rows
 
 
 def _slices(paths: Iterable[str], rows_per_slice: int):
