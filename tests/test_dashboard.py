@@ -299,3 +299,30 @@ def test_chromium_shows_the_running_job_on_the_dashboard(running_job):
     assert "1 running" in text and "usage today vs quota" in text and "chunks/s" in text  # plot titles are canvas
     assert {"id": "dask-dashboard", "href": "http://127.0.0.1:8787/status", "text": "Dask dashboard"} in page["links"]
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+@pytest.mark.slow
+def test_embedfleet_dashboard_command_serves_the_page(tmp_path):
+    import signal
+    import sys
+
+    svc = make_service(f"sqlite:///{tmp_path / 'jobs.db'}", tmp_path / "data")
+    svc.submit("/srv", user="fred", collection="kb")
+    svc.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedfleet.cli", "dashboard", "--port", "0", "--db", f"sqlite:///{tmp_path / 'jobs.db'}",
+         "--data-dir", str(tmp_path / "data"), "--dask-dashboard", "http://sched:8787/status"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        line = proc.stderr.readline()
+        match = re.search(r"Jobs dashboard at (http://127\.0\.0\.1:\d+/)", line)
+        assert match, line + proc.stderr.read() if proc.poll() is not None else line
+        html = urllib.request.urlopen(match.group(1), timeout=10).read().decode()
+        assert "<title>embedfleet jobs</title>" in html  # the document itself: test_the_served_document_...
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130

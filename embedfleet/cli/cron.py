@@ -200,8 +200,10 @@ def run(schedules_path, dispatch, max_running, scheduler, workers, metrics_port,
 
     from embedfleet.schedulers.cron import CronScheduler
 
-    if not dispatch and (max_running or scheduler or workers or metrics_port is not None):
-        raise click.UsageError("--max-running, --scheduler, --workers and --metrics-port need --dispatch")
+    given = [flag for flag, value in (("--max-running", max_running), ("--scheduler", scheduler), ("--workers", workers),
+                                      ("--metrics-port", metrics_port)) if value is not None]
+    if given and not dispatch:
+        raise click.UsageError(f"{', '.join(given)} only make(s) sense with --dispatch (a dispatcher in this process)")
     path = _schedules_path(schedules_path)
     with contextlib.ExitStack() as stack:
         service = stack.enter_context(_service(database_url, data_dir))

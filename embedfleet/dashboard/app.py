@@ -59,8 +59,8 @@ class Sampler:
             return None
         if self.dask_dashboard:
             snapshot = _with_link(snapshot, self.dask_dashboard)
-        snapshot = self.rates.update(snapshot, monotonic=time.monotonic())
-        with self._lock:
+        with self._lock:  # history() copies the rate history under the same lock
+            snapshot = self.rates.update(snapshot, monotonic=time.monotonic())
             self.latest = snapshot
             self.version += 1
             self.error = None

@@ -761,8 +761,9 @@ class CronScheduler:
                     schedule=schedule,
                     next_run=schedule.next_slot(now) if schedule.enabled else None,
                     due=due,
-                    last_slot=row.last_slot if row else None,
-                    last_run_at=row.last_run_at if row else None,
+                    # A baseline slot (first sight) was never run: no last run to show.
+                    last_slot=row.last_slot if row and row.last_outcome else None,
+                    last_run_at=row.last_run_at if row and row.last_outcome else None,
                     last_outcome=row.last_outcome if row else None,
                     last_job_id=row.last_job_id if row else None,
                     last_job_status=self._job_status(row.last_job_id) if row else None,
