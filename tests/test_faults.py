@@ -68,10 +68,30 @@ def config_dir(tmp_path):
     return fh.write_dask_config(tmp_path / "dask-config")
 
 
+def _cli(*args: str, settings: dict | None = None):
+    """An embedfleet command in this process (click's CliRunner): its --json output, parsed.
+
+    Used for the steps after a fault where a fresh interpreter and cluster would only cost
+    time (`jobs status`, `jobs resume`, `jobs run --scheduler <the session cluster>`).
+    """
+    from click.testing import CliRunner
+
+    from embedfleet.cli import main
+
+    with dask.config.set({"embedfleet.models.fake": dict(fh.FAKE_MODEL), **(settings or {})}):
+        outcome = CliRunner().invoke(main, list(args))
+    assert outcome.exit_code == 0, (outcome.output, outcome.exception)
+    return fh.last_json(outcome.stdout)
+
+
 @pytest.mark.parametrize("model", ["fake", "minilm"])
-def test_sigkill_during_embedding_then_resume(tmp_path, corpus, config_dir, model, request):
+def test_sigkill_during_embedding_then_resume(tmp_path, corpus, config_dir, model, request, client):
     """SIGKILL `embedfleet index` (the CLI and its LocalCluster, as a process group) mid-embedding;
-    `jobs resume` + `jobs run --once` finish it, embedding only the unfinished partitions."""
+    `jobs resume` + `jobs run --once` finish it, embedding only the unfinished partitions.
+
+    With the fake model every step is its own process; with the real model the steps after
+    the kill run in this process on the session cluster (where the reference run already
+    loaded the model), to keep the test's time down."""
     reference = request.getfixturevalue("reference" if model == "fake" else "real_reference")
     # The fake embedder is slowed down so the kill lands mid-embedding; the real model is slow
     # enough by itself with small partitions.
@@ -98,19 +118,21 @@ def test_sigkill_during_embedding_then_resume(tmp_path, corpus, config_dir, mode
 
         assert pq.ParquetFile(str(sidecar)[: -len(".json")]).metadata.num_rows == json.loads(sidecar.read_text())["rows"]
 
-    quick = fh.cli_env(config_dir)
-    status = fh.run_cli("jobs", "status", job_dir.name, "--user", "local", "--data-dir", str(data), "--json",
-                        env=quick, cwd=tmp_path)
-    assert status.returncode == 0, status.stderr
-    assert fh.last_json(status.stdout)["status"] == "running"  # nobody was left to record the crash
+    common = ["--data-dir", str(data), "--json"]
+    status = _cli("jobs", "status", job_dir.name, "--user", "local", *common)
+    assert status["status"] == "running"  # nobody was left to record the crash
+    if model == "fake":
+        def command(*args: str):
+            done = fh.run_cli(*args, env=fh.cli_env(config_dir), cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            return fh.last_json(done.stdout)
+    else:
+        def command(*args: str):
+            return _cli(*args, *(["--scheduler", client.scheduler.address] if args[:2] == ("jobs", "run") else []))
 
-    resumed = fh.run_cli("jobs", "resume", job_dir.name, "--user", "local", "--data-dir", str(data), "--json",
-                         env=quick, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert fh.last_json(resumed.stdout)["status"] == "queued"
-    ran = fh.run_cli("jobs", "run", "--once", "--json", "--data-dir", str(data), env=quick, cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
-    [job] = fh.last_json(ran.stdout)
+    resumed = command("jobs", "resume", job_dir.name, "--user", "local", *common)
+    assert resumed["status"] == "queued"
+    [job] = command("jobs", "run", "--once", *common)
     assert job["id"] == job_dir.name and job["status"] == "succeeded", job
     # Only the partitions the killed run had not finished were embedded again.
     assert job["embedded"] == unfinished_rows < len(reference)
@@ -148,8 +170,7 @@ def test_sigkill_index_then_index_again(tmp_path, corpus, config_dir, reference,
     assert result["status"] == "succeeded" and result["chunks"] == len(reference)
     fh.assert_same_collection(fh.read_chroma(f"chroma://{data}/chroma", "local", "kb"), reference)
 
-    status = fh.last_json(fh.run_cli("jobs", "status", killed.name, "--user", "local", "--data-dir", str(data),
-                                     "--json", env=fh.cli_env(config_dir), cwd=tmp_path).stdout)
+    status = _cli("jobs", "status", killed.name, "--user", "local", "--data-dir", str(data), "--json")
     # Replaced by the new run: failed (a dispatcher must not resume it over the new manifest).
     assert status["status"] == "failed" and "is gone before the job finished" in status["error"], status
 
@@ -237,7 +258,7 @@ def _charged(data: Path, job_id: str) -> int:
     return int(row[0]) if row else 0
 
 
-def test_sigkill_dispatcher_then_the_next_one_resumes_within_quota(tmp_path, corpus, reference):
+def test_sigkill_dispatcher_then_the_next_one_resumes_within_quota(tmp_path, corpus, reference, client):
     """A `jobs run` dispatcher SIGKILLed mid-embedding: the next dispatcher finds the job's lease
     expired, marks it interrupted and resumes it by itself (no `jobs resume`) — for a user whose
     daily quota covers the job once, but not the job again on top of what the first run was
@@ -248,11 +269,12 @@ def test_sigkill_dispatcher_then_the_next_one_resumes_within_quota(tmp_path, cor
     # A short lease, so the next dispatcher does not wait a minute to call the job dead.
     lease = {"DASK_EMBEDFLEET__JOBS__LEASE_SECONDS": "3"}
     # Partitions are part of the job's spec: they are set where the job is submitted.
-    quick = fh.cli_env(config_dir, DASK_EMBEDFLEET__EMBED__CHUNKS_PER_PARTITION=str(PER_PARTITION), **lease)
-    submitted = fh.run_cli("jobs", "submit", str(corpus), "--user", "alice", "--collection", "kb", "--model", "fake",
-                           *CHUNK_ARGS, "--data-dir", str(data), "--json", env=quick, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = fh.last_json(submitted.stdout)["id"]
+    # The same settings for the steps in this process; partitions are part of the job's spec:
+    # they are set where the job is submitted.
+    settings = {"embedfleet.jobs.tiers.free.daily-chunks": quota, "embedfleet.jobs.lease-seconds": 3,
+                "embedfleet.embed.chunks-per-partition": PER_PARTITION}
+    job_id = _cli("jobs", "submit", str(corpus), "--user", "alice", "--collection", "kb", "--model", "fake",
+                  *CHUNK_ARGS, "--data-dir", str(data), "--json", settings=settings)["id"]
 
     env = fh.cli_env(config_dir, slow=0.03, **lease)
     process = fh.start_cli("jobs", "run", "--once", "--data-dir", str(data), env=env, cwd=tmp_path,
@@ -268,14 +290,13 @@ def test_sigkill_dispatcher_then_the_next_one_resumes_within_quota(tmp_path, cor
     assert 0 < len(finished) < total
     charged_before = _charged(data, job_id)
 
-    ran = fh.run_cli("jobs", "run", "--once", "--json", "--data-dir", str(data), env=quick, cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
-    [job] = fh.last_json(ran.stdout)
+    # The next dispatcher (in this process, on the session cluster) waits out the lease, then resumes.
+    [job] = _cli("jobs", "run", "--once", "--json", "--data-dir", str(data), "--scheduler", client.scheduler.address,
+                 settings=settings)
     assert job["id"] == job_id and job["status"] == "succeeded" and job["attempt"] == 2, job
     assert job["embedded"] == len(reference) - fh.partition_rows(finished)
     fh.assert_same_collection(fh.read_chroma(f"chroma://{data}/chroma", "alice", "kb"), reference)
-    used = fh.last_json(fh.run_cli("quota", "show", "--user", "alice", "--data-dir", str(data), "--json",
-                                   env=quick, cwd=tmp_path).stdout)
+    used = _cli("quota", "show", "--user", "alice", "--data-dir", str(data), "--json", settings=settings)
     # Every chunk charged at most once over both runs.
     assert used["used_today"] == charged_before + job["embedded"] <= len(reference)
 
@@ -346,7 +367,8 @@ def _start_chroma(path: Path, port: int, log: Path):
     return process
 
 
-def test_sink_outage_during_writes_fails_then_resume_writes_without_embedding(tmp_path, corpus, config_dir, reference):
+def test_sink_outage_during_writes_fails_then_resume_writes_without_embedding(tmp_path, corpus, config_dir, reference,
+                                                                              client):
     port = free_port()
     sink = f"chroma://127.0.0.1:{port}"
     server = _start_chroma(tmp_path / "chroma-db", port, tmp_path / "chroma.log")
@@ -384,19 +406,15 @@ def test_sink_outage_during_writes_fails_then_resume_writes_without_embedding(tm
     written = list((job_dir / "written").glob("*.json"))
     assert 0 < len(written) < total
 
-    quick = fh.cli_env(config_dir)
-    status = fh.last_json(fh.run_cli("jobs", "status", job_dir.name, "--user", "local", "--data-dir", str(data),
-                                     "--json", env=quick, cwd=tmp_path).stdout)
+    common = ["--data-dir", str(data), "--json"]
+    status = _cli("jobs", "status", job_dir.name, "--user", "local", *common)
     assert status["status"] == "failed" and sink in status["error"]
 
     server = _start_chroma(tmp_path / "chroma-db", port, tmp_path / "chroma.log")
     try:
-        resumed = fh.run_cli("jobs", "resume", job_dir.name, "--user", "local", "--data-dir", str(data),
-                             env=quick, cwd=tmp_path)
-        assert resumed.returncode == 0, resumed.stderr
-        ran = fh.run_cli("jobs", "run", "--once", "--json", "--data-dir", str(data), env=quick, cwd=tmp_path)
-        assert ran.returncode == 0, ran.stderr
-        [job] = fh.last_json(ran.stdout)
+        # Resumed and run in this process, on the session cluster: the point is the sink.
+        assert _cli("jobs", "resume", job_dir.name, "--user", "local", *common)["status"] == "queued"
+        [job] = _cli("jobs", "run", "--once", "--scheduler", client.scheduler.address, *common)
         assert job["status"] == "succeeded", job
         assert job["embedded"] == 0  # the vectors were on disk: the outage cost no embedding
         fh.assert_same_collection(fh.read_chroma(sink, "local", "kb"), reference)
