@@ -273,19 +273,24 @@ class Chromium:
             conn.close()
 
 
-@pytest.mark.slow
-def test_chromium_shows_the_running_job_on_the_dashboard(running_job):
+@pytest.fixture
+def chromium():
     binary = find_chromium()
     if binary is None:
         pytest.skip("no Chromium found (chromium, chromium-browser, google-chrome or $EMBEDFLEET_CHROMIUM); "
                     "`apt-get install chromium` — .ci/run installs it in CI")
+    return binary
+
+
+@pytest.mark.slow
+def test_chromium_shows_the_running_job_on_the_dashboard(chromium, running_job):  # chromium first: skip before the job starts
     from embedfleet.dashboard.app import DashboardServer
 
     svc, job = running_job
     shot = ARTIFACTS / "dashboard.png"
     shot.unlink(missing_ok=True)
     with DashboardServer(svc, port=0) as server:
-        browser = Chromium(binary)
+        browser = Chromium(chromium)
         try:
             page = browser.visit(server.url, until=lambda p: job.id in p["text"] and "chunks/s" in p["text"], screenshot=shot)
         finally:
