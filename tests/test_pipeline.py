@@ -95,3 +95,28 @@ def test_resume_skips_finished_partitions(client, data_dir, docs_dir, fake_model
     again = run_job(spec, client=client)
     assert first.embedded > 0 and again.embedded == 0
     assert json.loads((data_dir / "jobs" / spec.job_id / "result.json").read_text())["status"] == "succeeded"
+
+
+def test_threads_open_one_embedded_chroma_store_at_once(tmp_path):
+    """A dispatcher starts jobs in threads; their sinks open the same embedded store together."""
+    import threading
+
+    from embedfleet.sinks import make_spec, open_sink
+
+    uri = f"chroma://{tmp_path}/chroma"
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def open_one():
+        try:
+            barrier.wait()
+            open_sink(make_spec(uri)).list_collections()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["ChromaSink", "ChromaCollection"]
 
 _RESERVED = ("doc_id", "chunk_index", "start", "end")
+
+
+_PERSISTENT_CLIENT_LOCK = threading.Lock()
 
 
 def _client(spec: SinkSpec):
@@ -46,7 +50,10 @@ def _client(spec: SinkSpec):
             ), False
         if not parts.path.startswith("/"):
             raise ConfigError(f"sink {spec.uri!r}: an embedded Chroma store needs an absolute path, chroma:///abs/dir")
-        return chromadb.PersistentClient(path=parts.path), True
+        # Chroma shares one System per path within a process, but creating it is not
+        # thread-safe: two dispatcher threads starting jobs on one store at once both fail.
+        with _PERSISTENT_CLIENT_LOCK:
+            return chromadb.PersistentClient(path=parts.path), True
     except ConfigError:
         raise
     except Exception as exc:
