@@ -97,6 +97,7 @@ def _replace_middle_word(path: Path) -> None:
     path.write_text(" ".join(words))
 
 
+@pytest.mark.slow  # a real `python -m embedfleet.cli` process
 def test_unchanged_rerun_embeds_nothing_and_says_so(tmp_path, indexer, client):
     first = indexer.json()
     assert first["embedded"] == first["chunks"] > 0 and first["deleted"] == 0
