@@ -10,6 +10,7 @@ streams their writes one embedding partition at a time while the cluster keeps e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -28,6 +29,7 @@ from embedfleet.pipeline.manifest import Manifest
 from embedfleet.sinks.base import CollectionInfo
 from embedfleet.sinks.naming import physical_name
 from embedfleet.sinks.registry import open_sink
+from embedfleet.sinks.writer_lock import exclusive_writer
 from embedfleet.tasks import stages
 from embedfleet.tasks.io import is_done, read_json, sidecar, write_json_atomic
 from embedfleet.tasks.schemas import CHUNKS
@@ -106,7 +108,10 @@ def run_job(
         job_id=spec.job_id, status="succeeded", user=spec.user, sink=spec.sink.uri, collection=spec.collection
     )
     try:
-        _run(spec, driver, result, before_embed)
+        with contextlib.ExitStack() as held:
+            # A file-based store takes one writing process; held until the job commits.
+            held.enter_context(exclusive_writer(spec.sink.uri))
+            _run(spec, driver, result, before_embed)
     except JobCancelled:
         result.status = "cancelled"
         logger.info("job %s cancelled", spec.job_id)

@@ -1,0 +1,74 @@
+"""One writing process per embedded store.
+
+Chroma's PersistentClient and Milvus Lite keep state in the process that opened them; two
+processes writing one store can corrupt it. A job writing an embedded store holds an
+exclusive ``flock`` on a lock file beside the store for its duration. Threads of one process
+(a dispatcher running several jobs) share the process's lock; another process is refused
+with an error naming the holder, and told to use a server store for shared writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from embedfleet.errors import SinkError
+
+__all__ = ["exclusive_writer", "lock_path"]
+
+_lock = threading.Lock()
+_held: dict[str, list] = {}  # lock path -> [file object, holders in this process]
+
+
+def lock_path(uri: str) -> Path | None:
+    """The lock file of an embedded store URI (a directory or a file), None for servers."""
+    parts = urlsplit(uri)
+    if parts.netloc or not parts.path:
+        return None
+    path = Path(parts.path)
+    return path / ".embedfleet-writer.lock" if path.is_dir() or not path.suffix else path.with_name(path.name + ".embedfleet-writer.lock")
+
+
+@contextlib.contextmanager
+def exclusive_writer(uri: str) -> Iterator[None]:
+    path = lock_path(uri)
+    if path is None:
+        yield
+        return
+    key = str(path)
+    with _lock:
+        entry = _held.get(key)
+        if entry is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise SinkError(
+                    f"the embedded store {uri} is being written by {holder}; an embedded store takes one "
+                    "writing process at a time (run jobs through one dispatcher, or use a server store "
+                    "such as chroma://host:port or milvus://host:port for concurrent writers)"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+            entry = _held[key] = [handle, 0]
+        entry[1] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[key]
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                entry[0].close()
