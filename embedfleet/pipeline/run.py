@@ -10,7 +10,6 @@ streams their writes one embedding partition at a time while the cluster keeps e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
@@ -108,9 +107,8 @@ def run_job(
         job_id=spec.job_id, status="succeeded", user=spec.user, sink=spec.sink.uri, collection=spec.collection
     )
     try:
-        with contextlib.ExitStack() as held:
-            # A file-based store takes one writing process; held until the job commits.
-            held.enter_context(exclusive_writer(spec.sink.uri))
+        # A file-based store takes one writing process; held until the job commits.
+        with exclusive_writer(spec.sink.uri):
             _run(spec, driver, result, before_embed)
     except JobCancelled:
         result.status = "cancelled"
