@@ -185,12 +185,17 @@ def embed_partitions(job_dir: Path) -> tuple[list[Path], int]:
     """(finished embedding partitions, planned total) of a job, from its directory alone.
 
     The total follows run.py's slicing: each non-empty embed input file (``todo/`` after a
-    diff, else ``chunks/``) cut into slices of the job's own ``chunks_per_partition`` (from
-    its ``spec.json``: the spec is fixed when the job is built, e.g. at ``jobs submit``).
+    diff, else ``chunks/``) cut into slices of the rows the job recorded in its
+    ``embed-plan.json`` (at most its spec's ``chunks_per_partition``, fixed when the job is
+    built, e.g. at ``jobs submit``).
     """
     import pyarrow.parquet as pq
 
-    per_partition = json.loads((job_dir / "spec.json").read_text())["chunks_per_partition"]
+    plan = job_dir / "embed-plan.json"
+    if plan.exists():
+        per_partition = json.loads(plan.read_text())["rows_per_slice"]
+    else:
+        per_partition = json.loads((job_dir / "spec.json").read_text())["chunks_per_partition"]
     done = sorted((job_dir / "embeddings").glob("*.parquet.json"))
     inputs = sorted((job_dir / "todo").glob("*.parquet")) or sorted((job_dir / "chunks").glob("*.parquet"))
     total = 0
