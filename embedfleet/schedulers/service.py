@@ -792,6 +792,16 @@ class JobService:
             now = self.clock()
             return self._infos(session, list(session.execute(stmt).scalars()), now)
 
+    @staticmethod
+    def _job_to_change(session: Session, job_id: str, user: str, *, action: str) -> Job:
+        """The job, locked for update; PermissionDenied if ``user`` does not own it."""
+        job = session.execute(select(Job).where(Job.id == str(job_id)).with_for_update()).scalar_one_or_none()
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} for user {user!r}")
+        if job.owner != user:
+            raise PermissionDenied(f"user {user!r} may not {action} job {job_id!r}")
+        return job
+
     def cancel(self, job_id: str, *, user: str) -> JobInfo:
         """Cancel ``user``'s job: a waiting job at once, a running one through its dispatcher.
 
@@ -802,11 +812,7 @@ class JobService:
         user = self._check_user(user)
         with self._write() as session:
             now = self.clock()
-            job = session.execute(select(Job).where(Job.id == str(job_id)).with_for_update()).scalar_one_or_none()
-            if job is None:
-                raise JobNotFound(f"no job {job_id!r} for user {user!r}")
-            if job.owner != user:
-                raise PermissionDenied(f"user {user!r} may not cancel job {job_id!r}")
+            job = self._job_to_change(session, job_id, user, action="cancel")
             if job.status in WAITING_STATUSES:
                 job.status = "cancelled"
                 job.finished_at = now
@@ -831,11 +837,7 @@ class JobService:
         user = self._check_user(user)
         with self._write() as session:
             now = self.clock()
-            job = session.execute(select(Job).where(Job.id == str(job_id)).with_for_update()).scalar_one_or_none()
-            if job is None:
-                raise JobNotFound(f"no job {job_id!r} for user {user!r}")
-            if job.owner != user:
-                raise PermissionDenied(f"user {user!r} may not resume job {job_id!r}")
+            job = self._job_to_change(session, job_id, user, action="resume")
             if job.status == "running":
                 dead = self._dead_run(job, now)
                 if dead is None:
