@@ -326,7 +326,7 @@ def test_embedfleet_dashboard_command_serves_the_page(tmp_path):
         html = urllib.request.urlopen(match.group(1), timeout=10).read().decode()
         assert "<title>embedfleet jobs</title>" in html  # the document itself: test_the_served_document_...
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        proc.wait(20)
+        proc.wait(60)  # generous: on a loaded 2-core machine the shutdown joins alone take seconds
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -46,9 +46,10 @@ def dashboard(port, host, dask_dashboard, user, interval, origins, database_url,
             user=user,
             allow_websocket_origin=list(origins),
         ).start()
-        click.echo(f"Jobs dashboard at {server.url} (jobs from {service.url}); Ctrl-C stops it.", err=True)
         stopped = threading.Event()
         try:
+            # Inside the try: a Ctrl-C right after the announcement must still stop the server.
+            click.echo(f"Jobs dashboard at {server.url} (jobs from {service.url}); Ctrl-C stops it.", err=True)
             # wait() with a timeout keeps the main thread responsive to Ctrl-C.
             while not stopped.wait(0.5):
                 pass
