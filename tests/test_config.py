@@ -11,6 +11,7 @@ import dask.config
 import pytest
 from click.testing import CliRunner
 
+import embedfleet
 from embedfleet import config
 from embedfleet.cli import main
 from embedfleet.errors import ChunkingError, ConfigError, UnknownBackendError
@@ -73,3 +74,18 @@ def test_config_show_json():
     result = CliRunner().invoke(main, ["config", "show", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["embedfleet"]["chunk"]["size"] == 200
+
+
+def test_unexpected_errors_are_one_line_unless_verbose(monkeypatch):
+    import embedfleet.api
+
+    def boom(*args, **kwargs):
+        raise ValueError("parquet footer is corrupt")
+
+    monkeypatch.setattr(embedfleet.api, "search", boom)
+    monkeypatch.setattr(embedfleet, "search", boom)
+    quiet = CliRunner().invoke(main, ["search", "anything"])
+    assert quiet.exit_code == 1
+    assert quiet.output.strip() == "Error: unexpected ValueError: parquet footer is corrupt (run with -v for the traceback)"
+    loud = CliRunner().invoke(main, ["-v", "search", "anything"])
+    assert isinstance(loud.exception, ValueError)

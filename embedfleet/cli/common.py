@@ -27,8 +27,22 @@ def handle_errors(func):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            # A failure we did not anticipate (often from a worker or a store client): one line
+            # for the user, the traceback for whoever runs it again with -v.
+            if _verbose():
+                raise
+            click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+            sys.exit(1)
 
     return wrapper
+
+
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("verbose"))
 
 
 class EmbedfleetGroup(click.Group):
