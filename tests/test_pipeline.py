@@ -120,3 +120,24 @@ def test_threads_open_one_embedded_chroma_store_at_once(tmp_path):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_cli_index_on_an_existing_scheduler(client, data_dir, docs_dir, fake_model):
+    from click.testing import CliRunner
+
+    from embedfleet.cli import main
+
+    def embed_compute_seconds(dask_scheduler):
+        prefix = dask_scheduler.task_prefixes.get("embed")
+        return prefix.all_durations.get("compute", 0.0) if prefix is not None else 0.0
+
+    before = client.run_on_scheduler(embed_compute_seconds)
+    args = ["index", str(docs_dir), "--scheduler", client.scheduler.address, "--model", fake_model,
+            "--collection", "remote", "--data-dir", str(data_dir), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["status"] == "succeeded" and summary["embedded"] == summary["chunks"] > 0
+    assert _chroma(data_dir, "local", "remote").count() == summary["chunks"]
+    # The embedding ran on this scheduler's workers, not on a cluster of its own.
+    assert client.run_on_scheduler(embed_compute_seconds) > before
