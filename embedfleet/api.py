@@ -77,7 +77,7 @@ def index(
     with JobService(database_url=database_url, data_dir=data_dir) as service:
         if client is not None:
             return service.run_inline(source, user=user, client=client, on_progress=on_progress, **options)
-        with connect(scheduler_address=scheduler, workers=workers, gpu=gpu) as own_client:
+        with connect(scheduler_address=scheduler, workers=workers, gpu=gpu, backend=backend, model=model) as own_client:
             if on_cluster is not None:
                 on_cluster(own_client)
             return service.run_inline(source, user=user, client=own_client, on_progress=on_progress, **options)

@@ -161,7 +161,7 @@ class EmbedderSpec:
     backend: Backend = "sentence-transformers"
     precision: Precision = "fp32"
     device: Device = "auto"
-    batch_tokens: int = 8192
+    batch_tokens: int = 0  # 0: the backend's tuned default for its device and precision
     threads: int | None = None
     quantize: Literal["int8"] | None = None
     cache_dir: str | None = None  # where derived artefacts (ONNX exports) are kept
@@ -264,7 +264,7 @@ def embedder_spec(
         backend=chosen_backend,
         precision=chosen_precision,
         device=chosen_device,
-        batch_tokens=int(batch_tokens or get("embed.batch-tokens")),
+        batch_tokens=int(batch_tokens or get("embed.batch-tokens") or 0),
         threads=threads if threads is not None else get("embed.threads"),
         quantize=quantize,
         cache_dir=cache_dir,

@@ -34,8 +34,13 @@ def connect(
     threads_per_worker: int | None = None,
     gpu: bool | None = None,
     dashboard_address: str | None = None,
+    backend: str | None = None,
+    model: str | None = None,
 ) -> Iterator["distributed.Client"]:  # noqa: F821
     """Yield a Client: to ``scheduler_address`` if given (or configured), else a new local cluster.
+
+    A local cluster's workers start importing the embedding backend (``backend``, else the
+    configured one or ``model``'s) as they start: see :mod:`embedfleet.embedders.warm`.
 
     The default LocalCluster on an N-core machine is one worker process with N threads:
     one resident model that uses every core, instead of N models each using one core
@@ -61,13 +66,18 @@ def connect(
     if n_workers < 1 or threads < 1:
         raise ConfigError("--workers and threads per worker must be at least 1")
 
+    from embedfleet.embedders.warm import warm_imports
+
+    plugin = warm_imports(backend=backend, model=model)
+    warm = {"plugins": {plugin}} if plugin is not None else {}
     if use_gpu:
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
             raise BackendUnavailableError("--gpu", "gpu", str(exc)) from exc
         cluster = LocalCUDACluster(
-            threads_per_worker=threads, dashboard_address=dashboard, resources={"GPU": 1}, silence_logs=logging.WARNING
+            threads_per_worker=threads, dashboard_address=dashboard, resources={"GPU": 1}, silence_logs=logging.WARNING,
+            **warm,
         )
     else:
         cluster = LocalCluster(
@@ -78,6 +88,7 @@ def connect(
             memory_limit=memory_limit,
             resources={EMBED_SLOT: 1},
             silence_logs=logging.WARNING,
+            **warm,
         )
     client = Client(cluster, set_as_default=False)
     try:

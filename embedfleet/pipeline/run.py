@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 import pyarrow.parquet as pq
 
 from embedfleet.config import resolve_model_path
+from embedfleet.embedders.cache import preload
 from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled, JobError
 from embedfleet.pipeline.cluster import embed_resources, embed_workers, worker_threads
 from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
@@ -133,6 +134,8 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
     # Room for the chunk's own text: the model adds special tokens and the document prefix.
     max_tokens = model.max_seq_length - reserved_tokens(model_path, prefix=model.document_prefix)
     validate_for_model(spec.chunk, max_tokens, model_name=model.name, max_seq_length=model.max_seq_length)
+    # Load the model on the embedding workers now, while the sink opens and the source is chunked.
+    warm = preload(client, spec.embedder, priority=driver.priority)
 
     job_dir = Path(spec.job_dir)
     dirs = {name: job_dir / name for name in ("chunks", "embeddings", "written", "deleted")}
@@ -143,7 +146,7 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
     # The model guard runs before any work: a collection made by another model is refused
     # now, not after an hour of embedding.
     collection_name = physical_name(spec.user, spec.collection)
-    info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric, precision=spec.embedder.precision)
+    info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric, precision=warm.precision())
     sink = open_sink(spec.sink)
     try:
         sink.open(collection_name, info=info, create=True)

@@ -1,0 +1,411 @@
+"""Embedding throughput: plain sentence-transformers vs ``embedfleet index`` end to end; prints JSON.
+
+In one run, on one machine, for the same chunks:
+
+a. the corpus is chunked with embedfleet's own chunker and settings (``embedfleet.chunk.*``);
+b. **baseline**: ``SentenceTransformer.encode(texts, batch_size=32, normalize_embeddings=True)``
+   in this process (model loaded and warmed up first, so only encoding is timed);
+c. **fp32**: ``embedfleet index`` in a subprocess (its own LocalCluster, a fresh data dir, the
+   default embedded Chroma store). ``e2e_chunks_per_second`` is chunks / the job's total
+   seconds (``JobResult.seconds``: read, chunk, embed, write, commit, model load included);
+   ``embed_chunks_per_second`` is the embed stage's rate (``JobResult.chunks_per_second``);
+   ``process_seconds`` adds interpreter start-up and the cluster's start and stop;
+d. **bf16** (where the CPU has native bf16): the same with ``--precision bf16``, plus the
+   cosine of every bf16 vector to its fp32 vector, both read back from Chroma;
+e. the peak RSS of every process of each run (the driver, which also writes to Chroma, and
+   each Dask worker), sampled with psutil every 0.2 s.
+
+Targets (issue 6): fp32 end to end >= 0.9x the baseline; bf16 >= 1.8x the fp32 baseline with
+cosine >= 0.995 on every vector; worker RSS flat in corpus size (run ``--synthetic 5000`` and
+``--synthetic 50000 --backend fake`` and compare ``peak_rss_mib``).
+
+Usage::
+
+    python benchmarks/throughput.py                           # python-docs (~800 chunks)
+    python benchmarks/throughput.py --repeat 3 --onnx         # medians of 3 interleaved rounds, plus ONNX
+    python benchmarks/throughput.py ./docs --limit 2000 --json-out result.json
+    python benchmarks/throughput.py --synthetic 50000 --backend fake --skip-baseline --skip-bf16
+    DASK_EMBEDFLEET__EMBED__BATCH_TOKENS=16384 python benchmarks/throughput.py   # any embedfleet.* key
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+import embedfleet  # noqa: E402,F401  (config defaults)
+from embedfleet import config  # noqa: E402
+
+logger = logging.getLogger("benchmarks.throughput")
+
+USER = "bench"
+
+
+# --------------------------------------------------------------------------- corpus and chunks
+
+
+def _synthetic_corpus(n_chunks: int, out: Path, *, chunk_size: int) -> Path:
+    """A JSONL file of documents that chunk into about ``n_chunks`` chunks of ``chunk_size`` tokens.
+
+    Words are drawn (seeded) from the vocabulary of Python's help topics, so token counts and
+    the tokenizer's work look like real English technical text.
+    """
+    from pydoc_data.topics import topics
+
+    vocabulary = sorted({w for text in topics.values() for w in text.split() if w.isalpha() and len(w) < 14})
+    rng = random.Random(6)
+    # ~0.75 words per token for this vocabulary; 4 chunks per document with the default overlap.
+    words_per_doc = int(chunk_size * 0.75 * 3.4)
+    path = out / "synthetic.jsonl"
+    with open(path, "w") as f:
+        for i in range(max(1, n_chunks // 4)):
+            text = " ".join(rng.choices(vocabulary, k=words_per_doc))
+            f.write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
+    return path
+
+
+def _chunk_corpus(source: str, *, limit: int | None) -> tuple[list[str], list[int]]:
+    """The chunk texts and token counts embedfleet makes of ``source``, in this process."""
+    import pyarrow as pa
+
+    from embedfleet.datasets import plan_partitions, read_partition, source_spec
+    from embedfleet.tasks.chunking import chunk_partition, reserved_tokens
+
+    model = config.model_spec()
+    model_path = config.resolve_model_path(model.path)
+    chunk = config.chunk_spec()
+    max_tokens = model.max_seq_length - reserved_tokens(model_path, prefix=model.document_prefix)
+    spec = source_spec(source)
+    texts: list[str] = []
+    counts: list[int] = []
+    for part in plan_partitions(spec):
+        documents: pa.Table = read_partition(spec, part)
+        table = chunk_partition(documents, unit=chunk.unit, size=chunk.size, overlap=chunk.overlap,
+                                model_path=model_path, max_tokens=max_tokens)
+        texts += table.column("text").to_pylist()
+        counts += table.column("n_tokens").to_pylist()
+        if limit is not None and len(texts) >= limit:
+            break
+    if limit is not None:
+        texts, counts = texts[:limit], counts[:limit]
+    return texts, counts
+
+
+def _chunks_as_corpus(texts: list[str], out: Path) -> Path:
+    """One JSONL document per chunk: the job re-chunks each into exactly that one chunk."""
+    path = out / "chunks.jsonl"
+    with open(path, "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"chunk-{i:07d}", "text": text}) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- baseline
+
+
+def _baseline(texts: list[str], counts: list[int]) -> tuple[dict, np.ndarray]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(config.resolve_model_path(config.model_spec().path), device="cpu")
+    model.encode(texts[:32], batch_size=32, normalize_embeddings=True)  # warm-up, not timed
+    started = time.perf_counter()
+    vectors = model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(counts) + 2 * len(counts)
+    return {
+        "seconds": round(seconds, 2),
+        "texts_per_second": round(len(texts) / seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+    }, vectors
+
+
+# --------------------------------------------------------------------------- RSS sampling
+
+
+class _RssSampler:
+    """Peak RSS of a process and all its descendants (the Dask workers), sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        import psutil
+
+        self._psutil = psutil
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peaks: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self, proc) -> None:
+        try:
+            rss = proc.memory_info().rss
+            entry = self.peaks.get(proc.pid)
+            if entry is None:
+                cmdline = " ".join(proc.cmdline())
+                role = "worker" if "multiprocessing" in cmdline and "spawn" in cmdline else "driver"
+                if proc.pid == self.root.pid:
+                    role = "driver"
+                entry = self.peaks[proc.pid] = {"pid": proc.pid, "role": role, "peak_rss_bytes": 0}
+            entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], rss)
+        except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except self._psutil.NoSuchProcess:
+                return
+            for proc in procs:
+                self._sample(proc)
+            self._stop.wait(self.interval)
+
+    def summary(self) -> dict:
+        mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+        # Short-lived helpers (the resource tracker) are not workers: keep processes that held a model-sized RSS.
+        workers = [p for p in self.peaks.values() if p["role"] == "worker" and p["peak_rss_bytes"] > 100 * 2**20]
+        drivers = [p for p in self.peaks.values() if p["role"] == "driver"]
+        return {
+            "driver_mib": mib(max((p["peak_rss_bytes"] for p in drivers), default=0)),
+            "workers_mib": [mib(p["peak_rss_bytes"]) for p in sorted(workers, key=lambda p: p["pid"])],
+        }
+
+
+# --------------------------------------------------------------------------- one embedfleet run
+
+
+def _index(source: Path | str, *, data_dir: Path, collection: str, precision: str, backend: str | None,
+           workers: int | None, extra_env: dict[str, str]) -> dict:
+    cmd = [sys.executable, "-m", "embedfleet.cli", "index", str(source), "--json", "--data-dir", str(data_dir),
+           "--collection", collection, "--user", USER, "--precision", precision, "--mode", "full"]
+    if backend:
+        cmd += ["--backend", backend]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    env = {**os.environ, **extra_env}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with _RssSampler(proc.pid) as sampler:
+        stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"embedfleet index failed ({proc.returncode}):\n{stderr[-4000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"result": result, "process_seconds": wall, "rss": sampler.summary()}
+
+
+def _summarise(run: dict, *, chunks: int, baseline: dict | None = None) -> dict:
+    result = run["result"]
+    if result["embedded"] != chunks:
+        logger.warning("the job embedded %d chunks, the benchmark made %d", result["embedded"], chunks)
+    e2e = result["embedded"] / result["seconds"] if result["seconds"] else 0.0
+    out = {
+        "chunks": result["embedded"],
+        "job_seconds": round(result["seconds"], 2),
+        "embed_seconds": round(result["embed_seconds"], 2),
+        "process_seconds": round(run["process_seconds"], 2),
+        "e2e_chunks_per_second": round(e2e, 2),
+        "embed_chunks_per_second": round(result["chunks_per_second"], 2),
+        "embed_tokens_per_second": round(result["tokens_per_second"], 1),
+        "padding_efficiency": round(result["padding_efficiency"], 4) if result["padding_efficiency"] else None,
+        "precision": result["precision"],
+        "peak_rss_mib": run["rss"],
+    }
+    if baseline:
+        out["ratio_e2e_to_baseline"] = round(e2e / baseline["texts_per_second"], 3)
+        out["ratio_embed_to_baseline"] = round(result["chunks_per_second"] / baseline["texts_per_second"], 3)
+    return out
+
+
+def _read_vectors(data_dir: Path, collection: str) -> dict[str, np.ndarray]:
+    import chromadb
+
+    from embedfleet.sinks.naming import physical_name
+
+    client = chromadb.PersistentClient(path=str(data_dir / "chroma"))
+    stored = client.get_collection(physical_name(USER, collection))
+    out: dict[str, np.ndarray] = {}
+    offset, page = 0, 5000
+    while True:
+        got = stored.get(include=["embeddings", "documents"], limit=page, offset=offset)
+        if not got["ids"]:
+            break
+        for text, vector in zip(got["documents"], got["embeddings"]):
+            out[text] = np.asarray(vector, dtype=np.float32)
+        offset += len(got["ids"])
+    return out
+
+
+def _cosines(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
+    keys = sorted(set(a) & set(b))
+    x = np.stack([a[k] for k in keys])
+    y = np.stack([b[k] for k in keys])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    cos = (x * y).sum(axis=1)
+    return {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5), "compared": len(keys)}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _median_run(rounds: list[dict]) -> dict:
+    """Median of each rate over rounds; the largest peak RSS; the rounds' e2e rates for the record."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = dict(rounds[len(rounds) // 2])
+    for key in ("job_seconds", "embed_seconds", "process_seconds", "e2e_chunks_per_second",
+                "embed_chunks_per_second", "embed_tokens_per_second"):
+        out[key] = round(statistics.median(r[key] for r in rounds), 2)
+    out["peak_rss_mib"] = {
+        "driver_mib": max(r["peak_rss_mib"]["driver_mib"] for r in rounds),
+        "workers_mib": [max(ws) for ws in zip(*(r["peak_rss_mib"]["workers_mib"] for r in rounds))],
+    }
+    out["rounds_e2e_chunks_per_second"] = [r["e2e_chunks_per_second"] for r in rounds]
+    return out
+
+
+def _preexport_onnx(data_dir: Path) -> None:
+    """Export the ONNX model into the run's model cache first: export once, then reuse, is the steady state."""
+    from embedfleet.embedders.onnx import export_model
+
+    model = config.model_spec()
+    export_model(model.name, config.resolve_model_path(model.path), str(data_dir / "models"),
+                 max_seq_length=model.max_seq_length)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("corpus", nargs="?", default="python-docs", help="a folder, a .jsonl file, or python-docs")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N chunks")
+    parser.add_argument("--synthetic", type=int, default=None, metavar="N", help="generate ~N chunks of text instead")
+    parser.add_argument("--backend", default=None, help="embedfleet backend for the runs (e.g. fake for RSS flatness)")
+    parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes (default: embedfleet's)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of baseline/fp32/bf16, interleaved; medians reported")
+    parser.add_argument("--onnx", action="store_true", help="also run --backend onnx (fp32), model exported beforehand")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+
+    from embedfleet.embedders.hardware import cpu_supports_bf16
+
+    with tempfile.TemporaryDirectory(prefix="embedfleet-bench-") as tmp:
+        tmp_path = Path(tmp)
+        source: str | Path = args.corpus
+        if args.synthetic:
+            source = _synthetic_corpus(args.synthetic, tmp_path, chunk_size=config.chunk_spec().size)
+        started = time.perf_counter()
+        texts, counts = _chunk_corpus(str(source), limit=args.limit)
+        chunk_seconds = time.perf_counter() - started
+        job_env: dict[str, str] = {}
+        if args.limit is not None:
+            # The job must embed exactly these chunks: give it each chunk as one document, with
+            # a chunk size of the model's whole budget so no chunk (up to size + a word-piece
+            # or two after re-tokenisation) is split again.
+            source = _chunks_as_corpus(texts, tmp_path)
+            job_env["DASK_EMBEDFLEET__CHUNK__SIZE"] = str(max(config.chunk_spec().size, max(counts, default=1)) + 16)
+        report: dict = {
+            "corpus": f"synthetic:{args.synthetic}" if args.synthetic else args.corpus,
+            "chunks": len(texts),
+            "mean_tokens_per_chunk": round(float(np.mean(counts)), 1) if counts else 0,
+            "benchmark_chunking_seconds": round(chunk_seconds, 2),
+            "machine": {"cores": len(os.sched_getaffinity(0)), "bf16_native": cpu_supports_bf16(),
+                        "load_average_1m": round(os.getloadavg()[0], 2)},
+            "config": {"batch_tokens": config.get("embed.batch-tokens") or "auto",
+                       "chunks_per_partition": config.get("embed.chunks-per-partition"),
+                       "workers": args.workers or config.get("cluster.workers") or 1,
+                       "repeat": args.repeat},
+        }
+        variants = [("fp32", "fp32", args.backend)]
+        if not args.skip_bf16 and cpu_supports_bf16():
+            variants.append(("bf16", "bf16", args.backend))
+        if args.onnx:
+            variants.append(("onnx", "fp32", "onnx"))
+
+        baselines: list[dict] = []
+        baseline_vectors = None
+        rounds: dict[str, list[dict]] = {name: [] for name, *_ in variants}
+        data_dirs: dict[str, Path] = {}
+        for r in range(args.repeat):
+            if not args.skip_baseline:
+                result, baseline_vectors = _baseline(texts, counts)
+                baselines.append(result)
+            for name, precision, backend in variants:
+                data_dir = tmp_path / f"data-{name}-{r}"
+                if backend == "onnx":
+                    _preexport_onnx(data_dir)
+                run = _index(source, data_dir=data_dir, collection=f"bench-{name}", precision=precision,
+                             backend=backend, workers=args.workers, extra_env=job_env)
+                rounds[name].append(_summarise(run, chunks=len(texts), baseline=None))
+                data_dirs[name] = data_dir  # the last round's store is read back below
+
+        baseline = None
+        if baselines:
+            baseline = {
+                "seconds": round(statistics.median(b["seconds"] for b in baselines), 2),
+                "texts_per_second": round(statistics.median(b["texts_per_second"] for b in baselines), 2),
+                "tokens_per_second": round(statistics.median(b["tokens_per_second"] for b in baselines), 1),
+                "torch_threads": baselines[0]["torch_threads"],
+                "rounds_texts_per_second": [b["texts_per_second"] for b in baselines],
+            }
+            report["baseline"] = baseline
+        for name, *_ in variants:
+            summary = _median_run(rounds[name])
+            if baseline:
+                label = "baseline" if name == "fp32" else "fp32_baseline"
+                summary[f"ratio_e2e_to_{label}"] = round(summary["e2e_chunks_per_second"] / baseline["texts_per_second"], 3)
+                summary[f"ratio_embed_to_{label}"] = round(summary["embed_chunks_per_second"] / baseline["texts_per_second"], 3)
+            report[name] = summary
+
+        if args.backend in (None, "sentence-transformers"):
+            fp32 = _read_vectors(data_dirs["fp32"], "bench-fp32")
+            if baseline_vectors is not None:
+                report["fp32"]["cosine_to_baseline"] = _cosines(fp32, {t: v for t, v in zip(texts, baseline_vectors)})
+            for name in ("bf16", "onnx"):
+                if name in data_dirs:
+                    report[name]["cosine_to_fp32"] = _cosines(_read_vectors(data_dirs[name], f"bench-{name}"), fp32)
+
+        targets = {}
+        if baseline and "fp32" in report:
+            targets["fp32_e2e_at_least_0.9x_baseline"] = report["fp32"]["ratio_e2e_to_baseline"] >= 0.9
+        if baseline and "bf16" in report and "cosine_to_fp32" in report["bf16"]:
+            targets["bf16_e2e_at_least_1.8x_fp32_baseline"] = report["bf16"]["ratio_e2e_to_fp32_baseline"] >= 1.8
+            targets["bf16_cosine_at_least_0.995_every_vector"] = report["bf16"]["cosine_to_fp32"]["min"] >= 0.995
+        report["targets"] = targets
+        report["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+
+    text = json.dumps(report, indent=1, sort_keys=False)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
