@@ -318,6 +318,9 @@ def test_embedfleet_dashboard_command_serves_the_page(tmp_path):
         [sys.executable, "-m", "embedfleet.cli", "dashboard", "--port", "0", "--db", f"sqlite:///{tmp_path / 'jobs.db'}",
          "--data-dir", str(tmp_path / "data"), "--dask-dashboard", "http://sched:8787/status"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        # An ignored SIGINT is inherited, and Python then never installs its Ctrl-C handler;
+        # a terminal's process starts with the default, so give the child that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = proc.stderr.readline()
