@@ -4,33 +4,41 @@ In one run, on one machine, for the same chunks:
 
 a. the corpus is chunked with embedfleet's own chunker and settings (``embedfleet.chunk.*``);
 b. **baseline**: ``SentenceTransformer.encode(texts, batch_size=32, normalize_embeddings=True)``
-   in this process (model loaded and warmed up first, so only encoding is timed);
-c. **fp32**: ``embedfleet index`` in a subprocess (its own LocalCluster, a fresh data dir, the
-   default embedded Chroma store). ``e2e_chunks_per_second`` is chunks / the job's total
-   seconds (``JobResult.seconds``: read, chunk, embed, write, commit, model load included);
-   ``embed_chunks_per_second`` is the embed stage's rate (``JobResult.chunks_per_second``);
-   ``process_seconds`` adds interpreter start-up and the cluster's start and stop;
-d. **bf16** (where the CPU has native bf16): the same with ``--precision bf16``, plus the
-   cosine of every bf16 vector to its fp32 vector, both read back from Chroma;
-e. the peak RSS of every process of each run (the driver, which also writes to Chroma, and
+   in this process (model loaded and warmed up first, so only encoding is timed); and the
+   **cold baseline**: the same from a fresh interpreter (import, load, encode), timed whole;
+c. **fp32, cold**: ``embedfleet index`` in a subprocess with its own new LocalCluster, a fresh
+   data dir and the default embedded Chroma store. ``e2e_chunks_per_second`` is chunks / the
+   job's seconds (``JobResult.seconds``: read, chunk, embed, write, commit, and here the model
+   load, which a new worker cannot avoid); ``embed_chunks_per_second`` is the embed stage's rate;
+   ``process_seconds`` adds interpreter start-up and the cluster's start and stop, and is
+   compared with the cold baseline (``ratio_process_to_cold_baseline``);
+d. **fp32, warm** (``fp32_warm``): the same job, ``embedfleet index --scheduler``, on a cluster
+   this benchmark keeps running, whose worker already holds the model (loaded by a small job
+   first) — every job but the first on a long-lived cluster or under the job service. Like
+   the baseline, it does not pay the model load;
+e. **bf16** (where the CPU has native bf16), cold and warm: the same with ``--precision bf16``,
+   plus the cosine of every bf16 vector to its fp32 vector, both read back from Chroma;
+f. the peak RSS of every process of each run (the driver, which also writes to Chroma, and
    each Dask worker), sampled with psutil every 0.2 s.
 
 Targets (issue 6): fp32 end to end >= 0.9x the baseline; bf16 >= 1.8x the fp32 baseline with
 cosine >= 0.995 on every vector; worker RSS flat in corpus size (run ``--synthetic 5000`` and
-``--synthetic 50000 --backend fake`` and compare ``peak_rss_mib``).
+``--synthetic 50000 --backend fake`` and compare ``peak_rss_mib``). ``targets`` says which
+held, for the cold and the warm runs separately.
 
 Usage::
 
     python benchmarks/throughput.py                           # python-docs (~800 chunks)
     python benchmarks/throughput.py --repeat 3 --onnx         # medians of 3 interleaved rounds, plus ONNX
     python benchmarks/throughput.py ./docs --limit 2000 --json-out result.json
-    python benchmarks/throughput.py --synthetic 50000 --backend fake --skip-baseline --skip-bf16
+    python benchmarks/throughput.py --synthetic 50000 --backend fake --skip-baseline --skip-bf16 --skip-warm
     DASK_EMBEDFLEET__EMBED__BATCH_TOKENS=16384 python benchmarks/throughput.py   # any embedfleet.* key
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -54,6 +62,9 @@ from embedfleet import config  # noqa: E402
 logger = logging.getLogger("benchmarks.throughput")
 
 USER = "bench"
+#: The environment as this benchmark started, for its subprocesses: a Dask nanny started in
+#: this process (the warm runs' cluster) sets OMP_NUM_THREADS=1 and friends in os.environ.
+CLEAN_ENV = dict(os.environ)
 
 
 # --------------------------------------------------------------------------- corpus and chunks
@@ -122,6 +133,9 @@ def _baseline(texts: list[str], counts: list[int]) -> tuple[dict, np.ndarray]:
     import torch
     from sentence_transformers import SentenceTransformer
 
+    # All cores, as a plain script gets them; a Dask nanny in this process (the warm runs'
+    # cluster) may have set OMP_NUM_THREADS=1 in the environment.
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = SentenceTransformer(config.resolve_model_path(config.model_spec().path), device="cpu")
     model.encode(texts[:32], batch_size=32, normalize_embeddings=True)  # warm-up, not timed
     started = time.perf_counter()
@@ -142,11 +156,13 @@ def _baseline(texts: list[str], counts: list[int]) -> tuple[dict, np.ndarray]:
 class _RssSampler:
     """Peak RSS of a process and all its descendants (the Dask workers), sampled in a thread."""
 
-    def __init__(self, pid: int, interval: float = 0.2):
+    def __init__(self, pid: int, interval: float = 0.2, *, workers_of: int | None = None):
         import psutil
 
         self._psutil = psutil
         self.root = psutil.Process(pid)
+        # A cluster started elsewhere (the warm runs): its worker processes are sampled too.
+        self.workers_root = psutil.Process(workers_of) if workers_of is not None else None
         self.interval = interval
         self.peaks: dict[int, dict] = {}
         self._stop = threading.Event()
@@ -169,6 +185,8 @@ class _RssSampler:
                 role = "worker" if "multiprocessing" in cmdline and "spawn" in cmdline else "driver"
                 if proc.pid == self.root.pid:
                     role = "driver"
+                elif self.workers_root is not None and role != "worker":
+                    role = "other"  # the benchmark's own helpers, not part of the job
                 entry = self.peaks[proc.pid] = {"pid": proc.pid, "role": role, "peak_rss_bytes": 0}
             entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], rss)
         except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
@@ -178,6 +196,8 @@ class _RssSampler:
         while not self._stop.is_set():
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
+                if self.workers_root is not None:
+                    procs += [p for p in self.workers_root.children(recursive=True) if p.pid != self.root.pid]
             except self._psutil.NoSuchProcess:
                 return
             for proc in procs:
@@ -199,17 +219,19 @@ class _RssSampler:
 
 
 def _index(source: Path | str, *, data_dir: Path, collection: str, precision: str, backend: str | None,
-           workers: int | None, extra_env: dict[str, str]) -> dict:
+           workers: int | None, extra_env: dict[str, str], scheduler: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "embedfleet.cli", "index", str(source), "--json", "--data-dir", str(data_dir),
            "--collection", collection, "--user", USER, "--precision", precision, "--mode", "full"]
     if backend:
         cmd += ["--backend", backend]
-    if workers:
+    if scheduler:
+        cmd += ["--scheduler", scheduler]
+    elif workers:
         cmd += ["--workers", str(workers)]
-    env = {**os.environ, **extra_env}
+    env = {**CLEAN_ENV, **extra_env}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    with _RssSampler(proc.pid) as sampler:
+    with _RssSampler(proc.pid, workers_of=os.getpid() if scheduler else None) as sampler:
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
     if proc.returncode != 0:
@@ -298,6 +320,36 @@ def _preexport_onnx(data_dir: Path) -> None:
                  max_seq_length=model.max_seq_length)
 
 
+def _cold_baseline(texts: list[str], tmp: Path) -> dict:
+    """Plain sentence-transformers from a fresh interpreter: import, load, encode; the process's wall time.
+
+    The like-for-like comparison for a cold ``embedfleet index`` (its ``process_seconds``).
+    """
+    corpus = tmp / "baseline-texts.json"
+    corpus.write_text(json.dumps(texts))
+    script = (
+        "import json, sys\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        f"texts = json.load(open({str(corpus)!r}))\n"
+        f"model = SentenceTransformer({config.resolve_model_path(config.model_spec().path)!r}, device='cpu')\n"
+        "model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)\n"
+    )
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", script], check=True, env={**CLEAN_ENV, "HF_HUB_OFFLINE": "1"},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - started
+    return {"process_seconds": round(seconds, 2), "texts_per_second": round(len(texts) / seconds, 2)}
+
+
+def _warm_up(cluster_address: str, texts: list[str], tmp: Path, *, precision: str, backend: str | None) -> None:
+    """Load the variant's model on the shared cluster with a small job, as any earlier job would have."""
+    source = tmp / "warm-up"
+    source.mkdir(exist_ok=True)
+    _chunks_as_corpus(texts[:16], source)
+    _index(source / "chunks.jsonl", data_dir=tmp / "warm-up-data", collection=f"warm-{precision}-{backend or 'st'}",
+           precision=precision, backend=backend, workers=None, extra_env={}, scheduler=cluster_address)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("corpus", nargs="?", default="python-docs", help="a folder, a .jsonl file, or python-docs")
@@ -309,13 +361,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--onnx", action="store_true", help="also run --backend onnx (fp32), model exported beforehand")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--skip-cold", action="store_true", help="only the runs on a warm cluster")
+    parser.add_argument("--skip-warm", action="store_true", help="only the cold runs (each its own new cluster)")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the warm runs' cluster lives in this process
 
     from embedfleet.embedders.hardware import cpu_supports_bf16
+    from embedfleet.pipeline.cluster import connect
 
-    with tempfile.TemporaryDirectory(prefix="embedfleet-bench-") as tmp:
+    modes = [m for m, skip in (("cold", args.skip_cold), ("warm", args.skip_warm)) if not skip]
+    with tempfile.TemporaryDirectory(prefix="embedfleet-bench-") as tmp, contextlib.ExitStack() as stack:
         tmp_path = Path(tmp)
         source: str | Path = args.corpus
         if args.synthetic:
@@ -348,22 +405,38 @@ def main(argv: list[str] | None = None) -> dict:
         if args.onnx:
             variants.append(("onnx", "fp32", "onnx"))
 
+        cluster_address = None
+        if "warm" in modes:
+            # One long-lived cluster, as under the job service or `--scheduler`: each variant's
+            # model is loaded by a small job first and stays resident for the measured one.
+            client = stack.enter_context(connect(workers=args.workers, dashboard_address=":0", backend=args.backend))
+            cluster_address = client.scheduler.address
+
         baselines: list[dict] = []
+        cold_baselines: list[dict] = []
         baseline_vectors = None
-        rounds: dict[str, list[dict]] = {name: [] for name, *_ in variants}
+        rounds: dict[str, list[dict]] = {f"{name}{suffix}": [] for name, *_ in variants
+                                         for suffix in (("",) if "cold" in modes else ()) + (("_warm",) if "warm" in modes else ())}
         data_dirs: dict[str, Path] = {}
         for r in range(args.repeat):
             if not args.skip_baseline:
                 result, baseline_vectors = _baseline(texts, counts)
                 baselines.append(result)
+                if "cold" in modes:
+                    cold_baselines.append(_cold_baseline(texts, tmp_path))
             for name, precision, backend in variants:
-                data_dir = tmp_path / f"data-{name}-{r}"
-                if backend == "onnx":
-                    _preexport_onnx(data_dir)
-                run = _index(source, data_dir=data_dir, collection=f"bench-{name}", precision=precision,
-                             backend=backend, workers=args.workers, extra_env=job_env)
-                rounds[name].append(_summarise(run, chunks=len(texts), baseline=None))
-                data_dirs[name] = data_dir  # the last round's store is read back below
+                for mode in modes:
+                    key = name if mode == "cold" else f"{name}_warm"
+                    data_dir = tmp_path / f"data-{key}-{r}"
+                    if backend == "onnx":
+                        _preexport_onnx(data_dir)
+                    if mode == "warm" and r == 0:
+                        _warm_up(cluster_address, texts, tmp_path, precision=precision, backend=backend)
+                    run = _index(source, data_dir=data_dir, collection=f"bench-{name}", precision=precision,
+                                 backend=backend, workers=args.workers, extra_env=job_env,
+                                 scheduler=cluster_address if mode == "warm" else None)
+                    rounds[key].append(_summarise(run, chunks=len(texts), baseline=None))
+                    data_dirs[key] = data_dir  # the last round's store is read back below
 
         baseline = None
         if baselines:
@@ -375,28 +448,41 @@ def main(argv: list[str] | None = None) -> dict:
                 "rounds_texts_per_second": [b["texts_per_second"] for b in baselines],
             }
             report["baseline"] = baseline
-        for name, *_ in variants:
-            summary = _median_run(rounds[name])
+        if cold_baselines:
+            report["cold_baseline"] = {
+                "process_seconds": round(statistics.median(b["process_seconds"] for b in cold_baselines), 2),
+                "texts_per_second": round(statistics.median(b["texts_per_second"] for b in cold_baselines), 2),
+            }
+        for key, runs in rounds.items():
+            summary = _median_run(runs)
             if baseline:
-                label = "baseline" if name == "fp32" else "fp32_baseline"
+                label = "baseline" if key.startswith("fp32") else "fp32_baseline"
                 summary[f"ratio_e2e_to_{label}"] = round(summary["e2e_chunks_per_second"] / baseline["texts_per_second"], 3)
                 summary[f"ratio_embed_to_{label}"] = round(summary["embed_chunks_per_second"] / baseline["texts_per_second"], 3)
-            report[name] = summary
+            if cold_baselines and not key.endswith("_warm"):
+                # Whole processes: interpreter, imports, model load (and for embedfleet the cluster).
+                summary["ratio_process_to_cold_baseline"] = round(
+                    report["cold_baseline"]["process_seconds"] / summary["process_seconds"], 3)
+            report[key] = summary
 
         if args.backend in (None, "sentence-transformers"):
-            fp32 = _read_vectors(data_dirs["fp32"], "bench-fp32")
+            reference_key = "fp32" if "fp32" in data_dirs else "fp32_warm"
+            fp32 = _read_vectors(data_dirs[reference_key], "bench-fp32")
             if baseline_vectors is not None:
-                report["fp32"]["cosine_to_baseline"] = _cosines(fp32, {t: v for t, v in zip(texts, baseline_vectors)})
-            for name in ("bf16", "onnx"):
-                if name in data_dirs:
-                    report[name]["cosine_to_fp32"] = _cosines(_read_vectors(data_dirs[name], f"bench-{name}"), fp32)
+                report[reference_key]["cosine_to_baseline"] = _cosines(fp32, {t: v for t, v in zip(texts, baseline_vectors)})
+            for key in data_dirs:
+                if not key.startswith("fp32"):
+                    report[key]["cosine_to_fp32"] = _cosines(_read_vectors(data_dirs[key], f"bench-{key.split('_')[0]}"), fp32)
 
         targets = {}
-        if baseline and "fp32" in report:
-            targets["fp32_e2e_at_least_0.9x_baseline"] = report["fp32"]["ratio_e2e_to_baseline"] >= 0.9
-        if baseline and "bf16" in report and "cosine_to_fp32" in report["bf16"]:
-            targets["bf16_e2e_at_least_1.8x_fp32_baseline"] = report["bf16"]["ratio_e2e_to_fp32_baseline"] >= 1.8
-            targets["bf16_cosine_at_least_0.995_every_vector"] = report["bf16"]["cosine_to_fp32"]["min"] >= 0.995
+        for mode, suffix in (("cold", ""), ("warm", "_warm")):
+            fp32, bf16 = report.get(f"fp32{suffix}"), report.get(f"bf16{suffix}")
+            if baseline and fp32:
+                targets[f"fp32_e2e_{mode}_at_least_0.9x_baseline"] = fp32["ratio_e2e_to_baseline"] >= 0.9
+            if baseline and bf16:
+                targets[f"bf16_e2e_{mode}_at_least_1.8x_fp32_baseline"] = bf16["ratio_e2e_to_fp32_baseline"] >= 1.8
+                if "cosine_to_fp32" in bf16:
+                    targets[f"bf16_{mode}_cosine_at_least_0.995_every_vector"] = bf16["cosine_to_fp32"]["min"] >= 0.995
         report["targets"] = targets
         report["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
 

@@ -256,7 +256,7 @@ class FakeRunner:
         self.tasks_done: dict[str, int] = {}
         self.started = threading.Event()
 
-    def __call__(self, spec, *, client, priority=0, on_progress=None, before_embed=None, cancel=None):
+    def __call__(self, spec, *, client, priority=0, on_progress=None, before_embed=None, cancel=None, stream=False):
         from embedfleet.pipeline.job import JobResult, Progress
 
         with self.lock:

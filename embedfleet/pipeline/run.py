@@ -10,6 +10,8 @@ streams their writes one embedding partition at a time while the cluster keeps e
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
 import shutil
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 
 from embedfleet.config import resolve_model_path
 from embedfleet.embedders.cache import preload
-from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled, JobError
+from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled, JobError, SinkError
 from embedfleet.pipeline.cluster import embed_resources, embed_workers, worker_threads
 from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
 from embedfleet.pipeline.manifest import Manifest
@@ -61,28 +63,38 @@ class _Driver:
         if self.cancel is not None and self.cancel.is_set():
             raise JobCancelled("job cancelled")
 
-    def follow(self, futures: dict, on_done: Callable[[Any, Any], None]) -> None:
-        """Wait for ``futures`` (future -> key), calling ``on_done(key, result)`` as each finishes."""
+    def follow(self, futures: dict, on_done: Callable[[Any, Any], None], *, until: Callable[[], bool] | None = None) -> None:
+        """Wait for ``futures`` (future -> key), calling ``on_done(key, result)`` as each finishes.
+
+        Finished futures are removed from ``futures``; ``on_done`` may add new ones, which are
+        followed too. With ``until``, returns as soon as it is true, leaving the rest running
+        (the caller follows them later or cancels them).
+        """
         from distributed import wait
 
-        pending = set(futures)
         try:
-            while pending:
+            while futures and not (until is not None and until()):
                 self.check_cancel()
                 try:
                     # as_current: the job's client need not be the process's default client.
                     with self.client.as_current():
-                        done, pending = wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+                        done, _ = wait(list(futures), timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
                 except TimeoutError:
                     continue
                 for future in done:
-                    on_done(futures[future], future.result())  # re-raises the task's error
+                    key = futures.pop(future)
+                    on_done(key, future.result())  # re-raises the task's error
                     self.report()
         except BaseException:
             # Stop the rest of this stage's tasks: a cancelled or failed job must not keep the
             # cluster busy, and nothing half-done is left looking finished (outputs are atomic).
-            self.client.cancel(list(pending), force=True)
+            self.cancel_all(futures)
             raise
+
+    def cancel_all(self, futures: dict) -> None:
+        if futures:
+            self.client.cancel(list(futures), force=True)
+            futures.clear()
 
 
 def run_job(
@@ -93,12 +105,16 @@ def run_job(
     on_progress: Callable[[Progress], None] | None = None,
     before_embed: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
+    stream: bool = False,
 ) -> JobResult:
     """Run (or resume) ``spec`` on ``client``'s cluster and return its result.
 
     ``priority`` becomes the Dask priority of every task of the job. ``before_embed(n)`` is
     called once, after chunking, with the exact number of chunks about to be embedded; it
-    may raise (e.g. QuotaExceeded) to stop the job before any embedding. Setting ``cancel``
+    may raise (e.g. QuotaExceeded) to stop the job before any embedding. With ``stream``, a
+    job with nothing to diff against (a new collection, or mode ``full``) embeds each chunk
+    partition as soon as it is chunked; ``before_embed`` is then called when chunking ends,
+    and may still stop the job before anything is written. Setting ``cancel``
     cancels the job's tasks; the result then has status ``cancelled``. Other failures raise.
     """
     started = time.perf_counter()
@@ -110,7 +126,7 @@ def run_job(
     try:
         # A file-based store takes one writing process; held until the job commits.
         with exclusive_writer(spec.sink.uri):
-            _run(spec, driver, result, before_embed)
+            _run(spec, driver, result, before_embed, stream)
     except JobCancelled:
         result.status = "cancelled"
         logger.info("job %s cancelled", spec.job_id)
@@ -124,7 +140,7 @@ def run_job(
     return result
 
 
-def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> None:
+def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream: bool) -> None:
     from embedfleet.datasets import plan_partitions, read_documents
     from embedfleet.tasks.chunking import reserved_tokens, validate_for_model
 
@@ -144,22 +160,16 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
     write_json_atomic(json_spec(spec), job_dir / "spec.json")
 
     # The model guard runs before any work: a collection made by another model is refused
-    # now, not after an hour of embedding.
+    # now, not after an hour of embedding. Opening a store takes a while (Chroma starts its
+    # engine), so it runs beside the submission of the chunking tasks.
     collection_name = physical_name(spec.user, spec.collection)
     info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric, precision=warm.precision())
-    sink = open_sink(spec.sink)
-    try:
-        sink.open(collection_name, info=info, create=True)
-        single_writer = sink.single_writer
-    finally:
-        if not sink.single_writer:
-            sink.close()
+    opening = _in_thread(_open_sink, spec.sink, collection_name, info)
     manifest = Manifest(spec.data_dir, spec.sink.uri, collection_name)
 
-    # --- read + chunk ----------------------------------------------------------------
+    # --- read + chunk (and, when streaming, embed) ---------------------------------------
     plan = plan_partitions(spec.source)
     _check_plan_unchanged(plan, job_dir)
-    documents = read_documents(spec.source, plan=plan)
     chunk_paths = [str(dirs["chunks"] / f"part-{i:05d}.parquet") for i in range(len(plan))]
     progress.partitions_total = len(plan)
     todo = [i for i, path in enumerate(chunk_paths) if not is_done(path)]
@@ -175,124 +185,102 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
         count_chunks(stats)
     progress.stage = "chunking"
     driver.report()
-    if todo:
-        from dask import delayed
 
-        parts = documents.to_delayed()
-        tasks = [
-            delayed(stages.chunk_stage, pure=False)(
-                parts[i],
-                out_path=chunk_paths[i],
-                chunk=spec.chunk,
-                model_path=model_path,
-                max_tokens=max_tokens,
-                on_error=spec.on_error,
-                dask_key_name=f"chunk-{spec.job_id}-{i}",
-            )
-            for i in todo
-        ]
-        futures = client.compute(tasks, priority=driver.priority, retries=TASK_RETRIES)
-
-        def chunked(i: int, stats: dict) -> None:
-            chunk_stats[i] = stats
-            count_chunks(stats)
-
-        driver.follow(dict(zip(futures, todo)), chunked)
-    result.skipped_documents = [
-        SkippedDocument(**s) for i in sorted(chunk_stats) for s in chunk_stats[i]["skipped_documents"]
-    ]
-    non_empty = [p for i, p in enumerate(chunk_paths) if chunk_stats[i]["chunks"]]
-    _check_duplicates(driver, non_empty, job_dir)
-
-    # --- diff against the manifest ----------------------------------------------------
-    embed_inputs, stale_paths = _diff(spec, driver, manifest, non_empty, job_dir)
-    to_embed = sum(pq.ParquetFile(p).metadata.num_rows for p in embed_inputs)
     resources = embed_resources(client)
-    rows_per_slice = _rows_per_slice(job_dir, to_embed, spec.chunks_per_partition, embed_workers(client, resources))
-    slices = list(_slices(embed_inputs, rows_per_slice))
-    out_paths = [str(dirs["embeddings"] / f"e-{fi:05d}-{si:04d}.parquet") for fi, si, *_ in slices]
-    # A resumed job asks (and is charged) only for what is left: the partitions an earlier run
-    # of it embedded were charged then; asking for them again could refuse the resume on quota.
-    left = to_embed - sum(read_json(sidecar(p))["rows"] for p in out_paths if is_done(p))
-    progress.chunks_to_embed = left
-    progress.skipped = progress.chunks - to_embed
-    if before_embed is not None:
-        before_embed(left)
-    driver.check_cancel()
-
-    # --- embed + write ----------------------------------------------------------------
-    progress.stage = "embedding"
     embedder = spec.embedder
     if embedder.threads is None:
         embedder = dataclasses.replace(embedder, threads=worker_threads(client, resources))
-    progress.partitions_total, progress.partitions_done = len(slices), 0
-    driver.report()
-    embed_totals = {"real": 0, "padded": 0, "seconds": 0.0}
-    precisions: set[str] = set()
+    futures: dict = {}  # every running task of the job -> (kind, index)
+    embedding = _Embedding(spec, driver, futures, embedder=embedder, resources=resources, dirs=dirs,
+                           collection=collection_name, info=info, workers=embed_workers(client, resources))
+    try:
+        if todo:
+            from dask import delayed
 
-    def embedded(stats: dict) -> None:
-        progress.embedded += stats["rows"]
-        progress.tokens += stats["real_tokens"]
-        embed_totals["real"] += stats["real_tokens"]
-        embed_totals["padded"] += stats["padded_tokens"]
-        precisions.add(stats["precision"])
-        progress.partitions_done += 1
+            parts = read_documents(spec.source, plan=plan).to_delayed()
+            tasks = [
+                delayed(stages.chunk_stage, pure=False)(
+                    parts[i],
+                    out_path=chunk_paths[i],
+                    chunk=spec.chunk,
+                    model_path=model_path,
+                    max_tokens=max_tokens,
+                    on_error=spec.on_error,
+                    dask_key_name=f"chunk-{spec.job_id}-{i}",
+                )
+                for i in todo
+            ]
+            for future, i in zip(client.compute(tasks, priority=driver.priority, retries=TASK_RETRIES), todo):
+                futures[future] = ("chunk", i)
+        embedding.single_writer = opening.result()
 
-    already = [k for k, p in enumerate(out_paths) if is_done(p)]
-    for k in already:
-        stats = read_json(sidecar(out_paths[k]))
-        # Embedded by an earlier, interrupted run of this job: not embedded (nor charged) again.
-        progress.partitions_done += 1
-        precisions.add(stats["precision"])
-    embed_started = time.perf_counter()
-    write_kwargs = dict(sink=spec.sink, collection=collection_name, info=info, retry=spec.retry)
-    markers = [str(dirs["written"] / (Path(p).name + ".json")) for p in out_paths]
+        # With nothing to diff against (a new collection, or mode full) every chunk is
+        # embedded, so each chunk partition is embedded as soon as it exists instead of after
+        # the whole source is chunked. Not when an exact quota check must come first.
+        streaming = stream and (spec.mode == "full" or not manifest.files())
 
-    def write_locally(k: int) -> None:
-        progress.stage = "writing" if progress.partitions_done == len(slices) else progress.stage
-        progress.written += stages.write_stage(out_paths[k], marker=markers[k], **write_kwargs)
+        def stream_embed(i: int) -> None:
+            if not chunk_stats[i]["chunks"]:
+                return
+            if embedding.rows_per_slice is None:
+                known = [s["chunks"] for s in chunk_stats.values()]
+                embedding.plan(round(sum(known) / len(known) * len(plan)))
+            embedding.add(chunk_paths[i])
 
-    pending_embed = [k for k in range(len(slices)) if k not in set(already)]
-    embed_futures = {
-        client.submit(
-            stages.embed_stage,
-            slices[k][2],
-            slices[k][3],
-            slices[k][4],
-            out_path=out_paths[k],
-            embedder=embedder,
-            key=f"embed-{spec.job_id}-{k}",
-            priority=driver.priority,
-            retries=TASK_RETRIES,
-            resources=resources,
-            pure=False,
-        ): k
-        for k in pending_embed
-    }
-    write_futures: dict = {}
+        if streaming:
+            for i in sorted(chunk_stats):
+                stream_embed(i)
 
-    def after_embed(k: int, stats: dict) -> None:
-        embedded(stats)
-        if single_writer:
-            write_locally(k)
-        else:
-            write_futures[_submit_write(client, driver, out_paths[k], markers[k], write_kwargs, spec.job_id, k)] = k
+        def on_done(key: tuple[str, int], value: Any) -> None:
+            kind, i = key
+            if kind == "chunk":
+                chunk_stats[i] = value
+                count_chunks(value)
+                if streaming:
+                    stream_embed(i)
+            else:
+                embedding.finished(kind, i, value)
 
-    # Partitions embedded by an earlier run may still need writing.
-    for k in already:
-        if single_writer:
-            write_locally(k)
-        else:
-            write_futures[_submit_write(client, driver, out_paths[k], markers[k], write_kwargs, spec.job_id, k)] = k
-    driver.follow(embed_futures, after_embed)
-    result.embed_seconds = time.perf_counter() - embed_started
-    if write_futures:
-        progress.stage = "writing"
+        driver.follow(futures, on_done, until=lambda: len(chunk_stats) == len(plan))
+        result.skipped_documents = [
+            SkippedDocument(**s) for i in sorted(chunk_stats) for s in chunk_stats[i]["skipped_documents"]
+        ]
+        non_empty = [p for i, p in enumerate(chunk_paths) if chunk_stats[i]["chunks"]]
+        _check_duplicates(driver, non_empty, job_dir)
 
-        def written(_k: int, n: int) -> None:
-            progress.written += n
+        # --- diff against the manifest --------------------------------------------------
+        # (Streaming only happens when the diff embeds everything: it just finds stale chunks.)
+        embed_inputs, stale_paths = _diff(spec, driver, manifest, non_empty, job_dir)
+        to_embed = sum(pq.ParquetFile(p).metadata.num_rows for p in embed_inputs)
+        if embedding.rows_per_slice is None:
+            embedding.plan(to_embed)
+        # A resumed job asks (and is charged) only for what is left: the partitions an
+        # earlier run of it embedded were charged then; asking for them again could refuse
+        # the resume on quota.
+        left = to_embed - embedding.rows_embedded_earlier(embed_inputs)
+        progress.chunks_to_embed = left
+        progress.skipped = progress.chunks - to_embed
+        if before_embed is not None:
+            before_embed(left)
+        driver.check_cancel()
 
-        driver.follow(write_futures, written)
+        # --- embed + write --------------------------------------------------------------
+        if not streaming:
+            for path in embed_inputs:
+                embedding.add(path)
+        progress.stage = "embedding"
+        progress.partitions_total, progress.partitions_done = embedding.partitions, embedding.partitions_done
+        embedding.open_writes()
+        driver.report()
+        driver.follow(futures, on_done)
+    except BaseException:
+        driver.cancel_all(futures)
+        raise
+    embedding.summarise(result)
+    if embedding.write_error is not None:
+        raise embedding.write_error
+    write_kwargs = embedding.write_kwargs
+    single_writer = embedding.single_writer
 
     # --- delete stale chunks, then commit the manifest ---------------------------------
     progress.stage = "committing"
@@ -322,18 +310,196 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed) -> Non
     progress.stage = "done"
     driver.report()
 
-    result.padding_efficiency = embed_totals["real"] / embed_totals["padded"] if embed_totals["padded"] else None
-    result.precision = ",".join(sorted(precisions)) or None
-    if result.embed_seconds > 0 and progress.embedded:
-        result.tokens_per_second = embed_totals["real"] / result.embed_seconds
-        result.chunks_per_second = progress.embedded / result.embed_seconds
+
+def _write_partition(embeddings_path: str, **kwargs: Any) -> int | SinkError:
+    """:func:`stages.write_stage`, with the store's final error returned instead of raised.
+
+    The driver records it and lets embedding finish before failing the job.
+    """
+    try:
+        return stages.write_stage(embeddings_path, **kwargs)
+    except SinkError as exc:
+        return exc
 
 
-def _submit_write(client, driver: _Driver, path: str, marker: str, write_kwargs: dict, job_id: str, k: int):
-    return client.submit(
-        stages.write_stage, path, marker=marker, key=f"write-{job_id}-{k}", priority=driver.priority, pure=False,
-        **write_kwargs,
-    )
+def _open_sink(sink_spec, collection: str, info: CollectionInfo) -> bool:
+    """Open (creating) the job's collection, checking its model; whether the store takes a single writer.
+
+    A single-writer store stays open: this process writes to it for the rest of the job.
+    """
+    sink = open_sink(sink_spec)
+    try:
+        sink.open(collection, info=info, create=True)
+        return sink.single_writer
+    finally:
+        if not sink.single_writer:
+            sink.close()
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="embedfleet-open-sink", daemon=True).start()
+    return future
+
+
+class _Embedding:
+    """A job's embedding partitions and their writes, submitted as their inputs become known.
+
+    Inputs are chunk Parquet files (or the diff's); each is cut into slices of
+    ``rows_per_slice`` rows, one embed task per slice, named after the input and slice index
+    so a resumed job recognises what an earlier run embedded. Writes wait until
+    :meth:`open_writes`: a streaming job embeds while it is still chunking, but nothing reaches
+    the store before the source passed its checks (duplicates, quota).
+    """
+
+    def __init__(self, spec: JobSpec, driver: _Driver, futures: dict, *, embedder, resources, dirs: dict,
+                 collection: str, info: CollectionInfo, workers: int):
+        self.spec, self.driver, self.futures = spec, driver, futures
+        self.embedder, self.resources, self.dirs, self.workers = embedder, resources, dirs, workers
+        self.write_kwargs = dict(sink=spec.sink, collection=collection, info=info, retry=spec.retry)
+        self.single_writer = False
+        self.rows_per_slice: int | None = None
+        self.out_paths: list[str] = []
+        self.partitions_done = 0
+        self.writes_open = False
+        self.unwritten: list[int] = []
+        self.started: float | None = None
+        self.last_embedded: float | None = None
+        self.real_tokens = self.padded_tokens = 0
+        self.precisions: set[str] = set()
+        self._this_run: set[int] = set()  # partitions embedded by this run, not an earlier one
+        self.waiting: collections.deque = collections.deque()  # (k, input, start, stop) not yet submitted
+        self.running = 0
+        self.in_flight = 2 * workers
+        self.write_error: SinkError | None = None
+
+    @property
+    def partitions(self) -> int:
+        return len(self.out_paths)
+
+    def plan(self, expected_rows: int) -> None:
+        self.rows_per_slice = _rows_per_slice(Path(self.spec.job_dir), expected_rows, self.spec.chunks_per_partition,
+                                              self.workers)
+
+    def _slices(self, path: str) -> list[tuple[str, int, int]]:
+        rows = pq.ParquetFile(path).metadata.num_rows
+        stem = Path(path).stem
+        return [
+            (str(self.dirs["embeddings"] / f"e-{stem}-{si:04d}.parquet"), start, min(rows, start + self.rows_per_slice))
+            for si, start in enumerate(range(0, rows, self.rows_per_slice))
+        ]
+
+    def rows_embedded_earlier(self, paths: Iterable[str]) -> int:
+        """Rows of ``paths`` embedded by an earlier, interrupted run of this job (not in this run)."""
+        mine = set(self.out_paths[k] for k in self._this_run)
+        return sum(
+            read_json(sidecar(out))["rows"] for path in paths for out, *_ in self._slices(path) if is_done(out) and out not in mine
+        )
+
+    def add(self, path: str) -> None:
+        """Embed ``path``'s slices (those not embedded by an earlier run) and write them when allowed."""
+        for out_path, start, stop in self._slices(path):
+            k = len(self.out_paths)
+            self.out_paths.append(out_path)
+            if is_done(out_path):
+                # Embedded by an earlier, interrupted run of this job: not embedded (nor charged)
+                # again, but maybe not yet written.
+                self.precisions.add(read_json(sidecar(out_path))["precision"])
+                self.partitions_done += 1
+                self._write(k)
+                continue
+            self._this_run.add(k)
+            self.waiting.append((k, path, start, stop))
+        self._submit()
+
+    def _submit(self) -> None:
+        """Keep ``in_flight`` embedding tasks on the cluster, no more.
+
+        One running and one queued per embedding worker keeps every worker busy. Submitting
+        all of them at once would not be faster, and would starve the job's other work: the
+        scheduler holds back tasks without dependencies (reading, chunking, the duplicate
+        check) from a worker whose slots are taken by tasks waiting for its embed slot.
+        """
+        while self.waiting and self.running < self.in_flight:
+            k, path, start, stop = self.waiting.popleft()
+            if self.started is None:
+                self.started = time.perf_counter()
+            future = self.driver.client.submit(
+                stages.embed_stage, path, start, stop, out_path=self.out_paths[k], embedder=self.embedder,
+                key=f"embed-{self.spec.job_id}-{Path(self.out_paths[k]).stem}", priority=self.driver.priority,
+                retries=TASK_RETRIES, resources=self.resources, pure=False,
+            )
+            self.futures[future] = ("embed", k)
+            self.running += 1
+
+    def finished(self, kind: str, k: int, value: Any) -> None:
+        progress = self.driver.progress
+        if kind == "write":
+            if isinstance(value, SinkError):
+                # The store gave up (after its retries). Embedding goes on, so what the job
+                # paid the most for is on disk and a resume only writes; the job fails at the end.
+                if self.write_error is None:
+                    logger.error("job %s: %s; embedding continues, writes stop", self.spec.job_id, value)
+                    self.write_error = value
+                return
+            progress.written += value
+            return
+        self.running -= 1
+        self._submit()
+        progress.embedded += value["rows"]
+        progress.tokens += value["real_tokens"]
+        self.real_tokens += value["real_tokens"]
+        self.padded_tokens += value["padded_tokens"]
+        self.precisions.add(value["precision"])
+        self.partitions_done += 1
+        if progress.stage in ("embedding", "writing"):
+            progress.partitions_done = self.partitions_done
+            if self.partitions_done == self.partitions:
+                progress.stage = "writing"  # what is left of the job is writes
+        self.last_embedded = time.perf_counter()
+        self._write(k)
+
+    def open_writes(self) -> None:
+        self.writes_open = True
+        waiting, self.unwritten = self.unwritten, []
+        for k in waiting:
+            self._write(k)
+
+    def _write(self, k: int) -> None:
+        if self.write_error is not None:
+            return  # the store is failing: keep embedding, write nothing more (a resume writes)
+        if not self.writes_open:
+            self.unwritten.append(k)
+            return
+        out_path = self.out_paths[k]
+        marker = str(self.dirs["written"] / (Path(out_path).name + ".json"))
+        if self.single_writer:
+            # An embedded store has one writer, this process: the write happens here, between
+            # embedding partitions that keep running on the cluster.
+            self.finished("write", k, _write_partition(out_path, marker=marker, **self.write_kwargs))
+            return
+        future = self.driver.client.submit(
+            _write_partition, out_path, marker=marker, key=f"write-{self.spec.job_id}-{k}",
+            priority=self.driver.priority, pure=False, **self.write_kwargs,
+        )
+        self.futures[future] = ("write", k)
+
+    def summarise(self, result: JobResult) -> None:
+        progress = self.driver.progress
+        if self.started is not None and self.last_embedded is not None:
+            result.embed_seconds = self.last_embedded - self.started
+        result.padding_efficiency = self.real_tokens / self.padded_tokens if self.padded_tokens else None
+        result.precision = ",".join(sorted(self.precisions)) or None
+        if result.embed_seconds > 0 and progress.embedded:
+            result.tokens_per_second = self.real_tokens / result.embed_seconds
+            result.chunks_per_second = progress.embedded / result.embed_seconds
 
 
 def json_spec(spec: JobSpec) -> dict:
@@ -363,14 +529,6 @@ def _rows_per_slice(job_dir: Path, to_embed: int, most: int, workers: int) -> in
     rows = max(1, min(most, max(MIN_ROWS_PER_SLICE, target)))
     write_json_atomic({"rows_per_slice": rows}, recorded)
     return rows
-
-
-def _slices(paths: Iterable[str], rows_per_slice: int):
-    """(file index, slice index, path, row start, row stop): embed partitions of at most ``rows_per_slice``."""
-    for fi, path in enumerate(paths):
-        rows = pq.ParquetFile(path).metadata.num_rows
-        for si, start in enumerate(range(0, rows, rows_per_slice)):
-            yield fi, si, path, start, min(rows, start + rows_per_slice)
 
 
 def _check_plan_unchanged(plan: list, job_dir: Path) -> None:

@@ -196,6 +196,9 @@ class JobExecution:
                 on_progress=self._on_progress,
                 before_embed=self._before_embed,
                 cancel=self.cancel_event,
+                # Without a daily quota, nothing needs the exact chunk count before embedding
+                # starts, so the run may embed while it chunks.
+                stream=self.service.quota(self.claim.owner).daily_limit is None,
             )
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised or logged
             error = exc
