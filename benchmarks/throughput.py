@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the warm runs' cluster lives in this process
 
     from embedfleet.embedders.hardware import cpu_supports_bf16
-    from embedfleet.pipeline.cluster import connect
+    from embedfleet.pipeline.cluster import connect, local_layout
 
     modes = [m for m, skip in (("cold", args.skip_cold), ("warm", args.skip_warm)) if not skip]
     with tempfile.TemporaryDirectory(prefix="embedfleet-bench-") as tmp, contextlib.ExitStack() as stack:
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "load_average_1m": round(os.getloadavg()[0], 2)},
             "config": {"batch_tokens": config.get("embed.batch-tokens") or "auto",
                        "chunks_per_partition": config.get("embed.chunks-per-partition"),
-                       "workers": args.workers or config.get("cluster.workers") or 1,
+                       "workers_and_threads": local_layout(workers=args.workers),
                        "repeat": args.repeat},
         }
         variants = [("fp32", "fp32", args.backend)]

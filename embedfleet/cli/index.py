@@ -54,7 +54,7 @@ class _ProgressBar:
 @click.option("--backend", default=None, help="Embedder backend: sentence-transformers (default) or onnx.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="With --backend onnx: dynamic int8 weights (faster on CPU, less exact; opt-in, its measured cosine to fp32 is printed).")
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Use an existing Dask scheduler, e.g. tcp://10.0.0.5:8786.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes of the local cluster (default 1, using every core).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes of the local cluster (default one per core, up to 8).")
 @click.option("--gpu", is_flag=True, default=None, help="Start a dask_cuda.LocalCUDACluster (pip install 'embedfleet[gpu]').")
 @user_option
 @data_dir_option

@@ -162,16 +162,12 @@ def preload(client, spec: EmbedderSpec, *, priority: int = 0) -> Preload:
     slot (they only fill the cache the embed tasks then find warm) and are pinned one per
     eligible worker. Errors surface in the embed tasks (or in :meth:`Preload.precision`).
     """
-    from embedfleet.pipeline.cluster import embed_resources, worker_threads
+    from embedfleet.pipeline.cluster import embed_resources, embed_workers, worker_threads
 
     resources = embed_resources(client)
     if spec.threads is None:
         spec = dataclasses.replace(spec, threads=worker_threads(client, resources))
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    eligible = [
-        address for address, w in workers.items()
-        if not resources or all((w.get("resources") or {}).get(k) for k in resources)
-    ]
+    eligible = embed_workers(client, resources)
     token = uuid.uuid4().hex[:8]
     futures = [
         client.submit(_preload_task, spec, key=f"preload-model-{token}-{i}", workers=[address],

@@ -12,11 +12,15 @@ from embedfleet.errors import BackendUnavailableError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["connect", "embed_resources", "worker_threads", "EMBED_SLOT"]
+__all__ = ["connect", "local_layout", "embed_resources", "embed_workers", "worker_threads", "EMBED_SLOT"]
 
 #: A resource each LocalCluster worker advertises once, so a worker runs one embedding task
-#: at a time (using all its cores through torch) while its other threads read and chunk.
+#: at a time while its one other thread reads, chunks and runs the job's checks: torch gets
+#: all the worker's threads but that one (:func:`worker_threads`).
 EMBED_SLOT = "embed-slot"
+#: Worker processes a default LocalCluster starts at most (one per core up to this): each
+#: holds its own copy of the model.
+MAX_AUTO_WORKERS = 8
 
 
 def _cores() -> int:
@@ -42,9 +46,17 @@ def connect(
     A local cluster's workers start importing the embedding backend (``backend``, else the
     configured one or ``model``'s) as they start: see :mod:`embedfleet.embedders.warm`.
 
-    The default LocalCluster on an N-core machine is one worker process with N threads:
-    one resident model that uses every core, instead of N models each using one core
-    (measured ~0.78x of plain sentence-transformers on 2 cores with 2 single-thread workers).
+    The default LocalCluster on an N-core machine is one worker process per core, up to
+    :data:`MAX_AUTO_WORKERS` (then the cores are shared out), each with one thread for
+    torch and one more for the job's light tasks, so that reading, chunking and the
+    duplicate check never wait behind a multi-second embedding task. A small
+    encoder's matmuls are too short for torch's intra-op threads to scale: on 2 cores,
+    all-MiniLM-L6-v2 embeds 1.16x (fp32) to 1.19x (bf16) faster as two one-thread processes
+    than as one two-thread process, and a process interrupted by other work (chunking, a
+    store write) slows alone instead of stalling its sibling thread at every op's barrier.
+    The cost is one resident model per process, hence the cap. (An early measurement of
+    two one-thread workers at 0.78x was made before the worker's allocator was tuned,
+    :func:`embedfleet.embedders.hardware.tune_allocator`.)
     """
     from distributed import Client, LocalCluster
 
@@ -59,8 +71,7 @@ def connect(
         return
 
     use_gpu = config.get("cluster.gpu") if gpu is None else gpu
-    n_workers = workers or config.get("cluster.workers") or 1
-    threads = threads_per_worker or config.get("cluster.threads-per-worker") or max(1, _cores() // n_workers)
+    n_workers, threads = local_layout(workers=workers, threads_per_worker=threads_per_worker)
     dashboard = dashboard_address if dashboard_address is not None else config.get("cluster.dashboard-address")
     memory_limit = config.get("cluster.memory-limit")
     if n_workers < 1 or threads < 1:
@@ -98,6 +109,20 @@ def connect(
         cluster.close()
 
 
+def local_layout(*, workers: int | None = None, threads_per_worker: int | None = None,
+                 cores: int | None = None) -> tuple[int, int]:
+    """(worker processes, threads per worker) of the LocalCluster embedfleet starts.
+
+    Arguments win over ``embedfleet.cluster.*`` config, which wins over the default: one
+    worker per core up to :data:`MAX_AUTO_WORKERS`, each with its share of the cores for
+    torch plus one thread for the job's light tasks (see :func:`connect`).
+    """
+    cores = cores or _cores()
+    n_workers = workers or config.get("cluster.workers") or max(1, min(cores, MAX_AUTO_WORKERS))
+    threads = threads_per_worker or config.get("cluster.threads-per-worker") or max(1, cores // n_workers) + 1
+    return n_workers, threads
+
+
 def embed_resources(client) -> dict[str, float] | None:
     """The resources embedding tasks ask for on this cluster.
 
@@ -114,19 +139,30 @@ def embed_resources(client) -> dict[str, float] | None:
     return None
 
 
-def _eligible(client, resources: dict[str, float] | None) -> list[dict]:
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return [w for w in workers if not resources or all((w.get("resources") or {}).get(k) for k in resources)]
+def _eligible(client, resources: dict[str, float] | None) -> dict[str, dict]:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return {address: w for address, w in workers.items()
+            if not resources or all((w.get("resources") or {}).get(k) for k in resources)}
 
 
-def embed_workers(client, resources: dict[str, float] | None) -> int:
-    """How many workers can run embedding tasks at once."""
-    return max(1, len(_eligible(client, resources)))
+def embed_workers(client, resources: dict[str, float] | None) -> list[str]:
+    """Addresses of the workers that can run embedding tasks."""
+    return sorted(_eligible(client, resources))
 
 
 def worker_threads(client, resources: dict[str, float] | None) -> int | None:
-    """Threads torch should use on an embedding worker: the threads the worker was given."""
-    eligible = _eligible(client, resources)
+    """Threads torch should use on an embedding worker.
+
+    The threads the worker was given, less one on a worker with an embed slot: that thread
+    is the one that runs the rest of the job beside the worker's single embedding task.
+    """
+    eligible = _eligible(client, resources).values()
     if not eligible:
         return None
-    return max(1, min(int(w.get("nthreads", 1)) for w in eligible))
+
+    def for_torch(w: dict) -> int:
+        threads = int(w.get("nthreads", 1))
+        spare = 1 if (w.get("resources") or {}).get(EMBED_SLOT) and threads > 1 else 0
+        return threads - spare
+
+    return max(1, min(for_torch(w) for w in eligible))

@@ -10,9 +10,9 @@ streams their writes one embedding partition at a time while the cluster keeps e
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
+import heapq
 import logging
 import shutil
 import threading
@@ -43,6 +43,10 @@ __all__ = ["run_job"]
 # Task retries for worker-side errors (a worker lost mid-task is rescheduled by Dask anyway).
 TASK_RETRIES = 2
 POLL_SECONDS = 0.2
+#: Embedding tasks kept on each embedding worker: one running, one queued behind it.
+TASKS_PER_EMBED_WORKER = 2
+#: How often a job looks for embedding workers that joined or left the cluster.
+WORKERS_REFRESH_SECONDS = 5.0
 
 
 class _Driver:
@@ -54,6 +58,10 @@ class _Driver:
         self.cancel = cancel
         self.on_progress = on_progress
         self.progress = progress
+        #: The job's long-running futures (embedding, writes) and their handler, followed too
+        #: while the driver waits for something else (the duplicate check, the diff), so
+        #: finished embedding tasks are replaced at once instead of after that wait.
+        self.background: tuple[dict, Callable[[Any, Any], None]] | None = None
 
     def report(self) -> None:
         if self.on_progress is not None:
@@ -72,18 +80,23 @@ class _Driver:
         """
         from distributed import wait
 
+        background, on_background = self.background or ({}, None)
+        if background is futures:
+            background = {}
         try:
             while futures and not (until is not None and until()):
                 self.check_cancel()
                 try:
                     # as_current: the job's client need not be the process's default client.
                     with self.client.as_current():
-                        done, _ = wait(list(futures), timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+                        done, _ = wait([*futures, *background], timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
                 except TimeoutError:
                     continue
                 for future in done:
-                    key = futures.pop(future)
-                    on_done(key, future.result())  # re-raises the task's error
+                    if future in futures:
+                        on_done(futures.pop(future), future.result())  # re-raises the task's error
+                    elif future in background:
+                        on_background(background.pop(future), future.result())
                     self.report()
         except BaseException:
             # Stop the rest of this stage's tasks: a cancelled or failed job must not keep the
@@ -141,7 +154,7 @@ def run_job(
 
 
 def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream: bool) -> None:
-    from embedfleet.datasets import plan_partitions, read_documents
+    from embedfleet.datasets import plan_partitions, read_partition
     from embedfleet.tasks.chunking import reserved_tokens, validate_for_model
 
     client, progress = driver.client, driver.progress
@@ -197,10 +210,12 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
         if todo:
             from dask import delayed
 
-            parts = read_documents(spec.source, plan=plan).to_delayed()
+            # Plain tasks, not a dask dataframe: building and optimising a dataframe graph
+            # cost the driver ~0.5 s per job, and the documents stay Arrow tables end to end.
             tasks = [
                 delayed(stages.chunk_stage, pure=False)(
-                    parts[i],
+                    delayed(read_partition, pure=False)(spec.source, plan[i],
+                                                        dask_key_name=f"read-{spec.job_id}-{i}"),
                     out_path=chunk_paths[i],
                     chunk=spec.chunk,
                     model_path=model_path,
@@ -212,7 +227,6 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
             ]
             for future, i in zip(client.compute(tasks, priority=driver.priority, retries=TASK_RETRIES), todo):
                 futures[future] = ("chunk", i)
-        embedding.single_writer = opening.result()
 
         # With nothing to diff against (a new collection, or mode full) every chunk is
         # embedded, so each chunk partition is embedded as soon as it exists instead of after
@@ -233,6 +247,8 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
 
         def on_done(key: tuple[str, int], value: Any) -> None:
             kind, i = key
+            if opening.done():
+                opening.result()  # a refused collection stops the job now, not when writes open
             if kind == "chunk":
                 chunk_stats[i] = value
                 count_chunks(value)
@@ -246,11 +262,14 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
             SkippedDocument(**s) for i in sorted(chunk_stats) for s in chunk_stats[i]["skipped_documents"]
         ]
         non_empty = [p for i, p in enumerate(chunk_paths) if chunk_stats[i]["chunks"]]
-        _check_duplicates(driver, non_empty, job_dir)
+        driver.background = (futures, on_done)  # streamed embedding goes on meanwhile
+        if spec.source.id_column is not None:
+            _check_duplicates(driver, non_empty, job_dir)
 
         # --- diff against the manifest --------------------------------------------------
         # (Streaming only happens when the diff embeds everything: it just finds stale chunks.)
         embed_inputs, stale_paths = _diff(spec, driver, manifest, non_empty, job_dir)
+        driver.background = None
         to_embed = sum(pq.ParquetFile(p).metadata.num_rows for p in embed_inputs)
         if embedding.rows_per_slice is None:
             embedding.plan(to_embed)
@@ -270,6 +289,7 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
                 embedding.add(path)
         progress.stage = "embedding"
         progress.partitions_total, progress.partitions_done = embedding.partitions, embedding.partitions_done
+        embedding.single_writer = opening.result()
         embedding.open_writes()
         driver.report()
         driver.follow(futures, on_done)
@@ -360,7 +380,7 @@ class _Embedding:
     """
 
     def __init__(self, spec: JobSpec, driver: _Driver, futures: dict, *, embedder, resources, dirs: dict,
-                 collection: str, info: CollectionInfo, workers: int):
+                 collection: str, info: CollectionInfo, workers: list[str]):
         self.spec, self.driver, self.futures = spec, driver, futures
         self.embedder, self.resources, self.dirs, self.workers = embedder, resources, dirs, workers
         self.write_kwargs = dict(sink=spec.sink, collection=collection, info=info, retry=spec.retry)
@@ -375,9 +395,13 @@ class _Embedding:
         self.real_tokens = self.padded_tokens = 0
         self.precisions: set[str] = set()
         self._this_run: set[int] = set()  # partitions embedded by this run, not an earlier one
-        self.waiting: collections.deque = collections.deque()  # (k, input, start, stop) not yet submitted
-        self.running = 0
-        self.in_flight = 2 * workers
+        self.waiting: list[tuple[int, int, str, int, int]] = []  # heap of (-rows, k, input, start, stop)
+        # Embedding tasks assigned to each embedding worker and not finished yet; None stands
+        # for "any worker" on a cluster that has none yet (one scaling up from zero).
+        self.assigned: dict[str | None, int] = {}
+        self.assigned_to: dict[int, str | None] = {}
+        self._workers_seen = 0.0
+        self._track_workers(workers)
         self.write_error: SinkError | None = None
 
     @property
@@ -386,7 +410,7 @@ class _Embedding:
 
     def plan(self, expected_rows: int) -> None:
         self.rows_per_slice = _rows_per_slice(Path(self.spec.job_dir), expected_rows, self.spec.chunks_per_partition,
-                                              self.workers)
+                                              max(1, len(self.workers)))
 
     def _slices(self, path: str) -> list[tuple[str, int, int]]:
         rows = pq.ParquetFile(path).metadata.num_rows
@@ -416,28 +440,45 @@ class _Embedding:
                 self._write(k)
                 continue
             self._this_run.add(k)
-            self.waiting.append((k, path, start, stop))
+            heapq.heappush(self.waiting, (start - stop, k, path, start, stop))
         self._submit()
 
     def _submit(self) -> None:
-        """Keep ``in_flight`` embedding tasks on the cluster, no more.
+        """Keep one embedding task running and one queued on every embedding worker, no more.
 
-        One running and one queued per embedding worker keeps every worker busy. Submitting
-        all of them at once would not be faster, and would starve the job's other work: the
-        scheduler holds back tasks without dependencies (reading, chunking, the duplicate
-        check) from a worker whose slots are taken by tasks waiting for its embed slot.
+        Submitting all of them at once would not be faster, and would starve the job's other
+        work: the scheduler holds back tasks without dependencies (reading, chunking, the
+        duplicate check) from a worker whose slots are taken by tasks waiting for its embed
+        slot. Each task goes to the worker with the fewest unfinished ones (a loose
+        restriction: if that worker dies the task runs elsewhere); left to itself the
+        scheduler placed both queued tasks on one worker while the other sat idle. The
+        biggest slices go first, so the job does not end waiting on one worker's last big slice.
         """
-        while self.waiting and self.running < self.in_flight:
-            k, path, start, stop = self.waiting.popleft()
+        if self.waiting and time.monotonic() - self._workers_seen > WORKERS_REFRESH_SECONDS:
+            self._track_workers(embed_workers(self.driver.client, self.resources))
+        while self.waiting:
+            worker = min(self.assigned, key=self.assigned.__getitem__)
+            if self.assigned[worker] >= TASKS_PER_EMBED_WORKER:
+                return
+            _, k, path, start, stop = heapq.heappop(self.waiting)
             if self.started is None:
                 self.started = time.perf_counter()
             future = self.driver.client.submit(
                 stages.embed_stage, path, start, stop, out_path=self.out_paths[k], embedder=self.embedder,
                 key=f"embed-{self.spec.job_id}-{Path(self.out_paths[k]).stem}", priority=self.driver.priority,
-                retries=TASK_RETRIES, resources=self.resources, pure=False,
+                retries=TASK_RETRIES, resources=self.resources, workers=[worker] if worker else None,
+                allow_other_workers=bool(worker), pure=False,
             )
             self.futures[future] = ("embed", k)
-            self.running += 1
+            self.assigned[worker] += 1
+            self.assigned_to[k] = worker
+
+    def _track_workers(self, workers: list[str]) -> None:
+        """Follow the cluster's embedding workers as they come and go (adaptive clusters)."""
+        current = set(workers) or {None}
+        self.assigned = {w: self.assigned.get(w, 0) for w in current}
+        self.workers = sorted(w for w in current if w)
+        self._workers_seen = time.monotonic()
 
     def finished(self, kind: str, k: int, value: Any) -> None:
         progress = self.driver.progress
@@ -451,7 +492,9 @@ class _Embedding:
                 return
             progress.written += value
             return
-        self.running -= 1
+        worker = self.assigned_to.pop(k)
+        if worker in self.assigned:  # not a worker that has left since
+            self.assigned[worker] -= 1
         self._submit()
         progress.embedded += value["rows"]
         progress.tokens += value["real_tokens"]
@@ -583,7 +626,10 @@ def _chunk_frame(paths: list[str], columns: list[str] | None = None):
 def _check_duplicates(driver: _Driver, chunk_paths: list[str], job_dir: Path) -> None:
     """Two documents with one doc_id would overwrite each other's chunks: refuse the source.
 
-    Counted on the cluster: every document's first chunk carries chunk_index 0.
+    Only ids read from an id column can repeat: the ids a reader makes (relative paths,
+    ``<file>:<n>``, built-in keys) are unique by construction, and skipping the check spares
+    such jobs a shuffle. Counted on the cluster: every document's first chunk carries
+    chunk_index 0.
     """
     marker = job_dir / "unique-doc-ids.json"
     if not chunk_paths or marker.exists():
@@ -650,21 +696,28 @@ def _commit_manifest(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_p
     marker = Path(spec.job_dir) / "committed.json"
     if marker.exists():
         return
-    ids = _chunk_frame(chunk_paths, ["doc_id", "chunk_id"]) if chunk_paths else None
     old = manifest.files()
+    version = manifest.new_version(spec.job_id)
+    version.mkdir(parents=True, exist_ok=True)
     if spec.mode == "append" and old:
-        previous = _chunk_frame(old, ["doc_id", "chunk_id"])
         import dask.dataframe as dd
 
-        ids = previous if ids is None else dd.concat([previous, ids]).drop_duplicates(subset=["chunk_id"])
-    version = manifest.new_version(spec.job_id)
-    if ids is not None:
+        ids = _chunk_frame(old, ["doc_id", "chunk_id"])
+        if chunk_paths:
+            ids = dd.concat([ids, _chunk_frame(chunk_paths, ["doc_id", "chunk_id"])]).drop_duplicates(subset=["chunk_id"])
         schema = pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string())])
         future = driver.client.compute(ids.to_parquet(str(version), write_index=False, schema=schema, compute=False),
                                        priority=driver.priority)
         driver.follow({future: None}, lambda *_: None)
-    else:
-        version.mkdir(parents=True, exist_ok=True)
+    elif chunk_paths:
+        # The new manifest is this job's chunk ids: one small task per chunk file, no
+        # dataframe (importing and planning one cost the driver about a second per job).
+        futures = {
+            driver.client.submit(stages.manifest_stage, path, out_path=str(version / f"part-{i:05d}.parquet"),
+                                 key=f"manifest-{spec.job_id}-{i}", priority=driver.priority, pure=False): i
+            for i, path in enumerate(chunk_paths)
+        }
+        driver.follow(futures, lambda *_: None)
     manifest.commit(version)
     write_json_atomic({"version": version.name}, marker)
 

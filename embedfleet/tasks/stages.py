@@ -27,7 +27,7 @@ from embedfleet.tasks.schemas import CHUNKS, DOCUMENTS, check_schema, embeddings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["chunk_stage", "embed_stage", "write_stage", "delete_stage", "with_retries"]
+__all__ = ["chunk_stage", "embed_stage", "write_stage", "delete_stage", "manifest_stage", "with_retries"]
 
 T = TypeVar("T")
 
@@ -100,6 +100,16 @@ def embed_stage(
     }
     write_json_atomic(result, sidecar(out_path))
     return result
+
+
+MANIFEST = pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string())])
+
+
+def manifest_stage(chunks_path: str, *, out_path: str) -> int:
+    """One file of a collection's next manifest: the doc and chunk ids of one chunk file."""
+    table = check_schema(pq.read_table(chunks_path, columns=["doc_id", "chunk_id"]), MANIFEST, stage="manifest")
+    write_table_atomic(table, out_path)
+    return table.num_rows
 
 
 def with_retries(action: Callable[[], T], *, retry: RetrySpec, what: str) -> T:
