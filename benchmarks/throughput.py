@@ -32,6 +32,7 @@ Usage::
     python benchmarks/throughput.py --repeat 3 --onnx         # medians of 3 interleaved rounds, plus ONNX
     python benchmarks/throughput.py ./docs --limit 2000 --json-out result.json
     python benchmarks/throughput.py --synthetic 50000 --backend fake --skip-baseline --skip-bf16 --skip-warm
+    python benchmarks/throughput.py --synthetic 50000 --skip-baseline --skip-fp32 --skip-warm   # real model, bf16
     DASK_EMBEDFLEET__EMBED__BATCH_TOKENS=16384 python benchmarks/throughput.py   # any embedfleet.* key
 """
 
@@ -187,8 +188,9 @@ class _RssSampler:
                     role = "driver"
                 elif self.workers_root is not None and role != "worker":
                     role = "other"  # the benchmark's own helpers, not part of the job
-                entry = self.peaks[proc.pid] = {"pid": proc.pid, "role": role, "peak_rss_bytes": 0}
+                entry = self.peaks[proc.pid] = {"pid": proc.pid, "role": role, "peak_rss_bytes": 0, "series": []}
             entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], rss)
+            entry["series"].append((time.monotonic(), rss))
         except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
             pass
 
@@ -212,7 +214,20 @@ class _RssSampler:
         return {
             "driver_mib": mib(max((p["peak_rss_bytes"] for p in drivers), default=0)),
             "workers_mib": [mib(p["peak_rss_bytes"]) for p in sorted(workers, key=lambda p: p["pid"])],
+            # Flat means the last quarters peak no higher than the first: memory does not grow
+            # with the chunks a worker has embedded.
+            "workers_peak_mib_by_quarter_of_run": [_by_quarter(p["series"], mib) for p in sorted(workers, key=lambda p: p["pid"])],
         }
+
+
+def _by_quarter(series: list[tuple[float, int]], mib) -> list[float]:
+    start, end = series[0][0], series[-1][0]
+    span = max(end - start, 1e-9)
+    peaks = [0] * 4
+    for t, rss in series:
+        quarter = min(3, int(4 * (t - start) / span))
+        peaks[quarter] = max(peaks[quarter], rss)
+    return [mib(p) for p in peaks]
 
 
 # --------------------------------------------------------------------------- one embedfleet run
@@ -361,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--onnx", action="store_true", help="also run --backend onnx (fp32), model exported beforehand")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--skip-fp32", action="store_true", help="only bf16 (e.g. a long RSS run); no cosines")
     parser.add_argument("--skip-cold", action="store_true", help="only the runs on a warm cluster")
     parser.add_argument("--skip-warm", action="store_true", help="only the cold runs (each its own new cluster)")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
@@ -399,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "workers_and_threads": local_layout(workers=args.workers),
                        "repeat": args.repeat},
         }
-        variants = [("fp32", "fp32", args.backend)]
+        variants = [] if args.skip_fp32 else [("fp32", "fp32", args.backend)]
         if not args.skip_bf16 and cpu_supports_bf16():
             variants.append(("bf16", "bf16", args.backend))
         if args.onnx:
@@ -465,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
                     report["cold_baseline"]["process_seconds"] / summary["process_seconds"], 3)
             report[key] = summary
 
-        if args.backend in (None, "sentence-transformers"):
+        if args.backend in (None, "sentence-transformers") and not args.skip_fp32:
             reference_key = "fp32" if "fp32" in data_dirs else "fp32_warm"
             fp32 = _read_vectors(data_dirs[reference_key], "bench-fp32")
             if baseline_vectors is not None:

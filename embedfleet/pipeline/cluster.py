@@ -86,6 +86,12 @@ def connect(
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
             raise BackendUnavailableError("--gpu", "gpu", str(exc)) from exc
+        from distributed.diagnostics import nvml
+
+        # One worker per GPU (dask-cuda's choice), sharing all the cores: the model runs on
+        # the GPU, the CPU threads read, chunk and tokenize.
+        gpus = max(1, nvml.device_get_count())
+        threads = threads_per_worker or config.get("cluster.threads-per-worker") or max(1, _cores() // gpus)
         cluster = LocalCUDACluster(
             threads_per_worker=threads, dashboard_address=dashboard, resources={"GPU": 1}, silence_logs=logging.WARNING,
             **warm,
