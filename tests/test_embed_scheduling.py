@@ -45,7 +45,7 @@ def _slot_worker(threads: int = 2) -> dict:
     return {"nthreads": threads, "resources": {EMBED_SLOT: 1}}
 
 
-def _embedding(tmp_path, client, fake_model, *, rows_per_slice: int):
+def _embedding(tmp_path, client, fake_model, *, rows_per_slice: int, resources: dict | None = None):
     (tmp_path / "source").mkdir()
     (tmp_path / "source" / "a.txt").write_text("text")
     spec = build_job_spec(str(tmp_path / "source"), collection="kb", model=fake_model, data_dir=str(tmp_path / "data"))
@@ -54,10 +54,10 @@ def _embedding(tmp_path, client, fake_model, *, rows_per_slice: int):
     for path in dirs.values():
         path.mkdir(parents=True, exist_ok=True)
     futures: dict = {}
-    embedding = run_module._Embedding(
-        spec, driver, futures, embedder=spec.embedder, resources={EMBED_SLOT: 1}, dirs=dirs, collection="kb",
-        info=None, workers=run_module.embed_workers(client, {EMBED_SLOT: 1}),
-    )
+    if resources is None and client.workers:
+        resources = {EMBED_SLOT: 1}
+    embedding = run_module._Embedding(spec, driver, futures, embedder=spec.embedder, resources=resources, dirs=dirs,
+                                      collection="kb", info=None)
     embedding.rows_per_slice = rows_per_slice
     return embedding, futures
 
@@ -111,6 +111,18 @@ def test_workers_that_join_get_work_and_a_cluster_with_none_still_gets_tasks(tmp
     _finish(embedding, futures, client, 0)
     placed = [s["workers"] for s in client.submitted[2:]]
     assert sorted(w[0] for w in placed) == ["tcp://a:1", "tcp://a:1", "tcp://b:1", "tcp://b:1"]
+    # Resolved from the workers that joined: their embed slot, and torch on all threads but one.
+    assert embedding.resources == {EMBED_SLOT: 1} and embedding.embedder.threads == 1
+
+
+def test_tasks_are_not_pinned_when_some_workers_cannot_embed(tmp_path, fake_model):
+    # A loose pin could let Dask run a GPU task on a CPU worker: the scheduler places them.
+    gpu = {"nthreads": 1, "resources": {"GPU": 1}}
+    client = RecordingClient({"tcp://gpu:1": gpu, "tcp://gpu:2": gpu, "tcp://cpu:1": {"nthreads": 1, "resources": {}}})
+    embedding, futures = _embedding(tmp_path, client, fake_model, rows_per_slice=5, resources={"GPU": 1})
+    embedding.add(_chunk_file(tmp_path, "part", 50))  # ten slices
+    assert [s["workers"] for s in client.submitted] == [None] * 4  # two per GPU worker
+    assert not any(s["loose"] for s in client.submitted)
 
 
 def test_a_worker_that_left_is_forgotten(tmp_path, fake_model, monkeypatch):
@@ -118,11 +130,16 @@ def test_a_worker_that_left_is_forgotten(tmp_path, fake_model, monkeypatch):
     embedding, futures = _embedding(tmp_path, client, fake_model, rows_per_slice=5)
     embedding.add(_chunk_file(tmp_path, "part", 40))  # eight slices: four submitted
     on_b = [i for i, s in enumerate(client.submitted) if s["workers"] == ["tcp://b:1"]]
+    on_a = [i for i, s in enumerate(client.submitted) if s["workers"] == ["tcp://a:1"]]
     del client.workers["tcp://b:1"]
     monkeypatch.setattr(run_module, "WORKERS_REFRESH_SECONDS", 0.0)
     _finish(embedding, futures, client, on_b[0])  # b's task finished elsewhere (Dask moved it)
-    assert all(s["workers"] == ["tcp://a:1"] for s in client.submitted[4:])
     assert set(embedding.assigned) == {"tcp://a:1"}
+    assert len(client.submitted) == 4, "a already has its two tasks"
+    _finish(embedding, futures, client, on_b[1])
+    assert len(client.submitted) == 4, "b's tasks free no slot of a"
+    _finish(embedding, futures, client, on_a[0])
+    assert [s["workers"] for s in client.submitted[4:]] == [["tcp://a:1"]]
 
 
 def test_torch_gets_all_threads_but_the_spare_one_of_an_embed_slot_worker():
@@ -167,7 +184,7 @@ def test_a_job_embeds_on_every_worker_and_skips_the_duplicate_check_for_reader_i
     with dask.config.set({"embedfleet.read.partition-bytes": 4000}):
         spec = build_job_spec(str(source), collection="kb", model=fake_model, data_dir=str(tmp_path / "data"),
                               chunk_size=48, chunk_overlap=8)
-        result = run_module.run_job(spec, client=two_worker_client, stream=True)
+        result = run_module.run_job(spec, client=two_worker_client)
     assert result.status == "succeeded" and result.embedded == result.chunks > 0
     assert not checked, "file paths are unique ids: no duplicate check"
     sidecars = list((tmp_path / "data" / "jobs" / spec.job_id / "embeddings").glob("*.parquet.json"))

@@ -90,7 +90,8 @@ def connect(
 
         # One worker per GPU (dask-cuda's choice), sharing all the cores: the model runs on
         # the GPU, the CPU threads read, chunk and tokenize.
-        gpus = max(1, nvml.device_get_count())
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = max(1, len([d for d in visible.split(",") if d.strip()]) if visible is not None else nvml.device_get_count())
         threads = threads_per_worker or config.get("cluster.threads-per-worker") or max(1, _cores() // gpus)
         cluster = LocalCUDACluster(
             threads_per_worker=threads, dashboard_address=dashboard, resources={"GPU": 1}, silence_logs=logging.WARNING,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import heapq
+import itertools
 import logging
 import shutil
 import threading
@@ -47,6 +48,10 @@ POLL_SECONDS = 0.2
 TASKS_PER_EMBED_WORKER = 2
 #: How often a job looks for embedding workers that joined or left the cluster.
 WORKERS_REFRESH_SECONDS = 5.0
+#: How long a failed job waits for its store to finish opening before it lets go of the store.
+OPENING_GRACE_SECONDS = 30.0
+#: Stands for the worker of a task assigned to a worker that has since left.
+_GONE = "<gone>"
 
 
 class _Driver:
@@ -172,12 +177,8 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
         path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_spec(spec), job_dir / "spec.json")
 
-    # The model guard runs before any work: a collection made by another model is refused
-    # now, not after an hour of embedding. Opening a store takes a while (Chroma starts its
-    # engine), so it runs beside the submission of the chunking tasks.
     collection_name = physical_name(spec.user, spec.collection)
     info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric, precision=warm.precision())
-    opening = _in_thread(_open_sink, spec.sink, collection_name, info)
     manifest = Manifest(spec.data_dir, spec.sink.uri, collection_name)
 
     # --- read + chunk (and, when streaming, embed) ---------------------------------------
@@ -205,7 +206,12 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
         embedder = dataclasses.replace(embedder, threads=worker_threads(client, resources))
     futures: dict = {}  # every running task of the job -> (kind, index)
     embedding = _Embedding(spec, driver, futures, embedder=embedder, resources=resources, dirs=dirs,
-                           collection=collection_name, info=info, workers=embed_workers(client, resources))
+                           collection=collection_name, info=info)
+    # The model guard: a collection made by another model stops the job as soon as the store
+    # has opened (a second or so), before anything is written, not after an hour of
+    # embedding. Opening takes a while (Chroma starts its engine), so it runs beside reading,
+    # chunking and the first embedding tasks.
+    opening = _in_thread(_open_sink, spec.sink, collection_name, info)
     try:
         if todo:
             from dask import delayed
@@ -295,6 +301,9 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
         driver.follow(futures, on_done)
     except BaseException:
         driver.cancel_all(futures)
+        # The store must not still be opening (maybe creating the collection) when this job
+        # lets go of its writer lock: the next job would open it at the same time.
+        concurrent.futures.wait([opening], timeout=OPENING_GRACE_SECONDS)
         raise
     embedding.summarise(result)
     if embedding.write_error is not None:
@@ -380,9 +389,10 @@ class _Embedding:
     """
 
     def __init__(self, spec: JobSpec, driver: _Driver, futures: dict, *, embedder, resources, dirs: dict,
-                 collection: str, info: CollectionInfo, workers: list[str]):
+                 collection: str, info: CollectionInfo):
         self.spec, self.driver, self.futures = spec, driver, futures
-        self.embedder, self.resources, self.dirs, self.workers = embedder, resources, dirs, workers
+        self.embedder, self.resources, self.dirs = embedder, resources, dirs
+        self.workers: list[str] = []
         self.write_kwargs = dict(sink=spec.sink, collection=collection, info=info, retry=spec.retry)
         self.single_writer = False
         self.rows_per_slice: int | None = None
@@ -397,11 +407,16 @@ class _Embedding:
         self._this_run: set[int] = set()  # partitions embedded by this run, not an earlier one
         self.waiting: list[tuple[int, int, str, int, int]] = []  # heap of (-rows, k, input, start, stop)
         # Embedding tasks assigned to each embedding worker and not finished yet; None stands
-        # for "any worker" on a cluster that has none yet (one scaling up from zero).
+        # for "any embedding worker" when tasks are not pinned (see _track_workers).
         self.assigned: dict[str | None, int] = {}
         self.assigned_to: dict[int, str | None] = {}
+        self._last_given: dict[str | None, int] = {}
+        self._given = itertools.count()
         self._workers_seen = 0.0
-        self._track_workers(workers)
+        # A cluster with no worker yet (scaling up from zero) left the job's resources and
+        # torch threads unresolved: they are resolved from the first workers that join.
+        self._unresolved = not driver.client.scheduler_info(n_workers=-1)["workers"]
+        self._track_workers()
         self.write_error: SinkError | None = None
 
     @property
@@ -455,10 +470,11 @@ class _Embedding:
         biggest slices go first, so the job does not end waiting on one worker's last big slice.
         """
         if self.waiting and time.monotonic() - self._workers_seen > WORKERS_REFRESH_SECONDS:
-            self._track_workers(embed_workers(self.driver.client, self.resources))
+            self._track_workers()
         while self.waiting:
-            worker = min(self.assigned, key=self.assigned.__getitem__)
-            if self.assigned[worker] >= TASKS_PER_EMBED_WORKER:
+            # Fewest unfinished tasks; on a tie, the worker given one longest ago.
+            worker = min(self.assigned, key=lambda w: (self.assigned[w], self._last_given.get(w, -1)))
+            if self.assigned[worker] >= self._capacity(worker):
                 return
             _, k, path, start, stop = heapq.heappop(self.waiting)
             if self.started is None:
@@ -472,12 +488,33 @@ class _Embedding:
             self.futures[future] = ("embed", k)
             self.assigned[worker] += 1
             self.assigned_to[k] = worker
+            self._last_given[worker] = next(self._given)
 
-    def _track_workers(self, workers: list[str]) -> None:
-        """Follow the cluster's embedding workers as they come and go (adaptive clusters)."""
-        current = set(workers) or {None}
+    def _capacity(self, worker: str | None) -> int:
+        return TASKS_PER_EMBED_WORKER * (1 if worker is not None else max(1, len(self.workers)))
+
+    def _track_workers(self) -> None:
+        """Follow the cluster's embedding workers as they come and go (adaptive clusters).
+
+        Tasks are pinned only when every worker may embed: a loose pin lets Dask run a task on
+        another worker when its own is gone or paused, which must never send a GPU task to a
+        CPU worker. Otherwise the scheduler places them (key None), two per embedding worker.
+        """
+        client = self.driver.client
+        every = len(client.scheduler_info(n_workers=-1)["workers"])
+        if self._unresolved and every:
+            self.resources = embed_resources(client)
+            if self.spec.embedder.threads is None:
+                self.embedder = dataclasses.replace(self.embedder, threads=worker_threads(client, self.resources))
+            self._unresolved = False
+        eligible = embed_workers(client, self.resources)
+        current = set(eligible) if eligible and len(eligible) == every else {None}
+        gone = set(self.assigned) - current
         self.assigned = {w: self.assigned.get(w, 0) for w in current}
-        self.workers = sorted(w for w in current if w)
+        for k, w in self.assigned_to.items():
+            if w in gone:
+                self.assigned_to[k] = _GONE  # finishing elsewhere now: frees no slot of a current worker
+        self.workers = eligible
         self._workers_seen = time.monotonic()
 
     def finished(self, kind: str, k: int, value: Any) -> None:
