@@ -79,6 +79,7 @@ def embed_stage(
     embedder: EmbedderSpec,
 ) -> dict[str, Any]:
     from embedfleet.embedders.cache import get_embedder
+    from embedfleet.embedders.hardware import release_freed_memory
 
     table = pq.read_table(in_path, schema=CHUNKS).slice(row_start, row_stop - row_start)
     table = check_schema(table, CHUNKS, stage="embed input")
@@ -99,6 +100,8 @@ def embed_stage(
         "pid": os.getpid(),
     }
     write_json_atomic(result, sidecar(out_path))
+    del table, out, vectors  # dropped first, so their pages are among those handed back
+    release_freed_memory()
     return result
 
 
