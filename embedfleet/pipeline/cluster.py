@@ -51,7 +51,7 @@ def connect(
     torch and one more for the job's light tasks, so that reading, chunking and the
     duplicate check never wait behind a multi-second embedding task. A small
     encoder's matmuls are too short for torch's intra-op threads to scale: on 2 cores,
-    all-MiniLM-L6-v2 embeds 1.16x (fp32) to 1.19x (bf16) faster as two one-thread processes
+    all-MiniLM-L6-v2 embeds 1.19x (fp32) and 1.16x (bf16) faster as two one-thread processes
     than as one two-thread process, and a process interrupted by other work (chunking, a
     store write) slows alone instead of stalling its sibling thread at every op's barrier.
     The cost is one resident model per process, hence the cap. (An early measurement of
