@@ -161,6 +161,7 @@ def test_local_layout_is_one_worker_per_core_with_a_spare_thread():
     assert local_layout(cores=64) == (MAX_AUTO_WORKERS, 64 // MAX_AUTO_WORKERS + 1)
     assert local_layout(cores=2, workers=1) == (1, 3)
     assert local_layout(cores=2, threads_per_worker=4) == (2, 4)
+    assert local_layout(cores=16, gpus=2) == (2, 8)  # --gpu: one worker per GPU, sharing the cores
     with dask.config.set({"embedfleet.cluster.workers": 3, "embedfleet.cluster.threads-per-worker": 1}):
         assert local_layout(cores=8) == (3, 1)
 

@@ -71,7 +71,8 @@ def connect(
         return
 
     use_gpu = config.get("cluster.gpu") if gpu is None else gpu
-    n_workers, threads = local_layout(workers=workers, threads_per_worker=threads_per_worker)
+    gpus = _visible_gpus() if use_gpu else 0
+    n_workers, threads = local_layout(workers=workers, threads_per_worker=threads_per_worker, gpus=gpus)
     dashboard = dashboard_address if dashboard_address is not None else config.get("cluster.dashboard-address")
     memory_limit = config.get("cluster.memory-limit")
     if n_workers < 1 or threads < 1:
@@ -86,13 +87,6 @@ def connect(
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
             raise BackendUnavailableError("--gpu", "gpu", str(exc)) from exc
-        from distributed.diagnostics import nvml
-
-        # One worker per GPU (dask-cuda's choice), sharing all the cores: the model runs on
-        # the GPU, the CPU threads read, chunk and tokenize.
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = max(1, len([d for d in visible.split(",") if d.strip()]) if visible is not None else nvml.device_get_count())
-        threads = threads_per_worker or config.get("cluster.threads-per-worker") or max(1, _cores() // gpus)
         cluster = LocalCUDACluster(
             threads_per_worker=threads, dashboard_address=dashboard, resources={"GPU": 1}, silence_logs=logging.WARNING,
             **warm,
@@ -116,18 +110,31 @@ def connect(
         cluster.close()
 
 
+def _visible_gpus() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    from distributed.diagnostics import nvml
+
+    return nvml.device_get_count()
+
+
 def local_layout(*, workers: int | None = None, threads_per_worker: int | None = None,
-                 cores: int | None = None) -> tuple[int, int]:
+                 cores: int | None = None, gpus: int = 0) -> tuple[int, int]:
     """(worker processes, threads per worker) of the LocalCluster embedfleet starts.
 
     Arguments win over ``embedfleet.cluster.*`` config, which wins over the default: one
     worker per core up to :data:`MAX_AUTO_WORKERS`, each with its share of the cores for
-    torch plus one thread for the job's light tasks (see :func:`connect`).
+    torch plus one thread for the job's light tasks (see :func:`connect`). With ``gpus``
+    (a ``--gpu`` cluster: one worker per GPU, dask-cuda's choice) the workers share all the
+    cores: the model runs on the GPU, the CPU threads read, chunk and tokenize.
     """
     cores = cores or _cores()
+    threads = threads_per_worker or config.get("cluster.threads-per-worker")
+    if gpus:
+        return gpus, threads or max(1, cores // gpus)
     n_workers = workers or config.get("cluster.workers") or max(1, min(cores, MAX_AUTO_WORKERS))
-    threads = threads_per_worker or config.get("cluster.threads-per-worker") or max(1, cores // n_workers) + 1
-    return n_workers, threads
+    return n_workers, threads or max(1, cores // n_workers) + 1
 
 
 def embed_resources(client) -> dict[str, float] | None:
@@ -146,15 +153,16 @@ def embed_resources(client) -> dict[str, float] | None:
     return None
 
 
-def _eligible(client, resources: dict[str, float] | None) -> dict[str, dict]:
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+def _eligible(client, resources: dict[str, float] | None, workers: dict[str, dict] | None = None) -> dict[str, dict]:
+    workers = client.scheduler_info(n_workers=-1)["workers"] if workers is None else workers
     return {address: w for address, w in workers.items()
             if not resources or all((w.get("resources") or {}).get(k) for k in resources)}
 
 
-def embed_workers(client, resources: dict[str, float] | None) -> list[str]:
-    """Addresses of the workers that can run embedding tasks."""
-    return sorted(_eligible(client, resources))
+def embed_workers(client, resources: dict[str, float] | None, *, workers: dict[str, dict] | None = None) -> list[str]:
+    """Addresses of the workers that can run embedding tasks (of ``workers``, the scheduler's
+    worker info, if the caller already has it)."""
+    return sorted(_eligible(client, resources, workers))
 
 
 def worker_threads(client, resources: dict[str, float] | None) -> int | None:

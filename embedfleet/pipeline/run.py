@@ -415,7 +415,7 @@ class _Embedding:
         self._workers_seen = 0.0
         # A cluster with no worker yet (scaling up from zero) left the job's resources and
         # torch threads unresolved: they are resolved from the first workers that join.
-        self._unresolved = not driver.client.scheduler_info(n_workers=-1)["workers"]
+        self._unresolved: bool | None = None  # decided by the first look at the cluster
         self._track_workers()
         self.write_error: SinkError | None = None
 
@@ -501,14 +501,16 @@ class _Embedding:
         CPU worker. Otherwise the scheduler places them (key None), two per embedding worker.
         """
         client = self.driver.client
-        every = len(client.scheduler_info(n_workers=-1)["workers"])
-        if self._unresolved and every:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        if self._unresolved is None:
+            self._unresolved = not workers
+        if self._unresolved and workers:
             self.resources = embed_resources(client)
             if self.spec.embedder.threads is None:
                 self.embedder = dataclasses.replace(self.embedder, threads=worker_threads(client, self.resources))
             self._unresolved = False
-        eligible = embed_workers(client, self.resources)
-        current = set(eligible) if eligible and len(eligible) == every else {None}
+        eligible = embed_workers(client, self.resources, workers=workers)
+        current = set(eligible) if eligible and len(eligible) == len(workers) else {None}
         gone = set(self.assigned) - current
         self.assigned = {w: self.assigned.get(w, 0) for w in current}
         for k, w in self.assigned_to.items():
@@ -728,8 +730,6 @@ def _diff(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[
 
 
 def _commit_manifest(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[str]) -> None:
-    import pyarrow as pa
-
     marker = Path(spec.job_dir) / "committed.json"
     if marker.exists():
         return
@@ -742,8 +742,7 @@ def _commit_manifest(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_p
         ids = _chunk_frame(old, ["doc_id", "chunk_id"])
         if chunk_paths:
             ids = dd.concat([ids, _chunk_frame(chunk_paths, ["doc_id", "chunk_id"])]).drop_duplicates(subset=["chunk_id"])
-        schema = pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string())])
-        future = driver.client.compute(ids.to_parquet(str(version), write_index=False, schema=schema, compute=False),
+        future = driver.client.compute(ids.to_parquet(str(version), write_index=False, schema=stages.MANIFEST, compute=False),
                                        priority=driver.priority)
         driver.follow({future: None}, lambda *_: None)
     elif chunk_paths:
