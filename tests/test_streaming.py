@@ -110,6 +110,10 @@ def test_a_stopped_streaming_job_writes_nothing_and_resumes_without_re_embedding
 
     with pytest.raises(KeyboardInterrupt):
         run_job(spec, client=client, stream=True, before_embed=stop_after_some_embedding)
+    # A cancelled task that was already running still finishes (and writes its output
+    # atomically); count what is embedded once none is left running.
+    fh.wait_for(lambda: not any(client.run(lambda dask_worker: len(dask_worker.state.executing)).values()),
+                timeout=60, what="the stopped job's running tasks to finish")
     assert _count(data_dir) == 0, "nothing is written before before_embed has passed"
     earlier = fh.partition_rows(sorted(embeddings.glob("*.parquet.json")))
     assert earlier > 0
