@@ -183,6 +183,16 @@ def test_gpu_budget_grows_with_free_memory():
 # --------------------------------------------------------------------------- precision
 
 
+def test_kernel_cache_bound_keeps_an_operators_setting(monkeypatch):
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # so that teardown restores what was there
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "8")
+    assert hardware.bound_kernel_caches() == {
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(hardware.KERNEL_CACHE_ENTRIES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]),
+        "LRU_CACHE_CAPACITY": "8",
+    }
+
+
 def test_auto_precision_follows_cpu_flags(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert hardware.resolve_precision("auto", "cpu") == "bf16"
@@ -268,3 +278,53 @@ def test_bf16_is_close_to_fp32(real_texts):
     cos = (a * b).sum(axis=1)
     assert b.dtype == np.float32
     assert float(cos.min()) >= 0.995, cos.min()
+
+
+_SHAPES_SCRIPT = """
+import json, os
+from embedfleet import config
+from embedfleet.embedders.hardware import release_freed_memory
+from embedfleet.embedders.sentence_transformers import SentenceTransformerEmbedder
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+embedder = SentenceTransformerEmbedder(config.embedder_spec(precision="bf16", device="cpu", threads=1))
+samples = []
+# One text per batch, one more token each time: every forward pass is a shape not seen before.
+for words in range(8, 248):
+    embedder.embed_with_stats(["hello " * words], [words])
+    if words in (47, 247):
+        release_freed_memory()
+        samples.append(rss_mib())
+print(json.dumps({"growth_mib": samples[1] - samples[0],
+                  "caches": {k: os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}}))
+"""
+
+
+def _rss_growth_over_new_shapes(env_overrides: dict[str, str]) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # A fresh process: these caches are sized when the process builds its first kernel.
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    env.update(env_overrides)
+    done = subprocess.run([sys.executable, "-c", _SHAPES_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hardware.cpu_supports_bf16(), reason="CPU without native bf16: no oneDNN bf16 kernels")
+def test_worker_memory_does_not_grow_with_the_batch_shapes_it_has_seen():
+    bounded = _rss_growth_over_new_shapes({})
+    assert bounded["caches"] == {k: str(v) for k, v in hardware.KERNEL_CACHE_ENTRIES.items()}
+    # The libraries' own default, which an operator's environment still overrides: it grows,
+    # so the bounded run's flatness is the bound's doing (~2.4 MiB per new shape measured).
+    unbounded = _rss_growth_over_new_shapes({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    assert unbounded["caches"]["LRU_CACHE_CAPACITY"] == "1024"
+    assert unbounded["growth_mib"] > 100, unbounded
+    assert bounded["growth_mib"] < 16, bounded

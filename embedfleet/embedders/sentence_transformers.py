@@ -16,6 +16,7 @@ from embedfleet.config import EmbedderSpec, resolve_model_path
 from embedfleet.embedders.base import Embedder
 from embedfleet.embedders.hardware import (
     activation_bytes_per_token,
+    bound_kernel_caches,
     gpu_batch_tokens,
     resolve_device,
     resolve_precision,
@@ -34,6 +35,7 @@ class SentenceTransformerEmbedder(Embedder):
         # The model comes from a local path; never let a library reach for a hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        bound_kernel_caches()
         try:
             import torch
             import transformers
