@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -283,7 +288,7 @@ def test_bf16_is_close_to_fp32(real_texts):
 _SHAPES_SCRIPT = """
 import json, os
 from embedfleet import config
-from embedfleet.embedders.hardware import release_freed_memory
+from embedfleet.embedders.hardware import KERNEL_CACHE_ENTRIES, release_freed_memory
 from embedfleet.embedders.sentence_transformers import SentenceTransformerEmbedder
 
 def rss_mib():
@@ -299,18 +304,13 @@ for words in range(8, 248):
         release_freed_memory()
         samples.append(rss_mib())
 print(json.dumps({"growth_mib": samples[1] - samples[0],
-                  "caches": {k: os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}}))
+                  "caches": {k: os.environ.get(k) for k in KERNEL_CACHE_ENTRIES}}))
 """
 
 
 def _rss_growth_over_new_shapes(env_overrides: dict[str, str]) -> dict:
-    import json
-    import os
-    import subprocess
-    import sys
-
     # A fresh process: these caches are sized when the process builds its first kernel.
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    env = {k: v for k, v in os.environ.items() if k not in hardware.KERNEL_CACHE_ENTRIES}
     env.update(env_overrides)
     done = subprocess.run([sys.executable, "-c", _SHAPES_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -324,7 +324,7 @@ def test_worker_memory_does_not_grow_with_the_batch_shapes_it_has_seen():
     assert bounded["caches"] == {k: str(v) for k, v in hardware.KERNEL_CACHE_ENTRIES.items()}
     # The libraries' own default, which an operator's environment still overrides: it grows,
     # so the bounded run's flatness is the bound's doing (~2.4 MiB per new shape measured).
-    unbounded = _rss_growth_over_new_shapes({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    unbounded = _rss_growth_over_new_shapes({k: "1024" for k in hardware.KERNEL_CACHE_ENTRIES})
     assert unbounded["caches"]["LRU_CACHE_CAPACITY"] == "1024"
     assert unbounded["growth_mib"] > 100, unbounded
     assert bounded["growth_mib"] < 16, bounded
