@@ -4,7 +4,8 @@
   sent to the worker with the fewest unfinished ones, biggest slices first, and follows
   workers that join or leave (unit tests with a recording client; one real two-worker run).
 * An embed-slot worker leaves one thread for the job's light tasks; torch gets the rest.
-* The default LocalCluster is one worker per core (capped), each with one spare thread.
+* The default LocalCluster is one worker per core (capped), each with one spare thread, and
+  its workers' profiler starts a call tree every ``cluster.profile-cycle``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedfleet.pipeline import run as run_module
-from embedfleet.pipeline.cluster import EMBED_SLOT, MAX_AUTO_WORKERS, local_layout, worker_threads
+from embedfleet.pipeline.cluster import EMBED_SLOT, MAX_AUTO_WORKERS, connect, local_layout, worker_threads
 from embedfleet.pipeline.job import Progress
 from embedfleet.pipeline.spec import build_job_spec
 from embedfleet.tasks.io import read_json
@@ -164,6 +165,18 @@ def test_local_layout_is_one_worker_per_core_with_a_spare_thread():
     assert local_layout(cores=16, gpus=2) == (2, 8)  # --gpu: one worker per GPU, sharing the cores
     with dask.config.set({"embedfleet.cluster.workers": 3, "embedfleet.cluster.threads-per-worker": 1}):
         assert local_layout(cores=8) == (3, 1)
+
+
+def _profile_cycle_ms(dask_worker) -> float:
+    return dask_worker.periodic_callbacks["profile-cycle"].callback_time
+
+
+@pytest.mark.parametrize(("configured", "expected_ms"), [("10s", 10_000), (None, 1_000)])
+def test_the_clusters_embedfleet_starts_take_the_configured_profile_cycle(configured, expected_ms):
+    # The profiler keeps 1,000 call trees: at Dask's 1 s an embedding worker's grew ~100 MiB in 17 minutes.
+    with dask.config.set({"embedfleet.cluster.profile-cycle": configured}), \
+            connect(workers=1, threads_per_worker=1, dashboard_address=":0", backend="fake") as client:
+        assert set(client.run(_profile_cycle_ms).values()) == {expected_ms}
 
 
 @pytest.fixture

@@ -75,6 +75,12 @@ def connect(
     n_workers, threads = local_layout(workers=workers, threads_per_worker=threads_per_worker, gpus=gpus)
     dashboard = dashboard_address if dashboard_address is not None else config.get("cluster.dashboard-address")
     memory_limit = config.get("cluster.memory-limit")
+    profile_cycle = config.get("cluster.profile-cycle")
+    # Dask's profiler keeps one call tree per cycle, up to 1,000 of them (admin.low-level-log-length),
+    # and an embedding worker's trees are large: at Dask's 1 s cycle they grow a worker by ~100 MiB
+    # over its first 17 minutes, the length of a 50k-chunk job. At 10 s the profile still shows
+    # where the time goes, and the same bound is reached only after ~2.8 hours.
+    profiling = {"profile_cycle_interval": profile_cycle} if profile_cycle is not None else {}
     if n_workers < 1 or threads < 1:
         raise ConfigError("--workers and threads per worker must be at least 1")
 
@@ -89,7 +95,7 @@ def connect(
             raise BackendUnavailableError("--gpu", "gpu", str(exc)) from exc
         cluster = LocalCUDACluster(
             threads_per_worker=threads, dashboard_address=dashboard, resources={"GPU": 1}, silence_logs=logging.WARNING,
-            **warm,
+            **warm, **profiling,
         )
     else:
         cluster = LocalCluster(
@@ -101,6 +107,7 @@ def connect(
             resources={EMBED_SLOT: 1},
             silence_logs=logging.WARNING,
             **warm,
+            **profiling,
         )
     client = Client(cluster, set_as_default=False)
     try:
