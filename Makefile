@@ -11,7 +11,7 @@ QUERY ?= what does the with statement do
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup index test test-fast bench clean
+.PHONY: setup index test test-fast bench bench-memory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/throughput.py python-docs
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/jobs.py
+
+bench-memory: $(VENV)/.dev-installed  # ~17 min at bf16, ~40 min at fp32 on 2 cores
+	$(BIN)/python benchmarks/worker_memory.py --synthetic 50000
 
 clean:
 	rm -rf $(VENV) embedfleet-data .pytest_cache

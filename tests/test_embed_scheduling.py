@@ -5,7 +5,7 @@
   workers that join or leave (unit tests with a recording client; one real two-worker run).
 * An embed-slot worker leaves one thread for the job's light tasks; torch gets the rest.
 * The default LocalCluster is one worker per core (capped), each with one spare thread, and
-  its workers' profiler starts a call tree every ``cluster.profile-cycle``.
+  its workers profile only with ``cluster.profile``, at ``cluster.profile-cycle``.
 """
 
 from __future__ import annotations
@@ -167,14 +167,16 @@ def test_local_layout_is_one_worker_per_core_with_a_spare_thread():
         assert local_layout(cores=8) == (3, 1)
 
 
-def _profile_cycle_ms(dask_worker) -> float:
-    return dask_worker.periodic_callbacks["profile-cycle"].callback_time
+def _profile_cycle_ms(dask_worker) -> float | None:
+    cycle = dask_worker.periodic_callbacks.get("profile-cycle")
+    return cycle.callback_time if cycle is not None else None
 
 
-@pytest.mark.parametrize(("configured", "expected_ms"), [("10s", 10_000), (None, 1_000)])
-def test_the_clusters_embedfleet_starts_take_the_configured_profile_cycle(configured, expected_ms):
+@pytest.mark.parametrize(("profile", "cycle", "expected_ms"), [(None, None, None), (True, "10s", 10_000), (True, None, 1_000)])
+def test_the_clusters_embedfleet_starts_profile_only_when_asked_at_the_configured_cycle(profile, cycle, expected_ms):
     # The profiler keeps 1,000 call trees: at Dask's 1 s an embedding worker's grew ~100 MiB in 17 minutes.
-    with dask.config.set({"embedfleet.cluster.profile-cycle": configured}), \
+    settings = {"embedfleet.cluster.profile-cycle": cycle} | ({"embedfleet.cluster.profile": profile} if profile else {})
+    with dask.config.set(settings), \
             connect(workers=1, threads_per_worker=1, dashboard_address=":0", backend="fake") as client:
         assert set(client.run(_profile_cycle_ms).values()) == {expected_ms}
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Iterator
+
+import dask.config
 
 from embedfleet import config
 from embedfleet.errors import BackendUnavailableError, ConfigError
@@ -75,12 +78,15 @@ def connect(
     n_workers, threads = local_layout(workers=workers, threads_per_worker=threads_per_worker, gpus=gpus)
     dashboard = dashboard_address if dashboard_address is not None else config.get("cluster.dashboard-address")
     memory_limit = config.get("cluster.memory-limit")
+    # Dask's profiler keeps one call tree per cycle, up to 1,000 (admin.low-level-log-length), in
+    # two histories, and an embedding worker's trees are deep: at Dask's 1 s cycle they held
+    # 103 MiB per worker after 17 minutes; at 10 s they still grew ~27 MiB over a 45-minute job.
+    # Off by default, so a worker's memory is its model and its partitions; on, at 10 s, for
+    # the Profile page.
+    profiling = {"distributed.worker.profile.enabled": bool(config.get("cluster.profile"))}
     profile_cycle = config.get("cluster.profile-cycle")
-    # Dask's profiler keeps one call tree per cycle, up to 1,000 of them (admin.low-level-log-length),
-    # and an embedding worker's trees are large: at Dask's 1 s cycle they grow a worker by ~100 MiB
-    # over its first 17 minutes, the length of a 50k-chunk job. At 10 s the profile still shows
-    # where the time goes, and the same bound is reached only after ~2.8 hours.
-    profiling = {"profile_cycle_interval": profile_cycle} if profile_cycle is not None else {}
+    if profile_cycle is not None:
+        profiling["distributed.worker.profile.cycle"] = profile_cycle
     if n_workers < 1 or threads < 1:
         raise ConfigError("--workers and threads per worker must be at least 1")
 
@@ -93,12 +99,14 @@ def connect(
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
             raise BackendUnavailableError("--gpu", "gpu", str(exc)) from exc
-        cluster = LocalCUDACluster(
+        start_cluster = functools.partial(
+            LocalCUDACluster,
             threads_per_worker=threads, dashboard_address=dashboard, resources={"GPU": 1}, silence_logs=logging.WARNING,
-            **warm, **profiling,
+            **warm,
         )
     else:
-        cluster = LocalCluster(
+        start_cluster = functools.partial(
+            LocalCluster,
             n_workers=n_workers,
             threads_per_worker=threads,
             processes=True,
@@ -107,8 +115,9 @@ def connect(
             resources={EMBED_SLOT: 1},
             silence_logs=logging.WARNING,
             **warm,
-            **profiling,
         )
+    with dask.config.set(profiling):  # each nanny passes the config it started with to its worker process
+        cluster = start_cluster()
     client = Client(cluster, set_as_default=False)
     try:
         yield client
