@@ -80,9 +80,9 @@ def connect(
     memory_limit = config.get("cluster.memory-limit")
     # Dask's profiler keeps one call tree per cycle, up to 1,000 (admin.low-level-log-length), in
     # two histories, and an embedding worker's trees are deep: at Dask's 1 s cycle they held
-    # 103 MiB per worker after 17 minutes; at 10 s they still grew ~27 MiB over a 45-minute job.
-    # Off by default, so a worker's memory is its model and its partitions; on, at 10 s, for
-    # the Profile page.
+    # 103 MiB per worker after 17 minutes; at 10 s a 45-minute job's workers still ended 30-45 MiB
+    # above their first quarter. Off by default, so a worker's memory is its model and its
+    # partitions; on, at 10 s, for the Profile page.
     profiling = {"distributed.worker.profile.enabled": bool(config.get("cluster.profile"))}
     profile_cycle = config.get("cluster.profile-cycle")
     if profile_cycle is not None:
