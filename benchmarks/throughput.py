@@ -502,11 +502,16 @@ def main(argv: list[str] | None = None) -> dict:
         report["targets"] = targets
         report["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
 
-    text = json.dumps(report, indent=1, sort_keys=False)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    emit_json(report, args.json_out)
     return report
+
+
+def emit_json(report: dict, json_out: str | None) -> None:
+    """Print a benchmark's report, and write it to ``json_out`` if given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if json_out:
+        Path(json_out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

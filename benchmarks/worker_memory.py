@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import _synthetic_corpus  # noqa: E402
+from throughput import _synthetic_corpus, emit_json  # noqa: E402
 
 import embedfleet  # noqa: E402
 from embedfleet import config  # noqa: E402
@@ -153,10 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "load_average_1m_after": round(os.getloadavg()[0], 2)},
             "workers": summarise(records, rows_of),
         }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    emit_json(report, args.json_out)
     return report
 
 
