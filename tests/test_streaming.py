@@ -110,10 +110,19 @@ def test_a_stopped_streaming_job_writes_nothing_and_resumes_without_re_embedding
 
     with pytest.raises(KeyboardInterrupt):
         run_job(spec, client=client, stream=True, before_embed=stop_after_some_embedding)
-    # A cancelled task that was already running still finishes (and writes its output
-    # atomically); count what is embedded once none is left running.
-    fh.wait_for(lambda: not any(client.run(lambda dask_worker: len(dask_worker.state.executing)).values()),
-                timeout=60, what="the stopped job's running tasks to finish")
+    # The cancel reaches the scheduler asynchronously, so it may still hand a worker the next
+    # embed task; and a cancelled task that was already running still finishes (writing its
+    # output atomically). Count what is embedded once the scheduler has none of the job's tasks
+    # left to run and no worker is still running one.
+    def stopped_job_settled() -> bool:
+        pending = client.run_on_scheduler(lambda dask_scheduler, job=spec.job_id: [
+            key for key, task in dask_scheduler.tasks.items()
+            if job in str(key) and task.state in ("waiting", "queued", "no-worker", "processing")
+        ])
+        running = client.run(lambda dask_worker: len(dask_worker.state.all_running_tasks))
+        return not pending and not any(running.values())
+
+    fh.wait_for(stopped_job_settled, timeout=60, what="the stopped job's tasks to be released and finished")
     assert _count(data_dir) == 0, "nothing is written before before_embed has passed"
     earlier = fh.partition_rows(sorted(embeddings.glob("*.parquet.json")))
     assert earlier > 0
