@@ -18,7 +18,9 @@ Usage::
 
     python benchmarks/worker_memory.py --synthetic 50000                 # precision auto
     python benchmarks/worker_memory.py --synthetic 50000 --precision bf16
-    DASK_EMBEDFLEET__CLUSTER__PROFILE_CYCLE=1s python benchmarks/worker_memory.py   # Dask's own profile cycle
+    DASK_EMBEDFLEET__CLUSTER__PROFILE=True python benchmarks/worker_memory.py        # Dask's profiler on, 10 s cycle
+    DASK_EMBEDFLEET__CLUSTER__PROFILE=True DASK_EMBEDFLEET__CLUSTER__PROFILE_CYCLE=1s \
+        python benchmarks/worker_memory.py                                         # ... at Dask's own 1 s
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from throughput import _synthetic_corpus, emit_json  # noqa: E402
 
 import embedfleet  # noqa: E402
 from embedfleet import config  # noqa: E402
+from embedfleet.embedders.hardware import cpu_supports_bf16  # noqa: E402
 from embedfleet.tasks.io import read_json, sidecar  # noqa: E402
 
 EMBED_KEY_PREFIX = "embed-"
@@ -146,10 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
             "precision": result.precision,
             "job_seconds": round(result.seconds, 1),
             "chunks_per_second": round(result.chunks_per_second, 1),
-            "config": {"profile_cycle": config.get("cluster.profile-cycle"),
+            "config": {"profile": config.get("cluster.profile"), "profile_cycle": config.get("cluster.profile-cycle"),
                        "chunks_per_partition": config.get("embed.chunks-per-partition"),
                        "batch_tokens": config.get("embed.batch-tokens") or "auto"},
-            "machine": {"cores": len(os.sched_getaffinity(0)), "load_average_1m_before": round(load_before, 2),
+            "machine": {"cores": len(os.sched_getaffinity(0)), "bf16_native": cpu_supports_bf16(),
+                        "load_average_1m_before": round(load_before, 2),
                         "load_average_1m_after": round(os.getloadavg()[0], 2)},
             "workers": summarise(records, rows_of),
         }
