@@ -44,7 +44,7 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/jobs.py
 
-bench-memory: $(VENV)/.dev-installed  # ~17 min at bf16, ~40 min at fp32 on 2 cores
+bench-memory: $(VENV)/.dev-installed  # 50k chunks on 2 cores: ~10 min (bf16, AMX) to ~45 min (fp32, AVX2)
 	$(BIN)/python benchmarks/worker_memory.py --synthetic 50000
 
 clean:
