@@ -297,13 +297,15 @@ def rss_mib():
 
 embedder = SentenceTransformerEmbedder(config.embedder_spec(precision="bf16", device="cpu", threads=1))
 samples = []
-# One text per batch, one more token each time: every forward pass is a shape not seen before.
-for words in range(8, 248):
-    embedder.embed_with_stats(["hello " * words], [words])
-    if words in (47, 247):
-        release_freed_memory()
-        samples.append(rss_mib())
-print(json.dumps({"growth_mib": samples[1] - samples[0],
+# One text per batch, one more token each time: in the first round every forward pass is a
+# shape not seen before; the second round sees the same shapes again.
+for _round in range(2):
+    for words in range(8, 248):
+        embedder.embed_with_stats(["hello " * words], [words])
+        if words in (47, 247):
+            release_freed_memory()
+            samples.append(rss_mib())
+print(json.dumps({"growth_mib": samples[1] - samples[0], "again_growth_mib": samples[3] - samples[2],
                   "caches": {k: os.environ.get(k) for k in KERNEL_CACHE_ENTRIES}}))
 """
 
@@ -327,4 +329,9 @@ def test_worker_memory_does_not_grow_with_the_batch_shapes_it_has_seen():
     unbounded = _rss_growth_over_new_shapes({k: "1024" for k in hardware.KERNEL_CACHE_ENTRIES})
     assert unbounded["caches"]["LRU_CACHE_CAPACITY"] == "1024"
     assert unbounded["growth_mib"] > 100, unbounded
-    assert bounded["growth_mib"] < 16, bounded
+    # Not zero on every CPU: on an AMX Xeon torch keeps ~0.1 MiB per new sequence length in
+    # caches these variables do not bound (21 MiB over these 200 shapes, 392 MiB unbounded;
+    # 0.3 MiB when the same shapes come again). A worker's shapes are bounded by the model's
+    # max_seq_length, and shapes seen again cost nothing more: a long job's workers stay level.
+    assert bounded["growth_mib"] < unbounded["growth_mib"] / 4, (bounded, unbounded)
+    assert bounded["again_growth_mib"] < 2, bounded
