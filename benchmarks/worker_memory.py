@@ -45,9 +45,8 @@ from throughput import _synthetic_corpus, emit_json  # noqa: E402
 import embedfleet  # noqa: E402
 from embedfleet import config  # noqa: E402
 from embedfleet.embedders.hardware import cpu_supports_bf16  # noqa: E402
+from embedfleet.pipeline.run import EMBED_KEY_PREFIX, embed_task_key  # noqa: E402
 from embedfleet.tasks.io import read_json, sidecar  # noqa: E402
-
-EMBED_KEY_PREFIX = "embed-"
 
 
 def _proc_status_kib(*fields: str) -> dict[str, int]:
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         if result.status != "succeeded":
             raise SystemExit(f"job {result.status}: {result.error}")
         embeddings = data_dir / "jobs" / result.job_id / "embeddings"
-        rows_of = {f"{EMBED_KEY_PREFIX}{result.job_id}-{p.stem}": read_json(sidecar(p))["rows"]
+        rows_of = {embed_task_key(result.job_id, p): read_json(sidecar(p))["rows"]
                    for p in embeddings.glob("*.parquet")}
         records = [json.loads(line) for line in records_path.read_text().splitlines()]
         report = {

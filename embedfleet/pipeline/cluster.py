@@ -78,15 +78,6 @@ def connect(
     n_workers, threads = local_layout(workers=workers, threads_per_worker=threads_per_worker, gpus=gpus)
     dashboard = dashboard_address if dashboard_address is not None else config.get("cluster.dashboard-address")
     memory_limit = config.get("cluster.memory-limit")
-    # Dask's profiler keeps one call tree per cycle, up to 1,000 (admin.low-level-log-length), in
-    # two histories, and an embedding worker's trees are deep: at Dask's 1 s cycle they held
-    # 103 MiB per worker after 17 minutes; at 10 s a 45-minute job's workers still ended 30-45 MiB
-    # above their first quarter. Off by default, so a worker's memory is its model and its
-    # partitions; on, at 10 s, for the Profile page.
-    profiling = {"distributed.worker.profile.enabled": bool(config.get("cluster.profile"))}
-    profile_cycle = config.get("cluster.profile-cycle")
-    if profile_cycle is not None:
-        profiling["distributed.worker.profile.cycle"] = profile_cycle
     if n_workers < 1 or threads < 1:
         raise ConfigError("--workers and threads per worker must be at least 1")
 
@@ -116,7 +107,7 @@ def connect(
             silence_logs=logging.WARNING,
             **warm,
         )
-    with dask.config.set(profiling):  # each nanny passes the config it started with to its worker process
+    with dask.config.set(_worker_profiling()):  # each nanny passes the config it started with to its worker process
         cluster = start_cluster()
     client = Client(cluster, set_as_default=False)
     try:
@@ -124,6 +115,22 @@ def connect(
     finally:
         client.close()
         cluster.close()
+
+
+def _worker_profiling() -> dict:
+    """Dask config for the profiler of the workers embedfleet starts (``cluster.profile``).
+
+    Dask's profiler keeps one call tree per cycle, up to 1,000 (admin.low-level-log-length), in
+    two histories, and an embedding worker's trees are deep: at Dask's 1 s cycle they held
+    103 MiB per worker after 17 minutes; at 10 s a 45-minute job's workers still ended 30-45 MiB
+    above their first quarter. Off by default, so a worker's memory is its model and its
+    partitions; on, at 10 s, for the Profile page.
+    """
+    profiling = {"distributed.worker.profile.enabled": bool(config.get("cluster.profile"))}
+    cycle = config.get("cluster.profile-cycle")
+    if cycle is not None:
+        profiling["distributed.worker.profile.cycle"] = cycle
+    return profiling
 
 
 def _visible_gpus() -> int:

@@ -340,6 +340,14 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
     driver.report()
 
 
+EMBED_KEY_PREFIX = "embed-"
+
+
+def embed_task_key(job_id: str, out_path: str | Path) -> str:
+    """The Dask key of the task that embeds into ``out_path`` (its name on the dashboard; benchmarks match on it)."""
+    return f"{EMBED_KEY_PREFIX}{job_id}-{Path(out_path).stem}"
+
+
 def _write_partition(embeddings_path: str, **kwargs: Any) -> int | SinkError:
     """:func:`stages.write_stage`, with the store's final error returned instead of raised.
 
@@ -481,7 +489,7 @@ class _Embedding:
                 self.started = time.perf_counter()
             future = self.driver.client.submit(
                 stages.embed_stage, path, start, stop, out_path=self.out_paths[k], embedder=self.embedder,
-                key=f"embed-{self.spec.job_id}-{Path(self.out_paths[k]).stem}", priority=self.driver.priority,
+                key=embed_task_key(self.spec.job_id, self.out_paths[k]), priority=self.driver.priority,
                 retries=TASK_RETRIES, resources=self.resources, workers=[worker] if worker else None,
                 allow_other_workers=bool(worker), pure=False,
             )
