@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -190,7 +191,9 @@ _PACKAGE_PREFIX = "package:"
 def resolve_model_path(path: str) -> str:
     """A model directory from ``package:MODULE`` (MODULE.get_model_path()) or a plain path.
 
-    sentence-transformers rejects a Path object, so this always returns ``str``.
+    Runs where the model is used (driver and workers alike), so ``package:`` finds the
+    package in that process's own Python. sentence-transformers rejects a Path object, so this
+    always returns ``str``.
     """
     if path.startswith(_PACKAGE_PREFIX):
         import importlib
@@ -203,7 +206,11 @@ def resolve_model_path(path: str) -> str:
         return str(module.get_model_path())
     resolved = Path(path).expanduser()
     if not resolved.exists():
-        raise ConfigError(f"model path {path!r} does not exist")
+        # Said on a worker too: the host tells a path missing there from a typo on the driver.
+        raise ConfigError(
+            f"model path {path!r} does not exist on {socket.gethostname()}; a model's path must exist on "
+            "every machine that chunks or embeds (package:MODULE is found in each machine's own Python)"
+        )
     return str(resolved.resolve())
 
 

@@ -224,7 +224,7 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
                                                         dask_key_name=f"read-{spec.job_id}-{i}"),
                     out_path=chunk_paths[i],
                     chunk=spec.chunk,
-                    model_path=model_path,
+                    model_path=model.path,
                     max_tokens=max_tokens,
                     on_error=spec.on_error,
                     dask_key_name=f"chunk-{spec.job_id}-{i}",

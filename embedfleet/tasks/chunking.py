@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyarrow as pa
 
-from embedfleet.config import ChunkSpec
+from embedfleet.config import ChunkSpec, resolve_model_path
 from embedfleet.errors import ChunkingError
 from embedfleet.tasks.schemas import CHUNKS, DOCUMENTS, check_schema
 
@@ -108,17 +108,18 @@ def chunk_id(doc_id: str, chunk_index: int, text: str) -> str:
 def load_tokenizer(model_path: str) -> Tokenizer:
     """The model's fast tokenizer, loaded once per process, with truncation and padding off.
 
-    ``model_path`` is a model directory (or ``package:MODULE``). Its ``tokenizer.json`` is
-    read with :mod:`tokenizers`; without one, transformers' fast tokenizer for the directory
-    is used. The file may ask for truncation/padding (MiniLM's truncates at 128): both are
-    switched off, otherwise counts would silently stop at the truncation length.
+    ``model_path`` is the model's path as configured (``ModelSpec.path``): ``package:MODULE``
+    or a directory, resolved here by :func:`embedfleet.config.resolve_model_path`, as the
+    embedders resolve it. Chunk tasks are given that form rather than the driver's resolved
+    directory, which need not exist on a worker whose Python lives elsewhere. The directory's
+    ``tokenizer.json`` is read with :mod:`tokenizers`; without one, transformers' fast
+    tokenizer for the directory is used. The file may ask for truncation/padding (MiniLM's
+    truncates at 128): both are switched off, otherwise counts would silently stop at the
+    truncation length.
     """
-    if model_path.startswith("package:"):
-        from embedfleet.config import resolve_model_path
-
-        model_path = resolve_model_path(model_path)
     from tokenizers import Tokenizer
 
+    model_path = resolve_model_path(model_path)
     path = Path(model_path) / "tokenizer.json"
     if path.is_file():
         tokenizer = Tokenizer.from_file(str(path))
