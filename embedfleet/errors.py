@@ -17,6 +17,8 @@ exit code. The tree::
     ├── JobError                    a job cannot run as asked
     │   ├── JobNotFound             no such job (or not visible to this user)
     │   ├── JobCancelled            the job was cancelled while running
+    │   ├── MassDeleteRefused       a sync would delete most of a collection (or the source is empty)
+    │   ├── CorruptManifest         a collection's manifest cannot be read (mode full rebuilds it)
     │   └── QueueFull               the user's queue limit is reached
     ├── QuotaExceeded               the user's daily chunk quota would be exceeded
     ├── PermissionDenied            the user may not do this
@@ -41,6 +43,8 @@ __all__ = [
     "JobNotFound",
     "JobCancelled",
     "QueueFull",
+    "MassDeleteRefused",
+    "CorruptManifest",
     "QuotaExceeded",
     "PermissionDenied",
     "ScheduleError",
@@ -129,6 +133,14 @@ class JobNotFound(JobError):
 
 
 class JobCancelled(JobError):
+    pass
+
+
+class MassDeleteRefused(JobError):
+    """Stopped before deleting: the user confirms with ``--allow-mass-delete``."""
+
+
+class CorruptManifest(JobError):
     pass
 
 

@@ -13,6 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from embedfleet.errors import CorruptManifest
 from embedfleet.tasks.io import read_json, write_json_atomic
 
 __all__ = ["Manifest"]
@@ -26,10 +27,31 @@ class Manifest:
 
     @property
     def current(self) -> Path | None:
+        """The live version, or None for a collection no job committed to.
+
+        A damaged ``CURRENT`` raises :class:`CorruptManifest` saying where it is: guessing
+        would either re-embed everything or never delete a stale chunk again.
+        """
         if not self._pointer.exists():
             return None
-        path = self.root / read_json(self._pointer)["version"]
+        try:
+            name = read_json(self._pointer)["version"]
+            if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"not a version name: {name!r}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CorruptManifest(
+                f"the manifest of collection {self.root.name!r} is corrupt ({self._pointer}: {exc}); "
+                "run the job with --mode full to rebuild it from the store"
+            ) from None
+        path = self.root / name
         return path if path.exists() else None
+
+    def current_if_readable(self) -> Path | None:
+        """:attr:`current`, or None where it is damaged (mode full rebuilds it)."""
+        try:
+            return self.current
+        except CorruptManifest:
+            return None
 
     def files(self) -> list[str]:
         current = self.current
@@ -48,7 +70,7 @@ class Manifest:
         return path
 
     def commit(self, version: Path) -> None:
-        previous = self.current
+        previous = self.current_if_readable()
         write_json_atomic({"version": version.name}, self._pointer)
         if previous is not None and previous != version:
             shutil.rmtree(previous, ignore_errors=True)

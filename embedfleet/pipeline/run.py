@@ -25,7 +25,14 @@ import pyarrow.parquet as pq
 
 from embedfleet.config import resolve_model_path
 from embedfleet.embedders.cache import preload
-from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled, JobError, SinkError
+from embedfleet.errors import (
+    DuplicateDocumentError,
+    EmbedfleetError,
+    JobCancelled,
+    JobError,
+    MassDeleteRefused,
+    SinkError,
+)
 from embedfleet.pipeline.cluster import embed_resources, embed_workers, worker_threads
 from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
 from embedfleet.pipeline.manifest import Manifest
@@ -35,7 +42,6 @@ from embedfleet.sinks.registry import open_sink
 from embedfleet.sinks.writer_lock import exclusive_writer
 from embedfleet.tasks import stages
 from embedfleet.tasks.io import is_done, read_json, sidecar, write_json_atomic
-from embedfleet.tasks.schemas import CHUNKS
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +165,7 @@ def run_job(
 
 
 def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream: bool) -> None:
-    from embedfleet.datasets import plan_partitions, read_partition
+    from embedfleet.datasets import plan_partitions
     from embedfleet.tasks.chunking import reserved_tokens, validate_for_model
 
     client, progress = driver.client, driver.progress
@@ -213,26 +219,17 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
     # chunking and the first embedding tasks.
     opening = _in_thread(_open_sink, spec.sink, collection_name, info)
     try:
-        if todo:
-            from dask import delayed
-
-            # Plain tasks, not a dask dataframe: building and optimising a dataframe graph
-            # cost the driver ~0.5 s per job, and the documents stay Arrow tables end to end.
-            tasks = [
-                delayed(stages.chunk_stage, pure=False)(
-                    delayed(read_partition, pure=False)(spec.source, plan[i],
-                                                        dask_key_name=f"read-{spec.job_id}-{i}"),
-                    out_path=chunk_paths[i],
-                    chunk=spec.chunk,
-                    model_path=model.path,
-                    max_tokens=max_tokens,
-                    on_error=spec.on_error,
-                    dask_key_name=f"chunk-{spec.job_id}-{i}",
-                )
-                for i in todo
-            ]
-            for future, i in zip(client.compute(tasks, priority=driver.priority, retries=TASK_RETRIES), todo):
-                futures[future] = ("chunk", i)
+        # Plain tasks, never a dask dataframe (see tasks/diff.py), one per partition: each
+        # reads and chunks it. ``futures`` holds the only reference to each, so a finished one
+        # is released as soon as its stats are in, and a worker lost later cannot make the
+        # scheduler redo it. The tokenizer's path is resolved on the worker.
+        futures.update({
+            client.submit(stages.read_chunk_stage, spec.source, plan[i], out_path=chunk_paths[i], chunk=spec.chunk,
+                          model_path=model.path, max_tokens=max_tokens, on_error=spec.on_error,
+                          key=f"chunk-{spec.job_id}-{i}", priority=driver.priority, retries=TASK_RETRIES,
+                          pure=False): ("chunk", i)
+            for i in todo
+        })
 
         # With nothing to diff against (a new collection, or mode full) every chunk is
         # embedded, so each chunk partition is embedded as soon as it exists instead of after
@@ -269,13 +266,14 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
         ]
         non_empty = [p for i, p in enumerate(chunk_paths) if chunk_stats[i]["chunks"]]
         driver.background = (futures, on_done)  # streamed embedding goes on meanwhile
-        if spec.source.id_column is not None:
-            _check_duplicates(driver, non_empty, job_dir)
 
-        # --- diff against the manifest --------------------------------------------------
+        # --- diff against what the collection holds ---------------------------------------
         # (Streaming only happens when the diff embeds everything: it just finds stale chunks.)
-        embed_inputs, stale_paths = _diff(spec, driver, manifest, non_empty, job_dir)
+        diff = _diff(spec, driver, manifest, non_empty, job_dir,
+                     protected=[s.doc_id for s in result.skipped_documents], store=lambda: opening.result(),
+                     write_kwargs=embedding.write_kwargs)
         driver.background = None
+        embed_inputs, stale_paths = diff.embed_inputs, diff.stale
         to_embed = sum(pq.ParquetFile(p).metadata.num_rows for p in embed_inputs)
         if embedding.rows_per_slice is None:
             embedding.plan(to_embed)
@@ -333,7 +331,7 @@ def _run(spec: JobSpec, driver: _Driver, result: JobResult, before_embed, stream
                 progress.deleted += n
 
             driver.follow(futures, deleted)
-    _commit_manifest(spec, driver, manifest, non_empty)
+    _commit_manifest(spec, driver, manifest, non_empty, diff.manifest)
     if single_writer:
         stages.forget_collections()
     progress.stage = "done"
@@ -664,98 +662,153 @@ def _check_manifest_unchanged(manifest: Manifest, job_dir: Path) -> None:
         )
 
 
-def _chunk_frame(paths: list[str], columns: list[str] | None = None):
-    import dask.dataframe as dd
+@dataclasses.dataclass(frozen=True)
+class _Diff:
+    embed_inputs: list[str]  # chunk files, or the part of one the collection lacks
+    stale: list[str]  # files of chunk ids to delete from the store
+    manifest: list[str] | None  # the collection's next manifest; None: the job's chunk ids
 
-    return dd.read_parquet(paths, columns=columns, schema=CHUNKS) if columns is None else dd.read_parquet(paths, columns=columns)
 
+def _diff(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[str], job_dir: Path, *,
+          protected: list[str], store: Callable[[], bool], write_kwargs: dict) -> _Diff:
+    """What to embed, what to delete and the next manifest, for the job's mode (tasks/diff.py).
 
-def _check_duplicates(driver: _Driver, chunk_paths: list[str], job_dir: Path) -> None:
-    """Two documents with one doc_id would overwrite each other's chunks: refuse the source.
-
-    Only ids read from an id column can repeat: the ids a reader makes (relative paths,
-    ``<file>:<n>``, built-in keys) are unique by construction, and skipping the check spares
-    such jobs a shuffle. Counted on the cluster: every document's first chunk carries
-    chunk_index 0.
+    Mode full compares with the ids the store holds, not the manifest, so it also repairs a
+    lost or damaged manifest. Documents that could not be read now (``protected``) keep their
+    chunks in the store and the manifest. Raises before anything is written or deleted when
+    the source repeats a doc_id, or when the job would delete most of the collection.
     """
-    marker = job_dir / "unique-doc-ids.json"
-    if not chunk_paths or marker.exists():
-        return
-    firsts = _chunk_frame(chunk_paths, ["doc_id", "chunk_index"])
-    firsts = firsts[firsts["chunk_index"] == 0]
-    counts = firsts["doc_id"].value_counts()
-    found: list = []
-    future = driver.client.compute(counts[counts > 1], priority=driver.priority)
-    driver.follow({future: None}, lambda _key, result: found.append(result))
-    duplicates = found[0]
-    if len(duplicates):
-        raise DuplicateDocumentError(sorted(str(d) for d in duplicates.index))
-    write_json_atomic({"ok": True}, marker)
+    from embedfleet.tasks import diff as diffing
 
+    out = job_dir / "diff"
+    done = out / "_SUCCESS.json"
+    if spec.mode != "full":
+        _check_manifest_unchanged(manifest, job_dir)
+    if done.exists():
+        return _Diff(**read_json(done))
+    if out.exists():
+        shutil.rmtree(out)  # what an interrupted diff left; its inputs may have changed since
+    check_duplicates = spec.source.id_column is not None
+    old = _store_ids(driver, out / "store", single_writer=store(), write_kwargs=write_kwargs) \
+        if spec.mode == "full" else manifest.files()
+    if not old and not check_duplicates:
+        return _Diff(embed_inputs=chunk_paths, stale=[], manifest=None)
 
-def _compute_to_parquet(driver: _Driver, frame, out_dir: Path, schema) -> list[str]:
-    """Write a dask frame as Parquet on the cluster; a ``_SUCCESS.json`` marks it complete."""
-    done = out_dir / "_SUCCESS.json"
-    if not done.exists():
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
-        job = frame.to_parquet(str(out_dir), write_index=False, schema=schema, compute=False)
-        future = driver.client.compute(job, priority=driver.priority)
-        driver.follow({future: None}, lambda *_: None)
-        write_json_atomic({"ok": True}, done)
-    return sorted(str(p) for p in out_dir.glob("*.parquet") if pq.ParquetFile(p).metadata.num_rows)
-
-
-def _diff(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[str], job_dir: Path):
-    """Which chunks to embed, and which stale chunk ids to delete, for the job's mode.
-
-    Joined on the cluster against the collection's manifest, never in driver memory.
-    """
-    import pyarrow as pa
-
-    _check_manifest_unchanged(manifest, job_dir)
-    old = manifest.files()
-    if spec.mode == "full" or not old:
-        embed_inputs = chunk_paths
+    client, job_id = driver.client, spec.job_id
+    task = dict(priority=driver.priority, retries=TASK_RETRIES, pure=False)
+    rows = {path: pq.ParquetFile(path).metadata.num_rows for path in [*old, *chunk_paths]}
+    buckets = diffing.bucket_count(max(sum(rows[p] for p in old), sum(rows[p] for p in chunk_paths)))
+    new = list(enumerate(chunk_paths))
+    if buckets == 1:
+        old_in, new_in = {0: old}, {0: new}
     else:
-        known = _chunk_frame(old, ["chunk_id"]).assign(_known=True)
-        new = _chunk_frame(chunk_paths)
-        joined = new.merge(known, on="chunk_id", how="left")
-        fresh = joined[joined["_known"].isna()].drop(columns=["_known"])
-        embed_inputs = _compute_to_parquet(driver, fresh, job_dir / "todo", CHUNKS)
-    stale_paths: list[str] = []
-    if spec.mode in ("sync", "full") and old:
-        current = _chunk_frame(chunk_paths, ["chunk_id"]).assign(_current=True) if chunk_paths else None
-        previous = _chunk_frame(old, ["chunk_id"])
-        if current is None:
-            stale = previous
-        else:
-            joined = previous.merge(current, on="chunk_id", how="left")
-            stale = joined[joined["_current"].isna()][["chunk_id"]]
-        stale_paths = _compute_to_parquet(driver, stale, job_dir / "stale", pa.schema([("chunk_id", pa.string())]))
-    return embed_inputs, stale_paths
+        old_in, new_in = {}, {}
+        splits = {
+            client.submit(diffing.split_stage, path, columns=columns, out_dir=str(out / side), tag=f"{n:05d}",
+                          buckets=buckets, key=f"diff-split-{side}-{job_id}-{n}", **task): (side, n)
+            for side, columns, paths in (("old", diffing.IDS.names, enumerate(old)), ("new", diffing.NEW_COLUMNS, new))
+            for n, path in paths
+        }
+
+        def split(key: tuple[str, int], written: dict[int, str]) -> None:
+            side, n = key
+            for bucket, path in written.items():
+                if side == "old":
+                    old_in.setdefault(bucket, []).append(path)
+                else:
+                    new_in.setdefault(bucket, []).append((n, path))
+
+        driver.follow(splits, split)
+        # Each bucket's files in origin order, so a bucket's result does not depend on timing.
+        old_in = {b: sorted(paths) for b, paths in old_in.items()}
+        new_in = {b: sorted(pairs) for b, pairs in new_in.items()}
+
+    counts: dict[int, dict] = {}
+    driver.follow({
+        client.submit(diffing.diff_bucket_stage, old_in.get(b, []), new_in.get(b, []), mode=spec.mode,
+                      protected=tuple(protected), check_duplicates=check_duplicates, out_dir=str(out), bucket=b,
+                      key=f"diff-{job_id}-{b}", **task): b
+        for b in range(buckets)
+    }, counts.__setitem__)
+    duplicates = sorted(d for c in counts.values() for d in c["duplicates"])
+    if duplicates:
+        raise DuplicateDocumentError(duplicates)
+    if spec.mode != "append":
+        _check_mass_delete(spec, counts.values(), readable=driver.progress.documents)
+
+    embed_inputs: dict[int, str] = {}
+    selects = {}
+    for n, path in new:
+        fresh = {b: c["fresh"][n] for b, c in counts.items() if n in c["fresh"]}
+        if spec.mode == "full" or sum(fresh.values()) == rows[path]:
+            embed_inputs[n] = path
+        elif fresh:
+            embed_inputs[n] = str(out / "todo" / Path(path).name)
+            ids = [str(out / "fresh" / f"{n:05d}-b{b:04d}.parquet") for b in sorted(fresh)]
+            selects[client.submit(diffing.select_stage, path, ids, out_path=embed_inputs[n],
+                                  key=f"diff-select-{job_id}-{n}", **task)] = n
+    driver.follow(selects, lambda *_: None)
+    result = _Diff(
+        embed_inputs=[embed_inputs[n] for n in sorted(embed_inputs)],
+        stale=sorted(str(p) for p in (out / "stale").glob("*.parquet")),
+        manifest=sorted(str(p) for p in (out / "manifest").glob("*.parquet")),
+    )
+    write_json_atomic(dataclasses.asdict(result), done)
+    return result
 
 
-def _commit_manifest(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[str]) -> None:
+def _store_ids(driver: _Driver, out_dir: Path, *, single_writer: bool, write_kwargs: dict) -> list[str]:
+    """The files of every id the job's collection holds (:func:`stages.store_ids_stage`)."""
+    from embedfleet.tasks.diff import BUCKET_ROWS
+
+    kwargs = dict(write_kwargs, out_dir=str(out_dir), rows_per_file=BUCKET_ROWS)
+    if single_writer:
+        return stages.store_ids_stage(**kwargs)  # an embedded store is read by its one process
+    found: list[str] = []
+    future = driver.client.submit(stages.store_ids_stage, **kwargs, priority=driver.priority, pure=False)
+    driver.follow({future: None}, lambda _key, paths: found.extend(paths))
+    return found
+
+
+def _check_mass_delete(spec: JobSpec, counts: Iterable[dict], *, readable: int) -> None:
+    """Stop a job that would delete most of its collection, or delete from an empty source.
+
+    Counted in documents, not chunks: a changed document replaces its chunks and loses
+    nothing. An unmounted share or a wrong path looks like a source whose documents were all
+    removed; the user confirms with ``--allow-mass-delete`` if they were.
+    """
+    counts = list(counts)
+    before = sum(c["documents_before"] for c in counts)
+    gone = sum(c["documents_gone"] for c in counts)
+    if not gone or spec.allow_mass_delete:
+        return
+    examples = ", ".join(sorted(e for c in counts for e in c["gone_examples"])[:3])
+    confirm = "nothing was deleted; run again with --allow-mass-delete if they are really gone"
+    if readable == 0:
+        raise MassDeleteRefused(
+            f"the source has no readable document, so this {spec.mode} run would delete all {gone} documents of "
+            f"collection {spec.collection!r} (an unmounted share, or the wrong path?); {confirm}"
+        )
+    if gone > spec.max_delete_fraction * before:
+        raise MassDeleteRefused(
+            f"this {spec.mode} run would delete {gone} of the {before} documents of collection {spec.collection!r} "
+            f"({gone / before:.0%}; e.g. {examples}), more than embedfleet.index.max-delete-fraction "
+            f"({spec.max_delete_fraction:.0%}) allows; {confirm}"
+        )
+
+
+def _commit_manifest(spec: JobSpec, driver: _Driver, manifest: Manifest, chunk_paths: list[str],
+                     next_manifest: list[str] | None) -> None:
     marker = Path(spec.job_dir) / "committed.json"
     if marker.exists():
         return
-    old = manifest.files()
     version = manifest.new_version(spec.job_id)
     version.mkdir(parents=True, exist_ok=True)
-    if spec.mode == "append" and old:
-        import dask.dataframe as dd
-
-        ids = _chunk_frame(old, ["doc_id", "chunk_id"])
-        if chunk_paths:
-            ids = dd.concat([ids, _chunk_frame(chunk_paths, ["doc_id", "chunk_id"])]).drop_duplicates(subset=["chunk_id"])
-        future = driver.client.compute(ids.to_parquet(str(version), write_index=False, schema=stages.MANIFEST, compute=False),
-                                       priority=driver.priority)
-        driver.follow({future: None}, lambda *_: None)
+    if next_manifest is not None:
+        for i, path in enumerate(next_manifest):  # the diff wrote it
+            shutil.copyfile(path, version / f"part-{i:05d}.parquet")
     elif chunk_paths:
-        # The new manifest is this job's chunk ids: one small task per chunk file, no
-        # dataframe (importing and planning one cost the driver about a second per job).
+        # The new manifest is this job's chunk ids: one small task per chunk file.
         futures = {
             driver.client.submit(stages.manifest_stage, path, out_path=str(version / f"part-{i:05d}.parquet"),
                                  key=f"manifest-{spec.job_id}-{i}", priority=driver.priority, pure=False): i

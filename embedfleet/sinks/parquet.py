@@ -352,6 +352,11 @@ class ParquetCollection(SinkCollection):
                 seen.update(ids)
                 offset += batch.num_rows
 
+    def iter_ids(self, batch_size: int) -> Iterator[pa.Table]:
+        for batch in self.iter_batches(["doc_id", "chunk_id"]):
+            for start in range(0, batch.num_rows, max(1, batch_size)):
+                yield pa.Table.from_batches([batch.slice(start, batch_size)])
+
     def iter_batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
         """The live rows, streamed (part layout: ``embedding`` is a variable-size list)."""
         columns = list(columns or part_schema(self.info.dimensions).names)

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 from embedfleet.config import ChunkSpec, EmbedderSpec, RetrySpec
 from embedfleet.errors import CollectionMismatch, DocumentError, SinkError
 from embedfleet.sinks.base import CollectionInfo, SinkSpec
-from embedfleet.tasks.io import read_json, sidecar, write_json_atomic, write_table_atomic
+from embedfleet.tasks.io import is_done, read_json, sidecar, write_json_atomic, write_table_atomic
 from embedfleet.tasks.schemas import CHUNKS, DOCUMENTS, check_schema, embeddings_schema
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["chunk_stage", "embed_stage", "write_stage", "delete_stage", "manifest_stage", "with_retries"]
+__all__ = ["chunk_stage", "read_chunk_stage", "embed_stage", "store_ids_stage", "write_stage", "delete_stage", "manifest_stage", "with_retries"]
 
 T = TypeVar("T")
 
@@ -65,6 +65,20 @@ def chunk_stage(
     return stats
 
 
+def read_chunk_stage(source: Any, descriptor: Any, *, out_path: str, **chunk_options: Any) -> dict[str, Any]:
+    """Read one planned partition of ``source`` and chunk it, in one task.
+
+    One task, not a read task feeding a chunk task: the documents would then live only in the
+    read task's worker memory, and a worker lost after chunking made the scheduler read the
+    partition again. A partition whose chunks are on disk is not redone.
+    """
+    if is_done(out_path):
+        return read_json(sidecar(out_path))
+    from embedfleet.datasets.readers import read_partition
+
+    return chunk_stage(read_partition(source, descriptor), out_path=out_path, **chunk_options)
+
+
 def _vectors_column(vectors: np.ndarray, dimensions: int) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), type=pa.float32())
     return pa.FixedSizeListArray.from_arrays(flat, dimensions)
@@ -81,6 +95,9 @@ def embed_stage(
     from embedfleet.embedders.cache import get_embedder
     from embedfleet.embedders.hardware import release_freed_memory
 
+    if is_done(out_path):
+        # Dask runs a task again whose result was lost with its worker: the vectors are on disk.
+        return read_json(sidecar(out_path))
     table = pq.read_table(in_path, schema=CHUNKS).slice(row_start, row_stop - row_start)
     table = check_schema(table, CHUNKS, stage="embed input")
     model = get_embedder(embedder)
@@ -175,6 +192,42 @@ def write_stage(
     written = with_retries(upsert, retry=retry, what=f"writing {os.path.basename(embeddings_path)} to {sink.uri}")
     write_json_atomic({"written": written}, marker)
     return written
+
+
+def store_ids_stage(
+    *, sink: SinkSpec, collection: str, info: CollectionInfo, retry: RetrySpec, out_dir: str, rows_per_file: int
+) -> list[str]:
+    """Every ``doc_id, chunk_id`` the collection holds, as Parquet files under ``out_dir``.
+
+    Mode ``full`` diffs against these instead of the manifest, so chunks a lost or damaged
+    manifest no longer names are found and deleted too.
+    """
+    from embedfleet.tasks.diff import IDS
+
+    def listing() -> list[str]:
+        paths: list[str] = []
+        batches: list[pa.Table] = []
+
+        def flush() -> None:
+            path = os.path.join(out_dir, f"store-{len(paths):05d}.parquet")
+            write_table_atomic(pa.concat_tables(batches).cast(IDS), path)
+            paths.append(path)
+            batches.clear()
+
+        try:
+            for batch in _collection(sink, collection, info).iter_ids(min(rows_per_file, 10_000)):
+                batches.append(batch)
+                if sum(b.num_rows for b in batches) >= rows_per_file:
+                    flush()
+        except SinkError:
+            forget_collections()
+            raise
+        if batches:
+            flush()
+        return paths
+
+    os.makedirs(out_dir, exist_ok=True)
+    return with_retries(listing, retry=retry, what=f"listing the ids of {sink.uri}")
 
 
 def delete_stage(
