@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import dask
@@ -26,6 +31,7 @@ from embedfleet.datasets import (
     read_partition,
     source_spec,
 )
+from embedfleet.datasets.source import SourceSpec
 from embedfleet.errors import ConfigError, SourceError
 from embedfleet.tasks.schemas import DOCUMENTS
 
@@ -186,7 +192,9 @@ def test_symlink_outside_root_is_skipped(tmp_path, folder):
     os.symlink(outside, folder / "link.txt")
     os.symlink(folder / "a.txt", folder / "inside.txt")
     ids = by_id(read_all(source_spec(folder)))
-    assert "link.txt" not in ids
+    # Listed, so that the reason is reported, and never read.
+    assert ids["link.txt"]["text"] is None
+    assert ids["link.txt"]["error"] == f"resolves to {outside}, outside the source folder {folder}"
     assert ids["inside.txt"]["text"] == ids["a.txt"]["text"]
 
 
@@ -204,6 +212,224 @@ def test_folder_plan_is_deterministic_and_grouped(tmp_path):
     for part in plan:
         weight = sum(size + 4096 for _, size in part.files)
         assert weight <= 20_000 or len(part.files) == 1
+
+
+# --------------------------------------------------------------------------- unreadable entries
+
+# We run as root: without these capabilities, file permissions apply to root too.
+SETPRIV = ["/usr/bin/setpriv", "--inh-caps", "-dac_override,-dac_read_search",
+           "--bounding-set", "-dac_override,-dac_read_search"]
+
+_READ_EACH = """
+import json, sys
+from embedfleet.datasets import FileGroup, plan_partitions, read_partition, source_spec
+from embedfleet.errors import SourceError
+
+out = []
+for source in sys.argv[1:]:
+    try:
+        spec = source_spec(source)
+        plan = plan_partitions(spec)
+    except SourceError as exc:
+        out.append({"error": str(exc)})
+        continue
+    out.append({
+        "kind": spec.kind,
+        "listed": [[rel, size] for p in plan if isinstance(p, FileGroup) for rel, size in p.files],
+        "rows": [row for p in plan for row in read_partition(spec, p).to_pylist()],
+    })
+print(json.dumps(out))
+"""
+
+
+def read_unprivileged(*sources: Path) -> list[dict]:
+    """Plan and read each source in a subprocess without root's read-override capabilities."""
+    done = subprocess.run([*SETPRIV, sys.executable, "-c", _READ_EACH, *map(str, sources)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@contextlib.contextmanager
+def no_access(*paths: Path):
+    modes = [p.stat().st_mode for p in paths]
+    for p in paths:
+        p.chmod(0)
+    try:
+        yield
+    finally:
+        for p, mode in zip(paths, modes):
+            p.chmod(mode)
+
+
+def test_unreadable_folders_and_files_are_listed_and_reported(tmp_path):
+    root = tmp_path / "src"
+    write(root / "a.txt", "readable")
+    write(root / "sub" / "b.txt", "in a folder that cannot be listed")
+    write(root / "deep" / "inner" / "c.md", "deeper")
+    write(root / "deep" / "d.txt", "readable, beside a folder that cannot be listed")
+    write(root / "locked.txt", "a file that cannot be read")
+    write(root / ".private" / "e.txt", "hidden: ignored, readable or not")
+    only_locked = tmp_path / "only-locked"
+    write(only_locked / "notes.docx", "not a matching file")
+    write(only_locked / "sub" / "f.txt", "the only text is in a folder that cannot be listed")
+    locked_root = tmp_path / "locked-root"
+    write(locked_root / "g.txt", "x")
+    parquet = tmp_path / "pq"
+    parquet.mkdir()
+    pq.write_table(pa.table({"text": ["readable row"]}), parquet / "part-0.parquet")
+    (parquet / "more").mkdir()
+    pq.write_table(pa.table({"text": ["unlisted row"]}), parquet / "more" / "part-1.parquet")
+
+    with no_access(root / "sub", root / "deep" / "inner", root / "locked.txt", root / ".private",
+                   only_locked / "sub", locked_root, parquet / "more"):
+        folder, only, whole, table = read_unprivileged(root, only_locked, locked_root, parquet)
+
+    assert folder["listed"] == [["a.txt", 8], ["deep/d.txt", 47], ["deep/inner/", 0], ["locked.txt", 26], ["sub/", 0]]
+    reasons = {r["doc_id"]: r["error"] for r in folder["rows"]}
+    assert reasons == {
+        "a.txt": None,
+        "deep/d.txt": None,
+        "deep/inner/": "cannot list the folder: Permission denied",
+        "locked.txt": "cannot read the file: Permission denied",
+        "sub/": "cannot list the folder: Permission denied",
+    }
+    # Nothing readable matches, but the folder is a source: its unlisted part must not be taken as gone.
+    assert only["kind"] == "files" and only["listed"] == [["sub/", 0]]
+    assert [(r["doc_id"], r["error"]) for r in only["rows"]] == [("sub/", "cannot list the folder: Permission denied")]
+    assert whole == {"error": f"cannot list the source folder {locked_root}: Permission denied"}
+    assert table["kind"] == "parquet"
+    assert [(r["doc_id"], r["text"], r["error"]) for r in table["rows"]] == [
+        ("part-0.parquet:1", "readable row", None),
+        ("more/", None, "cannot list the folder: Permission denied"),
+    ]
+
+
+def test_symlink_loops_and_dangling_symlinks_are_skipped_with_reasons(tmp_path, folder):
+    os.symlink("self.txt", folder / "self.txt")
+    os.symlink("b.txt", folder / "sub" / "a.txt")
+    os.symlink("a.txt", folder / "sub" / "b.txt")
+    os.symlink("gone.md", folder / "dangling.md")
+    os.symlink("loop.docx", folder / "loop.docx")  # not a matching extension: not listed at all
+    spec = source_spec(folder)
+    rows = by_id(read_all(spec))
+    loop = "symlink loop (Too many levels of symbolic links)"
+    assert {k: rows[k]["error"] for k in ("self.txt", "sub/a.txt", "sub/b.txt", "dangling.md")} == {
+        "self.txt": loop, "sub/a.txt": loop, "sub/b.txt": loop, "dangling.md": "dangling symlink to gone.md",
+    }
+    assert "loop.docx" not in rows and rows["a.txt"]["error"] is None
+    # A folder of nothing but a loop is a source too (a loop is a document that cannot be read).
+    only = tmp_path / "only"
+    only.mkdir()
+    os.symlink("x.txt", only / "x.txt")
+    assert [(r["doc_id"], r["error"]) for r in read_all(source_spec(only))] == [("x.txt", loop)]
+
+
+# --------------------------------------------------------------------------- where files really are
+
+
+def test_allowed_roots_are_real_paths_in_a_hashable_picklable_spec(tmp_path, folder, fake_model):
+    from embedfleet.pipeline.job import JobSpec
+    from embedfleet.pipeline.spec import build_job_spec
+
+    os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-alias")
+    spec = source_spec(folder, allowed_roots=[tmp_path.parent / f"{tmp_path.name}-alias", str(tmp_path)])
+    assert spec.allowed_roots == (str(tmp_path.resolve()),)
+    assert pickle.loads(pickle.dumps(spec)) == spec and hash(spec) == hash(pickle.loads(pickle.dumps(spec)))
+    job = dataclasses.replace(build_job_spec(str(folder), data_dir=str(tmp_path / "data"), model=fake_model), source=spec)
+    back = JobSpec.from_json(job.to_json())
+    assert back == job and hash(back.source) == hash(spec)
+    # Empty roots leave the plan (which a resumed job's fingerprint is taken from) as it was.
+    assert source_spec(folder).allowed_roots == ()
+    assert plan_partitions(spec) == plan_partitions(source_spec(folder))
+    with pytest.raises(ConfigError, match="a list of folders, not one path"):
+        source_spec(folder, allowed_roots=str(tmp_path))
+    with pytest.raises(SourceError, match=f"source {folder} resolves to {folder}, outside the allowed roots"):
+        plan_partitions(source_spec(folder, allowed_roots=[tmp_path / "elsewhere"]))
+
+
+def test_source_folder_swapped_for_a_symlink_after_planning(tmp_path):
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
+    for name in ("a.txt", "b.txt"):
+        write(allowed / "docs" / name, f"public {name}")
+        write(secret / name, f"secret {name}")
+    docs = allowed / "docs"
+    bound = source_spec(docs, allowed_roots=[allowed])
+    free = source_spec(docs)
+    plans = {spec: plan_partitions(spec) for spec in (bound, free)}
+    docs.rename(allowed / "docs-before")
+    docs.symlink_to(secret)
+
+    rows = [row for part in plans[bound] for row in read_partition(bound, part).to_pylist()]
+    assert [(r["doc_id"], r["text"], r["error"]) for r in rows] == [
+        (name, None, f"resolves to {secret / name}, outside the allowed roots ({allowed})") for name in ("a.txt", "b.txt")
+    ]
+    rows = [row for part in plans[free] for row in read_partition(free, part).to_pylist()]
+    assert [r["error"] for r in rows] == [f"resolves to {secret / n}, outside the source folder {docs}" for n in ("a.txt", "b.txt")]
+    # Planned again, the swapped folder is not even listed.
+    for spec in (bound, free):
+        with pytest.raises(SourceError, match=f"source folder {docs} now resolves to {secret}"):
+            plan_partitions(spec)
+
+
+def test_symlink_swapped_while_the_file_is_opened_cannot_escape(tmp_path, folder, monkeypatch):
+    secret = write(tmp_path / "secret.txt", "secret")
+    link = folder / "link.txt"
+    link.symlink_to(folder / "a.txt")
+    spec = source_spec(folder)
+    plan = plan_partitions(spec)
+    real_open = os.open
+
+    def swapping_open(path, flags, *args, **kwargs):
+        if os.fspath(path) != str(link):
+            return real_open(path, flags, *args, **kwargs)
+        # The path leads outside while it is opened, and back inside by the time it is checked.
+        link.unlink()
+        link.symlink_to(secret)
+        fd = real_open(path, flags, *args, **kwargs)
+        link.unlink()
+        link.symlink_to(folder / "a.txt")
+        return fd
+
+    monkeypatch.setattr(os, "open", swapping_open)
+    rows = by_id(row for part in plan for row in read_partition(spec, part).to_pylist())
+    assert rows["link.txt"]["text"] is None
+    assert rows["link.txt"]["error"] == f"resolves to {secret}, outside the source folder {folder}"
+
+
+def _table(path: Path, records: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        write(path, "".join(json.dumps(r) + "\n" for r in records))
+    elif path.suffix == ".csv":
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        write(path, out.getvalue())
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_table_file_swapped_outside_the_allowed_roots_fails_the_source(tmp_path, suffix):
+    allowed = tmp_path / "allowed"
+    path = _table(allowed / f"data{suffix}", [{"text": "public"}])
+    secret = _table(tmp_path / "secret" / f"data{suffix}", [{"text": "secret"}])
+    spec = source_spec(path, allowed_roots=[allowed])
+    plan = plan_partitions(spec)
+    assert [r["text"] for r in read_partition(spec, plan[0]).to_pylist()] == ["public"]
+    path.unlink()
+    path.symlink_to(secret)
+    # Its records cannot be listed, so no error row could keep their vectors: the source fails.
+    with pytest.raises(SourceError, match=f"^data{suffix}: resolves to {secret}, outside the allowed roots"):
+        read_partition(spec, plan[0])
+    with pytest.raises(SourceError, match=f"source {path} resolves to {secret}, outside the allowed roots"):
+        plan_partitions(spec)
 
 
 # --------------------------------------------------------------------------- JSONL
@@ -315,6 +541,37 @@ def test_csv_row_numbers_and_invalid_utf8(tmp_path):
     assert "invalid UTF-8 at byte 7" in rows[1]["error"]
 
 
+def test_csv_long_fields_and_malformed_rows(tmp_path):
+    long_text = "lorem ipsum dolor sit amet, " * 75_000  # 2.1 MB: pyarrow.csv failed the file on it
+    path = write(
+        tmp_path / "d.csv",
+        "id,text,year\n"
+        f'a,"{long_text}",2020\n'
+        "b,one,two,three,2021\n"  # line 3: five fields
+        "c,short\n"  # line 4: two
+        'd,"multi\nline",2022\n'  # lines 5-6
+        "\n"  # a blank line is no record
+        "e,fine,2023\n"
+        'f,"unterminated\n',  # line 9 to the end
+    )
+    rows = read_all(source_spec(path))
+    assert [r["doc_id"] for r in rows] == [f"d.csv:{n}" for n in range(1, 7)]
+    got = by_id(rows)
+    assert got["d.csv:1"]["text"] == long_text
+    assert json.loads(got["d.csv:1"]["metadata"]) == {"id": "a", "year": 2020}
+    assert got["d.csv:2"]["error"] == "malformed CSV row at line 3: 5 fields, the header has 3"
+    assert got["d.csv:3"]["error"] == "malformed CSV row at line 4: 2 fields, the header has 3"
+    # The rows after a malformed one keep their record numbers.
+    assert got["d.csv:4"]["text"] == "multi\nline" and got["d.csv:5"]["text"] == "fine"
+    assert got["d.csv:6"]["error"] == "malformed CSV row at line 9: 2 fields, the header has 3"
+    by_key = by_id(read_all(source_spec(path, id_column="id")))
+    assert sorted(by_key) == ["a", "d", "d.csv:2", "d.csv:3", "d.csv:6", "e"]
+    assert json.loads(by_key["e"]["metadata"]) == {"year": 2023}
+    # Over the document limit, a long field is one error row; the rows after it are read.
+    limited = by_id(read_all(source_spec(path, max_document_bytes="1MiB")))
+    assert "over the limit of 1.00 MiB" in limited["d.csv:1"]["error"] and limited["d.csv:5"]["text"] == "fine"
+
+
 def test_parquet(tmp_path):
     import datetime
 
@@ -345,6 +602,39 @@ def test_parquet_missing_column_fails_at_plan(tmp_path):
         plan_partitions(source_spec(tmp_path / "t.parquet"))
     with pytest.raises(SourceError, match="no id column 'id'"):
         plan_partitions(source_spec(tmp_path / "t.parquet", text_column="body", id_column="id"))
+
+
+# --------------------------------------------------------------------------- metadata limit
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_metadata_over_the_limit_is_skipped_with_its_size_and_largest_field(tmp_path, suffix):
+    blob = "x" * 100_000
+    path = _table(tmp_path / f"t{suffix}", [
+        {"id": "small", "text": "a document", "blob": "tiny", "lang": "en"},
+        {"id": "big", "text": "a document with a large blob", "blob": blob, "lang": "en"},
+    ])
+    rows = by_id(read_all(source_spec(path, id_column="id")))
+    assert json.loads(rows["small"]["metadata"]) == {"blob": "tiny", "lang": "en"}
+    assert rows["big"]["text"] is None and rows["big"]["metadata"] is None
+    assert rows["big"]["error"] == (
+        "metadata is 97.68 kiB (100,023 bytes), over the limit of 64.00 kiB (65,536 bytes) "
+        "(embedfleet.read.max-metadata-bytes); its largest field is 'blob'"
+    )
+    assert by_id(read_all(source_spec(path, id_column="id", max_metadata_bytes="1MiB")))["big"]["error"] is None
+
+
+def test_metadata_limit_defaults_from_config_and_covers_a_metadata_object(tmp_path, folder):
+    assert source_spec(folder).max_metadata_bytes == 64 * 1024
+    with dask.config.set({"embedfleet.read.max-metadata-bytes": "1KiB"}):
+        spec = source_spec(write(tmp_path / "d.jsonl", json.dumps({"text": "t", "metadata": {"notes": "n" * 2000}})))
+    assert spec.max_metadata_bytes == 1024
+    [row] = read_all(spec)
+    assert row["error"].startswith("metadata is 1.96 kiB (2,012 bytes), over the limit of 1.00 kiB") and "'notes'" in row["error"]
+    # A page's title is metadata too.
+    page = write(tmp_path / "page" / "p.html", f"<html><head><title>{'t' * 3000}</title></head><body>body</body></html>")
+    [row] = read_all(source_spec(page.parent, max_metadata_bytes="1KiB"))
+    assert row["text"] is None and "its largest field is 'title'" in row["error"]
 
 
 # --------------------------------------------------------------------------- builtin

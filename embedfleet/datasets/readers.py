@@ -15,6 +15,26 @@ reason in ``error``, and the pipeline skips or fails on it (``embedfleet.on-erro
 wrong with the source *as a whole* (missing path, a CSV without the text column) raises
 :class:`~embedfleet.errors.SourceError`.
 
+What exists but cannot be read is reported, never left out of the listing (a sync deletes the
+vectors of documents that are gone, so one silently missing would lose its vectors):
+
+* a folder that cannot be listed is planned as ``"<path>/"`` and read as one error row with that
+  doc_id ("cannot list the folder: Permission denied"): every document under that prefix is
+  unknown, not gone. A source folder that cannot be listed at all raises SourceError.
+* a symlink loop, a dangling symlink, an unreadable file: an error row with the file's doc_id.
+* for tables (JSONL, CSV, Parquet) a file that cannot be read raises SourceError: its records
+  cannot be listed, so no row could stand for them. A bad record or CSV row is an error row.
+
+Where files really are
+----------------------
+Every reader checks the real path of the file it has opened (``/proc/self/fd``, so a symlink
+swapped in after the open changes nothing), on the worker, when it reads: a file of a folder
+source must lie inside the source folder, and any file inside one of ``SourceSpec.allowed_roots``
+when those are given. A document that resolves outside is an error row ("resolves to /x, outside
+the allowed roots"); a table file, a SourceError. Planning refuses a source folder whose own real
+path changed since the spec was built (a folder replaced by a symlink), and a source outside the
+allowed roots.
+
 Partitioning
 ------------
 * folders: files sorted by relative path, grouped greedily into about ``partition_bytes``
@@ -30,9 +50,11 @@ Partitioning
 
 Document ids
 ------------
-Folder files: the path relative to the source root, POSIX separators (a single file: its name).
+Folder files: the path relative to the source root, POSIX separators (a single file: its name);
+a folder that cannot be listed: its relative path and ``/``.
 Tables: the id column if one is given, else ``<file>:<n>``, where ``n`` is the 1-based line
-number in a JSONL file and the 1-based record number in CSV and Parquet. Without an id column
+number in a JSONL file and the 1-based record number in CSV and Parquet (a malformed CSV row
+counts as a record, so the rows after it keep their numbers). Without an id column
 each JSONL partition counts the newlines before its byte range (fast, but the total work grows
 with the square of the file size): give an id column for large JSONL files, and for stable
 ids across edits in any case.
@@ -41,17 +63,22 @@ ids across edits in any case.
 from __future__ import annotations
 
 import base64
+import contextlib
+import csv
 import datetime as _dt
 import decimal
+import errno
 import functools
+import io
 import json
 import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -84,6 +111,11 @@ _HTML_SUFFIXES = (".html", ".htm")
 _DEFAULT_TEXT_COLUMN = "text"
 _METADATA_COLUMN = "metadata"
 _MAX_DOC_KEY = "embedfleet.read.max-document-bytes"
+_MAX_META_KEY = "embedfleet.read.max-metadata-bytes"
+# The csv module refuses fields over 128 KiB by default, and a refused field derails the parse
+# of the rest of its record. A field is bounded by its file and a text by max-document-bytes
+# (checked per row), so the only limit here is the C long the csv module stores it in.
+_CSV_FIELD_LIMIT = 2**31 - 1
 # Each file costs an open/stat/read beyond its bytes; this keeps partitions of tiny files small.
 _FILE_WEIGHT = 4096
 # Built-in datasets are small; a few partitions still exercise the cluster.
@@ -143,19 +175,25 @@ def source_spec(
     extensions: Sequence[str] | str | None = None,
     max_document_bytes: int | str | None = None,
     partition_bytes: int | str | None = None,
+    max_metadata_bytes: int | str | None = None,
+    allowed_roots: Sequence[str | os.PathLike] = (),
 ) -> SourceSpec:
     """Decide what ``source`` is and freeze the reading options (``None`` -> ``embedfleet.read.*``).
 
     A folder is ``files`` (or ``parquet`` if it holds only .parquet files); a file is chosen by
     its suffix; ``python-docs`` / ``builtin:python-docs`` is a built-in dataset (an existing
     path of the same name wins over the bare name). ``text_column`` (default ``text``) and
-    ``id_column`` apply to JSONL, CSV and Parquet only.
+    ``id_column`` apply to JSONL, CSV and Parquet only. ``allowed_roots``: folders every file
+    read must really lie under (stored as real paths; checked by the readers when they open a
+    file, see the module docs); empty, no restriction.
     """
     exts = _normalise_extensions(extensions if extensions is not None else config.get("read.extensions"))
     options = dict(
         extensions=exts,
         max_document_bytes=_size_option(max_document_bytes, "read.max-document-bytes"),
+        max_metadata_bytes=_size_option(max_metadata_bytes, "read.max-metadata-bytes"),
         partition_bytes=_size_option(partition_bytes, "read.partition-bytes"),
+        allowed_roots=_real_roots(allowed_roots),
     )
     raw = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(raw, str) or not raw.strip():
@@ -196,14 +234,31 @@ def source_spec(
     )
 
 
+def _real_roots(roots: Sequence[str | os.PathLike]) -> tuple[str, ...]:
+    if isinstance(roots, (str, os.PathLike)):
+        raise ConfigError(f"allowed roots must be a list of folders, not one path ({os.fspath(roots)!r})")
+    real = set()
+    for root in roots:
+        text = os.fspath(root)
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"an allowed root must be a folder path, not {root!r}")
+        real.add(os.path.realpath(os.path.expanduser(text)))
+    return tuple(sorted(real))
+
+
 def _no_columns(what: str, text_column: str | None, id_column: str | None) -> None:
     if text_column or id_column:
         raise SourceError(f"text and id columns apply to JSONL, CSV and Parquet sources, not to a {what}")
 
 
 def _folder_kind(root: Path, exts: Sequence[str]) -> str:
-    matching = parquet = other = False
+    matching = parquet = other = unlisted = False
     for rel, _ in _iter_files(root):
+        if _unlisted(rel):
+            # Its contents are unknown: it makes the folder neither text nor Parquet, but a
+            # folder of nothing else is still a source (whose documents must not be deleted).
+            unlisted = True
+            continue
         suffix = _suffix(rel)
         matching |= suffix in exts
         if suffix == ".parquet":
@@ -214,7 +269,7 @@ def _folder_kind(root: Path, exts: Sequence[str]) -> str:
             break
     if parquet and not other:
         return "parquet"
-    if matching:
+    if matching or unlisted:
         return "files"
     raise SourceError(
         f"folder {root} has no files ending in {', '.join(exts)} (hidden files and folders are ignored); "
@@ -232,40 +287,59 @@ def _data_sidecar(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1].startswith("_")
 
 
-def _iter_files(root: Path) -> Iterator[tuple[str, int]]:
-    """(relative POSIX path, size) of the regular files under ``root``, in no particular order.
+def _unlisted(rel: str) -> bool:
+    """Whether ``rel`` stands for a folder that could not be listed (``"sub/"``)."""
+    return rel.endswith("/")
 
-    Hidden entries (``.git``, ``.DS_Store``) are skipped. Symlinked folders are not followed
-    (no cycles); a symlinked file is read only if it resolves inside the root, so a source
-    under an allowed root cannot reach outside it.
+
+def _iter_files(root: Path) -> Iterator[tuple[str, int]]:
+    """(relative POSIX path, size) of the files under ``root``, in no particular order.
+
+    Hidden entries (``.git``, ``.DS_Store``) are skipped and symlinked folders are not followed
+    (no cycles). What exists but cannot be examined is listed with size 0 so that reading it
+    reports why: a folder that cannot be listed as ``"<path>/"``, a symlink that loops or
+    dangles, a file that cannot be stat'ed. Symlinked files are listed wherever they point: the
+    reader checks where the file it opens really is.
     """
-    real_root = os.path.realpath(root)
-    stack: list[tuple[str, str]] = [("", str(root))]
+    try:
+        with os.scandir(root) as it:
+            top = list(it)
+    except OSError as exc:
+        raise SourceError(f"cannot list the source folder {root}: {exc.strerror or exc}") from exc
+    stack: list[tuple[str, list[os.DirEntry]]] = [("", top)]
     while stack:
-        rel, folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except PermissionError as exc:
-            logger.warning("skipping unreadable folder %s: %s", folder, exc)
-            continue
+        rel, entries = stack.pop()
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             child = f"{rel}/{entry.name}" if rel else entry.name
-            if entry.is_dir(follow_symlinks=False):
-                stack.append((child, entry.path))
-                continue
-            if entry.is_symlink():
-                target = os.path.realpath(entry.path)
-                if not target.startswith(real_root + os.sep):
-                    logger.warning("skipping %s: symlink to %s, outside the source folder", entry.path, target)
-                    continue
             try:
-                if entry.is_file():
-                    yield child, entry.stat().st_size
+                is_dir = entry.is_dir(follow_symlinks=False)
             except FileNotFoundError:  # removed while we were listing
                 continue
+            except OSError:  # its folder can be read but not searched
+                yield child, 0
+                continue
+            if is_dir:
+                try:
+                    with os.scandir(entry.path) as it:
+                        stack.append((child, list(it)))
+                except (FileNotFoundError, NotADirectoryError):  # removed or replaced meanwhile
+                    continue
+                except OSError:
+                    yield child + "/", 0
+                continue
+            try:
+                info = entry.stat()
+            except FileNotFoundError:
+                if entry.is_symlink():  # dangling
+                    yield child, 0
+                continue
+            except OSError:  # a symlink loop, or a file in a folder that cannot be searched
+                yield child, 0
+                continue
+            if stat.S_ISREG(info.st_mode):
+                yield child, info.st_size
 
 
 def _list_files(root: Path) -> list[tuple[str, int]]:
@@ -337,6 +411,8 @@ Partition = FileGroup | ByteRange | CsvFile | ParquetPieces | BuiltinPart
 
 def plan_partitions(spec: SourceSpec) -> list[Partition]:
     """The read partitions of ``spec``: cheap (listings, sizes, Parquet footers) and deterministic."""
+    if spec.kind != "builtin":
+        _check_location(spec)
     if spec.kind == "files":
         return _plan_files(spec)
     if spec.kind == "jsonl":
@@ -358,10 +434,27 @@ def plan_partitions(spec: SourceSpec) -> list[Partition]:
     raise SourceError(f"unknown source kind {spec.kind!r}")
 
 
+def _check_location(spec: SourceSpec) -> None:
+    """Refuse to list a source that is no longer where its spec says, or outside the roots.
+
+    The readers check each file again when they open it; this keeps a swapped source folder
+    from even being listed (its file names would be the job's doc ids).
+    """
+    real = os.path.realpath(spec.location)
+    if os.path.isdir(spec.location) and real != spec.location:
+        raise SourceError(
+            f"source folder {spec.location} now resolves to {real} (part of its path was replaced by a "
+            "symlink since the job was submitted); submit the job again"
+        )
+    problem = _outside_roots(spec, real)
+    if problem:
+        raise SourceError(f"source {spec.location} {problem}")
+
+
 def _plan_files(spec: SourceSpec) -> list[Partition]:
     location = Path(spec.location)
     if location.is_dir():
-        files = [(rel, size) for rel, size in _list_files(location) if _suffix(rel) in spec.extensions]
+        files = [(rel, size) for rel, size in _list_files(location) if _unlisted(rel) or _suffix(rel) in spec.extensions]
         if not files:
             raise SourceError(f"folder {location} has no files ending in {', '.join(spec.extensions)}")
     else:
@@ -394,7 +487,10 @@ def _parquet_files(spec: SourceSpec) -> list[tuple[str, int]]:
     location = Path(spec.location)
     if not location.is_dir():
         return _single_file(spec)
-    files = [(rel, size) for rel, size in _list_files(location) if _suffix(rel) == ".parquet" and not _data_sidecar(rel)]
+    files = [
+        (rel, size) for rel, size in _list_files(location)
+        if _unlisted(rel) or (_suffix(rel) == ".parquet" and not _data_sidecar(rel))
+    ]
     if not files:
         raise SourceError(f"folder {location} has no .parquet files")
     return files
@@ -414,9 +510,14 @@ def _plan_parquet(spec: SourceSpec) -> list[Partition]:
             groups.append(ParquetPieces(pieces=tuple(current), bytes=size, text_bytes=text_size))
         current, size, text_size = [], 0, 0
 
-    for rel, _ in _parquet_files(spec):
+    unlisted: list[tuple[str, int]] = []
+    for rel, size in _parquet_files(spec):
+        if _unlisted(rel):
+            unlisted.append((rel, size))
+            continue
         try:
-            metadata = pq.read_metadata(root / rel)
+            with _open_table_file(spec, rel) as f:
+                metadata = pq.read_metadata(f)
         except (OSError, pa.ArrowException) as exc:
             raise SourceError(f"{rel}: not a readable Parquet file ({exc})") from exc
         _check_columns(spec, rel, metadata.schema.to_arrow_schema())
@@ -436,6 +537,9 @@ def _plan_parquet(spec: SourceSpec) -> list[Partition]:
             text_size += text
             first_row += group.num_rows
     flush()
+    if unlisted:
+        # Read as a folder source's would be: one error row each, whatever the source's kind.
+        groups.append(FileGroup(files=tuple(unlisted)))
     # A source without a single row group still has one (empty) partition, like an empty JSONL file.
     return groups or [ParquetPieces(pieces=(), bytes=0, text_bytes=0)]
 
@@ -472,6 +576,94 @@ def _plan_builtin(spec: SourceSpec) -> list[Partition]:
     if current or not parts:
         parts.append(BuiltinPart(name=dataset.name, keys=tuple(current), bytes=weight))
     return parts
+
+
+# --------------------------------------------------------------------------- opening files
+
+
+class _Refused(Exception):
+    """A file that is there (or a symlink that is) but cannot or may not be read; str() says why."""
+
+
+def _open_checked(spec: SourceSpec, path: Path) -> BinaryIO:
+    """``path`` open for reading, if the file it really is may be read for ``spec``.
+
+    Raises FileNotFoundError (or NotADirectoryError) for a file that is not there, and
+    :class:`_Refused` for one that cannot or may not be read: a symlink loop, a dangling
+    symlink, no permission, not a regular file, or a real path outside the source folder or the
+    allowed roots.
+    """
+    try:
+        # Non-blocking: a FIFO swapped in for a file must not hang the worker (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        target = _link_target(path)
+        if target is None:
+            raise
+        raise _Refused(f"dangling symlink to {target}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Refused(f"symlink loop ({exc.strerror})") from None
+        if isinstance(exc, (PermissionError, IsADirectoryError)):
+            raise _Refused(f"cannot read the file: {exc.strerror}") from None
+        raise
+    f = os.fdopen(fd, "rb")
+    try:
+        problem = _where_refused(spec, _opened_path(fd, path))
+        if problem is None and not stat.S_ISREG(os.fstat(fd).st_mode):
+            problem = "not a regular file"
+        if problem:
+            raise _Refused(problem)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _open_table_file(spec: SourceSpec, rel: str) -> BinaryIO:
+    """A JSONL/CSV/Parquet file of ``spec``, open; one that cannot be read fails the source."""
+    try:
+        return _open_checked(spec, _root(spec) / rel)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SourceError(f"{rel} does not exist any more") from None
+    except _Refused as exc:
+        raise SourceError(f"{rel}: {exc}") from None
+
+
+def _link_target(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:  # not a symlink (or gone)
+        return None
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The real path of the file ``fd`` holds."""
+    try:
+        # The file that was opened, whatever the path leads to by now: a symlink swapped in
+        # between a check and the open cannot pass one file's check for another.
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no procfs: the path's target now, a check a swap can race
+        return os.path.realpath(path)
+
+
+def _where_refused(spec: SourceSpec, real: str) -> str | None:
+    """Why a file of ``spec`` whose real path is ``real`` may not be read, or None."""
+    problem = _outside_roots(spec, real)
+    if problem is None and spec.kind in ("files", "parquet") and os.path.isdir(spec.location):
+        if not _inside(real, spec.location):
+            problem = f"resolves to {real}, outside the source folder {spec.location}"
+    return problem
+
+
+def _outside_roots(spec: SourceSpec, real: str) -> str | None:
+    if spec.allowed_roots and not any(_inside(real, root) for root in spec.allowed_roots):
+        return f"resolves to {real}, outside the allowed roots ({', '.join(spec.allowed_roots)})"
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 # --------------------------------------------------------------------------- rows
@@ -514,6 +706,18 @@ def _format_size(n: int) -> str:
 
 def _too_big(size: int, limit: int) -> str:
     return f"document is {_format_size(size)}, over the limit of {_format_size(limit)} ({_MAX_DOC_KEY})"
+
+
+def _check_metadata(metadata: str, meta: dict, limit: int) -> str | None:
+    """Why ``metadata`` (``meta`` serialised) is too big to copy into every chunk, or None."""
+    size = len(metadata.encode("utf-8"))
+    if size <= limit:
+        return None
+    largest = max(meta, key=lambda key: len(_dumps({key: meta[key]})))
+    return (
+        f"metadata is {_format_size(size)}, over the limit of {_format_size(limit)} ({_MAX_META_KEY}); "
+        f"its largest field is {largest!r}"
+    )
 
 
 def _check_text(text: str, limit: int) -> str | None:
@@ -653,7 +857,12 @@ def _record(rows: _Rows, record: dict, *, location: str | Callable[[], str], spe
                 return
             # The explicit metadata object wins over a column of the same name.
             meta.update(_jsonable(extra))
-    rows.ok(doc_id, text, _dumps(meta))
+    metadata = _dumps(meta)
+    problem = _check_metadata(metadata, meta, spec.max_metadata_bytes)
+    if problem:
+        rows.fail(doc_id, problem)
+        return
+    rows.ok(doc_id, text, metadata)
 
 
 # --------------------------------------------------------------------------- read
@@ -683,24 +892,28 @@ def _read_files(spec: SourceSpec, part: FileGroup) -> pa.Table:
 
 
 def _read_file(rows: _Rows, path: Path, rel: str, spec: SourceSpec) -> None:
+    if _unlisted(rel):
+        rows.fail(rel, _unlisted_reason(path))
+        return
     extension = _suffix(rel)
     meta: dict[str, Any] = {"source": rel, "extension": extension}
     limit = spec.max_document_bytes
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            meta["bytes"] = size
-            if size > limit:
-                rows.fail(rel, _too_big(size, limit), _dumps(meta))
-                return
-            # The file may grow between the stat and the read: never read past the limit.
-            data = f.read(limit + 1)
-    except FileNotFoundError:
+        f = _open_checked(spec, path)
+    except (FileNotFoundError, NotADirectoryError):
         rows.fail(rel, "file not found (removed after the source was planned)", _dumps(meta))
         return
-    except (PermissionError, IsADirectoryError) as exc:
-        rows.fail(rel, f"cannot read the file: {exc.strerror or exc}", _dumps(meta))
+    except _Refused as exc:
+        rows.fail(rel, str(exc), _dumps(meta))
         return
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        meta["bytes"] = size
+        if size > limit:
+            rows.fail(rel, _too_big(size, limit), _dumps(meta))
+            return
+        # The file may grow between the stat and the read: never read past the limit.
+        data = f.read(limit + 1)
     meta["bytes"] = len(data)
     if len(data) > limit:
         rows.fail(rel, _too_big(len(data), limit), _dumps(meta))
@@ -726,11 +939,22 @@ def _read_file(rows: _Rows, path: Path, rel: str, spec: SourceSpec) -> None:
         if not text.strip():
             rows.fail(rel, "HTML page has no visible text", _dumps(meta))
             return
-    problem = _check_text(text, limit)
+    metadata = _dumps(meta)
+    # The metadata too: a page's title can be any length.
+    problem = _check_text(text, limit) or _check_metadata(metadata, meta, spec.max_metadata_bytes)
     if problem:
-        rows.fail(rel, problem, _dumps(meta))
+        rows.fail(rel, problem, metadata)
         return
-    rows.ok(rel, text, _dumps(meta))
+    rows.ok(rel, text, metadata)
+
+
+def _unlisted_reason(path: Path) -> str:
+    try:
+        with os.scandir(path):
+            pass
+    except OSError as exc:
+        return f"cannot list the folder: {exc.strerror or exc}"
+    return "cannot list the folder (it could not be listed when the source was planned)"
 
 
 def _declared_html_decode(data: bytes) -> str | None:
@@ -815,20 +1039,15 @@ def _html_to_text(markup: str) -> tuple[str, str | None]:
 
 
 def _read_jsonl(spec: SourceSpec, part: ByteRange) -> pa.Table:
-    path = _root(spec) / part.path
     end = part.start + part.length
     rows = _Rows()
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise SourceError(f"{part.path} does not exist any more") from None
-    with f:
+    with _open_table_file(spec, part.path) as f:
         if part.start > 0:
             # Finish the line that started before this range: it belongs to the previous one.
             f.seek(part.start - 1)
             f.readline()
         pos = f.tell()
-        lines = _LineNumbers(path, pos)
+        lines = _LineNumbers(f.fileno(), pos)
         index = 0
         while pos < end:
             line = f.readline()
@@ -844,12 +1063,12 @@ def _read_jsonl(spec: SourceSpec, part: ByteRange) -> pa.Table:
 class _LineNumbers:
     """Line numbers of a byte range's lines, counting the newlines before it only if asked."""
 
-    def __init__(self, path: Path, offset: int):
-        self.path, self.offset, self.base = path, offset, None
+    def __init__(self, fd: int, offset: int):
+        self.fd, self.offset, self.base = fd, offset, None
 
     def number(self, index: int) -> int:
         if self.base is None:
-            self.base = _newlines_before(self.path, self.offset)
+            self.base = _newlines_before(self.fd, self.offset)
         return self.base + index
 
 
@@ -877,61 +1096,110 @@ def _jsonl_line(rows: _Rows, line: bytes, *, line_start: int, spec: SourceSpec, 
     _record(rows, record, location=location, spec=spec)
 
 
-def _newlines_before(path: Path, offset: int) -> int:
-    if offset <= 0:
-        return 0
-    count = 0
-    remaining = offset
-    with open(path, "rb") as f:
-        while remaining:
-            block = f.read(min(remaining, 8 * 2**20))
-            if not block:
-                break
-            count += block.count(b"\n")
-            remaining -= len(block)
+def _newlines_before(fd: int, offset: int) -> int:
+    """Newlines in the first ``offset`` bytes of the open file ``fd`` (its position unmoved)."""
+    count = position = 0
+    while position < offset:
+        block = os.pread(fd, min(offset - position, 8 * 2**20), position)
+        if not block:
+            break
+        count += block.count(b"\n")
+        position += len(block)
     return count
 
 
 def _read_csv(spec: SourceSpec, part: CsvFile) -> pa.Table:
+    """A CSV file's records, parsed by the csv module and typed as pyarrow.csv would type them.
+
+    The csv module splits the records: a field of any length (pyarrow's reader fails a file
+    with one field longer than its block), and a row with the wrong number of fields is one
+    error row, not a failed file. Fields are decoded with ``surrogateescape`` so that invalid
+    UTF-8 fails only its own record; the columns besides text, id and metadata are then typed
+    by pyarrow's CSV inference, as they always were.
+    """
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    records: list[tuple[int, list[str] | str]] = []  # (record number, fields or why not)
+    with _open_table_file(spec, part.path) as f:
+        reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline=""))
+        header = next(reader, [])
+        while True:
+            line = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                records.append((len(records) + 1, f"malformed CSV row at line {line}: {exc}"))
+                continue
+            if not fields:
+                continue  # a blank line: no record, as pyarrow.csv reads it
+            if len(fields) != len(header):
+                records.append((len(records) + 1, f"malformed CSV row at line {line}: "
+                                f"{len(fields)} fields, the header has {len(header)}"))
+                continue
+            records.append((len(records) + 1, fields))
+    _check_columns(spec, part.path, pa.schema(
+        [pa.field(name, pa.binary() if name == spec.text_column else pa.string()) for name in header]
+    ))
+    good = [fields for _, fields in records if isinstance(fields, list)]
+    typed = _csv_typed_columns(spec, header, good)
+    rows = _Rows()
+    k = 0
+    for number, fields in records:
+        location = f"{part.path}:{number}"
+        if isinstance(fields, str):
+            rows.fail(location, fields)
+            continue
+        record: dict[str, Any] = {}
+        for i, name in enumerate(header):
+            if name in typed:
+                record[name] = typed[name][k]
+            elif name == spec.text_column:
+                # Its bytes as in the file, so invalid UTF-8 is reported where it is.
+                record[name] = fields[i].encode("utf-8", "surrogateescape")
+            else:
+                record[name] = fields[i]
+        k += 1
+        _record(rows, record, location=location, spec=spec)
+    return rows.table()
+
+
+def _csv_typed_columns(spec: SourceSpec, header: list[str], good: list[list[str]]) -> dict[str, list]:
+    """The values of the CSV's metadata columns, typed by pyarrow.csv from the good rows."""
     import pyarrow.csv as pacsv
 
-    path = _root(spec) / part.path
-    types = {spec.text_column: pa.binary(), _METADATA_COLUMN: pa.string()}
-    if spec.id_column:
-        types[spec.id_column] = pa.string()
-    try:
-        table = pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types=types),
-        )
-    except FileNotFoundError:
-        raise SourceError(f"{part.path} does not exist any more") from None
-    except pa.ArrowInvalid as exc:
-        raise SourceError(f"{part.path}: cannot parse CSV: {exc}") from exc
-    _check_columns(spec, part.path, table.schema)
-    rows = _Rows()
-    for number, record in enumerate(table.to_pylist(), start=1):
-        _record(rows, record, location=f"{part.path}:{number}", spec=spec)
-    return rows.table()
+    untyped = {spec.text_column, spec.id_column, _METADATA_COLUMN}
+    indices = [i for i, name in enumerate(header) if name not in untyped]
+    if not indices or not good:
+        return {}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([header[i] for i in indices])
+    writer.writerows([fields[i] for i in indices] for fields in good)
+    data = buffer.getvalue().encode("utf-8", "surrogateescape")
+    table = pacsv.read_csv(
+        pa.BufferReader(data),
+        # One block: a row can never straddle two, however long its fields.
+        read_options=pacsv.ReadOptions(block_size=min(len(data) + 1, _CSV_FIELD_LIMIT)),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+    )
+    return {header[i]: table.column(j).to_pylist() for j, i in enumerate(indices)}
 
 
 def _read_parquet(spec: SourceSpec, part: ParquetPieces) -> pa.Table:
     import pyarrow.parquet as pq
 
-    root = _root(spec)
     rows = _Rows()
     files: dict[str, Any] = {}
-    for piece in part.pieces:
-        if piece.path not in files:
-            try:
-                files[piece.path] = pq.ParquetFile(root / piece.path)
-            except FileNotFoundError:
-                raise SourceError(f"{piece.path} does not exist any more") from None
-            _check_columns(spec, piece.path, files[piece.path].schema_arrow)
-        table = files[piece.path].read_row_group(piece.row_group)
-        for k, record in enumerate(table.to_pylist()):
-            _record(rows, record, location=f"{piece.path}:{piece.first_row + k + 1}", spec=spec)
+    with contextlib.ExitStack() as opened:
+        for piece in part.pieces:
+            if piece.path not in files:
+                files[piece.path] = pq.ParquetFile(opened.enter_context(_open_table_file(spec, piece.path)))
+                _check_columns(spec, piece.path, files[piece.path].schema_arrow)
+            table = files[piece.path].read_row_group(piece.row_group)
+            for k, record in enumerate(table.to_pylist()):
+                _record(rows, record, location=f"{piece.path}:{piece.first_row + k + 1}", spec=spec)
     return rows.table()
 
 
