@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -31,9 +30,9 @@ from embedfleet.datasets import (
     read_partition,
     source_spec,
 )
-from embedfleet.datasets.source import SourceSpec
 from embedfleet.errors import ConfigError, SourceError
 from embedfleet.tasks.schemas import DOCUMENTS
+from tests.unprivileged import SETPRIV, no_access
 
 PROPERTY = settings(
     max_examples=int(os.environ.get("EMBEDFLEET_HYPOTHESIS_EXAMPLES", "40")),
@@ -216,10 +215,6 @@ def test_folder_plan_is_deterministic_and_grouped(tmp_path):
 
 # --------------------------------------------------------------------------- unreadable entries
 
-# We run as root: without these capabilities, file permissions apply to root too.
-SETPRIV = ["/usr/bin/setpriv", "--inh-caps", "-dac_override,-dac_read_search",
-           "--bounding-set", "-dac_override,-dac_read_search"]
-
 _READ_EACH = """
 import json, sys
 from embedfleet.datasets import FileGroup, plan_partitions, read_partition, source_spec
@@ -248,18 +243,6 @@ def read_unprivileged(*sources: Path) -> list[dict]:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-@contextlib.contextmanager
-def no_access(*paths: Path):
-    modes = [p.stat().st_mode for p in paths]
-    for p in paths:
-        p.chmod(0)
-    try:
-        yield
-    finally:
-        for p, mode in zip(paths, modes):
-            p.chmod(mode)
 
 
 def test_unreadable_folders_and_files_are_listed_and_reported(tmp_path):
