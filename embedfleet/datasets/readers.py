@@ -114,7 +114,8 @@ _MAX_DOC_KEY = "embedfleet.read.max-document-bytes"
 _MAX_META_KEY = "embedfleet.read.max-metadata-bytes"
 # The csv module refuses fields over 128 KiB by default, and a refused field derails the parse
 # of the rest of its record. A field is bounded by its file and a text by max-document-bytes
-# (checked per row), so the only limit here is the C long the csv module stores it in.
+# (checked per row), so the limit is only the most both the csv module (a C long, 32 bits on
+# some platforms) and a pyarrow.csv block (int32) can hold.
 _CSV_FIELD_LIMIT = 2**31 - 1
 # Each file costs an open/stat/read beyond its bytes; this keeps partitions of tiny files small.
 _FILE_WEIGHT = 4096
@@ -454,7 +455,9 @@ def _check_location(spec: SourceSpec) -> None:
 def _plan_files(spec: SourceSpec) -> list[Partition]:
     location = Path(spec.location)
     if location.is_dir():
-        files = [(rel, size) for rel, size in _list_files(location) if _unlisted(rel) or _suffix(rel) in spec.extensions]
+        files = [
+            (rel, size) for rel, size in _list_files(location) if _unlisted(rel) or _suffix(rel) in spec.extensions
+        ]
         if not files:
             raise SourceError(f"folder {location} has no files ending in {', '.join(spec.extensions)}")
     else:
@@ -713,11 +716,10 @@ def _check_metadata(metadata: str, meta: dict, limit: int) -> str | None:
     size = len(metadata.encode("utf-8"))
     if size <= limit:
         return None
-    largest = max(meta, key=lambda key: len(_dumps({key: meta[key]})))
-    return (
-        f"metadata is {_format_size(size)}, over the limit of {_format_size(limit)} ({_MAX_META_KEY}); "
-        f"its largest field is {largest!r}"
-    )
+    reason = f"metadata is {_format_size(size)}, over the limit of {_format_size(limit)} ({_MAX_META_KEY})"
+    if meta:
+        reason += f"; its largest field is {max(meta, key=lambda key: len(_dumps({key: meta[key]})))!r}"
+    return reason
 
 
 def _check_text(text: str, limit: int) -> str | None:
