@@ -11,13 +11,15 @@ pytest finds fixtures that are module attributes.
 * ``service``: a JobService on ``db_url`` with the fake clock and estimator, and a spec
   builder that never reads files.
 * :class:`FakeRunner`: a ``run_job`` stand-in that reports progress, calls ``before_embed``,
-  honours ``cancel`` between its "tasks", and records concurrency.
+  honours ``cancel`` between its "tasks", records each task's rows as run_job's embedding
+  partitions do (the job service charges what they hold), and records concurrency.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import threading
 import time
@@ -223,7 +225,9 @@ class FakeRunner:
     A job "reads" ``documents`` documents into ``chunks`` chunks (``chunks`` may be a callable of
     the spec), of which ``skipped`` are unchanged; ``before_embed`` is called with the rest;
     they are embedded in ``tasks`` equal tasks taking ``task_seconds`` each, checking ``cancel``
-    between tasks (a cancelled job returns status "cancelled", like run_job). ``gate`` (an
+    between tasks (a cancelled job returns status "cancelled", like run_job). Each task leaves
+    the sidecar a real embedding partition leaves, ``<job_dir>/embeddings/*.parquet.json``
+    with its ``rows``, which is what the dispatcher charges. ``gate`` (an
     Event), when given, is waited on before embedding, so a test can look at a running job.
     """
 
@@ -291,11 +295,14 @@ class FakeRunner:
                         break
             progress.stage = "embedding"
             per_task = [to_embed // self.tasks + (1 if i < to_embed % self.tasks else 0) for i in range(self.tasks)]
-            for n in per_task:
+            embeddings = Path(spec.job_dir) / "embeddings"
+            embeddings.mkdir(parents=True, exist_ok=True)
+            for i, n in enumerate(per_task):
                 if cancel is not None and cancel.is_set():
                     return self._result(spec, progress, "cancelled")
                 if self.task_seconds:
                     time.sleep(self.task_seconds)
+                (embeddings / f"e-fake-{i:05d}.parquet.json").write_text(json.dumps({"rows": n}))
                 progress.embedded += n
                 with self.lock:
                     self.tasks_done[spec.job_id] += 1

@@ -10,7 +10,9 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from embedfleet.pipeline.run import run_job
 from embedfleet.schedulers.dispatcher import Dispatcher
+from embedfleet.errors import QuotaExceeded
 from embedfleet.schedulers.service import JobService
+from embedfleet.sinks.naming import physical_name
 from tests.db import db_url, wait_for  # noqa: F401
 
 
@@ -78,6 +80,79 @@ def test_exact_quota_check_stops_the_real_pipeline_before_embedding(db_url, data
     assert info.status == "failed"
     assert "to embed but user 'tim' has only 3 of today's 3 chunks left" in info.error
     assert (info.embedded, info.charged) == (0, 0) and info.chunks > 3
+    # The store was opened (creating the collection) beside chunking; the refused job leaves no
+    # empty collection behind.
+    assert physical_name("tim", "kb") not in _collections(data_dir)
+
+
+def _collections(data_dir) -> list[str]:
+    from embedfleet.sinks.registry import open_sink
+
+    with open_sink(f"chroma://{data_dir}/chroma") as sink:
+        return sink.list_collections()
+
+
+def test_a_refused_job_keeps_a_collection_that_has_data(db_url, data_dir, docs_dir, fake_model, client):  # noqa: F811
+    """Only an empty collection no job committed to is the refused job's own: one with data stays."""
+    tiers = {"embedfleet.jobs.tiers.tiny": {"daily-chunks": 1000, "concurrent-jobs": 1, "multiplier": 1.0}}
+    with dask.config.set({"embedfleet.embed.model": fake_model, **tiers}):
+        service = JobService(db_url, data_dir=data_dir, estimator=lambda source, chunk: 1)
+        service.add_user("tim", tier="tiny")
+        first = service.submit(str(docs_dir), user="tim", collection="kb", chunk_size=24, chunk_overlap=4)
+        service.run_once(client=client)
+        stored = service.status(first.id, user="tim").embedded
+        (docs_dir / "new.txt").write_text("A new document about harbours, cranes and winter storms. " * 40)
+        with dask.config.set({"embedfleet.jobs.tiers.tiny.daily-chunks": stored + 1}):
+            second = service.submit(str(docs_dir), user="tim", collection="kb", chunk_size=24, chunk_overlap=4)
+            service.run_once(client=client)
+        info = service.status(second.id, user="tim")
+        service.close()
+    assert info.status == "failed" and "to embed but user 'tim' has only 1 of" in info.error
+    from embedfleet.sinks.registry import open_sink
+
+    with open_sink(f"chroma://{data_dir}/chroma") as sink:
+        assert sink.open(physical_name("tim", "kb")).count() == stored
+
+
+def test_a_no_change_sync_is_admitted_with_little_quota_left(db_url, data_dir, fake_model, client, tmp_path):  # noqa: F811
+    """A no-change sync of a collection larger than what the user has left is admitted (unchanged
+    chunks are free) and charges nothing; a changed source is refused by the exact count, before
+    anything is embedded, and charged nothing either."""
+    from tests import faults_helpers as fh
+
+    corpus = tmp_path / "corpus"
+    fh.make_corpus(corpus, documents=200, words=400, seed=3)
+    args = dict(collection="kb")  # default chunking (200/32 tokens), where the estimate errs most
+    with dask.config.set({"embedfleet.embed.model": fake_model,
+                          "embedfleet.jobs.tiers.small": {"daily-chunks": 100000, "concurrent-jobs": 1, "multiplier": 1.0}}):
+        service = JobService(db_url, data_dir=data_dir)  # the real estimator, from file sizes
+        service.add_user("syn", tier="small")
+        first = service.submit(str(corpus), user="syn", **args)
+        service.run_once(client=client)
+        built = service.status(first.id, user="syn")
+        assert built.status == "succeeded" and built.charged == built.chunks > 150
+        # 150 left, fewer than the collection holds and than the estimator's error on it.
+        with dask.config.set({"embedfleet.jobs.tiers.small.daily-chunks": built.chunks + 150}):
+            assert service.quota("syn").remaining == 150
+            with pytest.raises(QuotaExceeded, match="has only 150 of"):  # a new collection still is refused
+                service.submit(str(corpus), user="syn", **{**args, "collection": "copy"})
+            same = service.submit(str(corpus), user="syn", **args)
+            # Even less what the collection holds, the estimate's own error is more than is left:
+            # only the exact count can tell this job embeds nothing.
+            assert same.estimated_chunks > 150
+            service.run_once(client=client)
+            unchanged = service.status(same.id, user="syn")
+            assert (unchanged.status, unchanged.embedded, unchanged.skipped, unchanged.charged) == (
+                "succeeded", 0, built.chunks, 0)
+
+            fh.make_corpus(corpus, documents=200, words=400, seed=4)  # every document rewritten
+            changed = service.submit(str(corpus), user="syn", **args)
+            service.run_once(client=client)
+            refused = service.status(changed.id, user="syn")
+            assert refused.status == "failed" and "chunks to embed but user 'syn' has only 150 of" in refused.error
+            assert (refused.embedded, refused.charged) == (0, 0)
+            assert service.quota("syn").used_today == built.chunks
+        service.close()
 
 
 def test_cancel_stops_the_jobs_dask_tasks(jobs, client, docs_dir):

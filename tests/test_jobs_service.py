@@ -20,7 +20,7 @@ def _charge(service, user, chunks):
     job = service.submit("/srv/x", user=user, collection="kb")
     cand = next(c for c in service.rank() if c.id == job.id)
     claim = service.claim(cand, dispatcher="test")
-    assert service.finish(claim, status="succeeded", counts=Counts(embedded=chunks), charge=chunks)
+    assert service.finish(claim, status="succeeded", counts=Counts(embedded=chunks), embedded=chunks)
     return job.id
 
 
@@ -91,7 +91,8 @@ def test_quota_refusal_names_the_exact_remaining_amount(service, estimator):  # 
     estimator.value = 600
     service.submit("/srv", user="alice", collection="kb")  # exactly what is left fits
     q = service.quota("alice")
-    assert (q.daily_limit, q.used_today, q.remaining, q.queued) == (1000, 400, 600, 1)
+    # The queued job holds its estimate: nothing is left for another one.
+    assert (q.daily_limit, q.used_today, q.reserved, q.remaining, q.queued) == (1000, 400, 600, 0, 1)
 
 
 def test_quota_resets_on_the_next_utc_day(service, estimator, clock):  # noqa: F811

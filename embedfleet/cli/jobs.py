@@ -49,7 +49,7 @@ def _describe(info) -> str:
         (
             "chunks",
             f"{info.chunks:,} (embedded {info.embedded:,}, unchanged {info.skipped:,}, deleted {info.deleted:,}; "
-            f"estimated {info.estimated_chunks:,})",
+            f"estimated to embed {info.estimated_chunks:,})",
         ),
         ("partitions", f"{info.partitions_done}/{info.partitions_total}"),
         ("created", _fmt_time(info.created_at)),
@@ -117,7 +117,9 @@ def submit(source, user, collection, priority, mode, sink, model, chunk_size, ch
 
     The job is refused if its estimated chunks exceed what is left of the user's daily quota
     (the message says how much is left), if the user already has too many jobs waiting, or if
-    the source is outside the configured allowed roots. A dispatcher (`jobs run`) runs it.
+    the source is outside the configured allowed roots. A sync or append into a collection
+    that already holds chunks is checked only by the exact count after chunking, since
+    unchanged chunks are free. A dispatcher (`jobs run`) runs it.
 
     \b
     Examples:
@@ -146,7 +148,7 @@ def submit(source, user, collection, priority, mode, sink, model, chunk_size, ch
     if as_json:
         emit_json(info.to_dict())
     else:
-        click.echo(f"Queued job {info.id} for {info.user} (estimated {info.estimated_chunks:,} chunks, priority {info.priority}).")
+        click.echo(f"Queued job {info.id} for {info.user} (estimated {info.estimated_chunks:,} chunks to embed, priority {info.priority}).")
 
 
 @jobs.command("run")

@@ -28,8 +28,8 @@ def show(user, database_url, data_dir, as_json):
     """Show a user's tier, daily limit, chunks used today, remaining, and running jobs.
 
     Only embedded chunks are charged; unchanged chunks skipped by an incremental run are
-    free. "Reserved" chunks belong to running jobs that passed the quota check and have not
-    embedded them yet.
+    free. "Reserved" chunks are held by the user's queued and running jobs and not charged
+    yet: a waiting job's estimate, a running job's exact count once checked after chunking.
 
     \b
     Examples:

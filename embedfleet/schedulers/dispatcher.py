@@ -19,27 +19,36 @@ A :class:`JobExecution` has a monitor thread that every ``tick`` (0.5 s) writes 
 progress (stage, counts) with the lease heartbeat and the charge for newly embedded chunks in
 one transaction, and reads ``cancel_requested``; a requested cancel sets the ``cancel`` Event
 the runner watches, which cancels the job's futures. Every write of a run is fenced by the
-claim's ``attempt``: a dispatcher that lost its lease can no longer touch the job.
+claim's ``attempt``: a dispatcher that lost its lease can no longer touch the job. What a job
+is charged for is what its embedding partitions on disk hold (:class:`EmbeddedOnDisk`), over
+all its runs, so an embedding task that finished after its run was stopped is charged by
+the run that resumes the job, once.
 
-Stopping (Ctrl-C, :meth:`Dispatcher.stop`): no new claims; running jobs are cancelled on the
-cluster and recorded ``interrupted`` (resumed by the next dispatcher) unless they finish first.
+Stopping (Ctrl-C, SIGTERM, :meth:`Dispatcher.stop`): no new claims; running jobs are cancelled
+on the cluster and recorded ``interrupted`` (resumed by the next dispatcher) unless they finish
+first. A second SIGTERM or SIGINT (:class:`StopSignals`) stops the process at once, even with a
+job thread stuck for good: this dispatcher's jobs are recorded ``interrupted`` first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy.exc import DBAPIError
 
 from embedfleet import config
-from embedfleet.errors import EmbedfleetError, JobCancelled
+from embedfleet.errors import EmbedfleetError, JobCancelled, QuotaExceeded
 from embedfleet.schedulers.service import NOTIFY_CHANNEL, Claim, Counts, JobInfo, JobService
 
 if TYPE_CHECKING:
@@ -67,6 +76,39 @@ def _error_text(exc: BaseException) -> str:
     if isinstance(exc, EmbedfleetError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+class EmbeddedOnDisk:
+    """Chunks a job embedded over all its runs: the rows of its embedding partitions on disk.
+
+    Every finished embedding task leaves ``<job_dir>/embeddings/<partition>.parquet.json``
+    (renamed into place after its Parquet file) with its ``rows``, whichever run submitted it
+    and whether or not that run was still there to see it finish; a resumed job reuses it and
+    never embeds it again. A runner that does not embed through these files is charged
+    nothing. Sidecars once read are remembered, so a monitor tick reads only new ones.
+    """
+
+    SUFFIX = ".parquet.json"
+
+    def __init__(self, job_dir: str | os.PathLike):
+        self.dir = Path(job_dir) / "embeddings"
+        self._rows: dict[str, int] = {}
+        self._lock = threading.Lock()  # the monitor and the runner's before_embed both count
+
+    def total(self) -> int:
+        with self._lock:
+            try:
+                names = os.listdir(self.dir)
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                if name.endswith(self.SUFFIX) and not name.startswith(".") and name not in self._rows:
+                    try:
+                        with open(self.dir / name) as f:
+                            self._rows[name] = int(json.load(f)["rows"])
+                    except (OSError, ValueError, KeyError, TypeError):  # counted at the next look
+                        log.warning("embedding partition %s unreadable; not counted yet", self.dir / name)
+            return sum(self._rows.values())
 
 
 class JobExecution:
@@ -97,7 +139,8 @@ class JobExecution:
         self._lock = threading.Lock()
         self._latest: Progress | None = None
         self._dirty = False
-        self._charged = 0  # chunks of this run charged so far
+        self._embedded: EmbeddedOnDisk | None = None  # once the spec is read
+        self._reported: int | None = None  # the embedded total the job record last took
         self._stop = threading.Event()
         self.user_cancelled = False
         self.lost = False
@@ -124,7 +167,7 @@ class JobExecution:
             self._user_on_progress(progress)
 
     def _before_embed(self, chunks: int) -> None:
-        self.service.reserve(self.claim, int(chunks))
+        self.service.reserve(self.claim, int(chunks), embedded=self._embedded.total())
 
     # -- monitor --------------------------------------------------------------------------
 
@@ -143,14 +186,15 @@ class JobExecution:
         with self._lock:
             progress, dirty = self._latest, self._dirty
             self._dirty = False
-        wrote = dirty or heartbeat
+        embedded = self._embedded.total()
+        new_embedded = embedded if embedded != self._reported else None
+        wrote = dirty or heartbeat or new_embedded is not None
         try:
             if wrote:
-                charge = max(0, progress.embedded - self._charged) if progress is not None else 0
                 counts = Counts.from_progress(progress) if dirty and progress is not None else None
-                cancel = self.service.heartbeat(self.claim, counts=counts, charge=charge)
-                if cancel is not None:
-                    self._charged += charge
+                cancel = self.service.heartbeat(self.claim, counts=counts, embedded=new_embedded)
+                if cancel is not None and new_embedded is not None:
+                    self._reported = new_embedded
             else:
                 cancel = self.service.poll(self.claim)
         except Exception:
@@ -184,6 +228,7 @@ class JobExecution:
                 raise
             return None
 
+        self._embedded = EmbeddedOnDisk(spec.job_dir)
         monitor = threading.Thread(target=self._monitor, name=f"embedfleet-monitor-{self.job_id}", daemon=True)
         monitor.start()
         result = None
@@ -230,7 +275,10 @@ class JobExecution:
 
         with self._lock:
             progress = self._latest
-        embedded = max(result.embedded if result is not None else 0, progress.embedded if progress else 0)
+        if isinstance(error, QuotaExceeded):
+            # Refused by the exact check after chunking: nothing was written, but the store was
+            # opened (creating the collection) beside chunking.
+            _drop_collection_left_empty(spec)
         if result is not None:
             counts = Counts(
                 stage=progress.stage if progress is not None and status != "succeeded" else None,
@@ -245,18 +293,19 @@ class JobExecution:
             )
         else:
             counts = Counts.from_progress(progress) if progress is not None else None
-        self._finish(status, counts=counts, charge=max(0, embedded - self._charged), error=message)
+        self._finish(status, counts=counts, embedded=self._embedded.total(), error=message)
         if error is not None and reraise:
             raise error
         return result
 
-    def _finish(self, status: str, *, counts: Counts | None = None, charge: int = 0, error: str | None = None) -> None:
+    def _finish(self, status: str, *, counts: Counts | None = None, embedded: int | None = None,
+                error: str | None = None) -> None:
         if self.lost:
             log.warning("job %s ended %s after this dispatcher lost it; not recorded", self.job_id, status)
             return
         for attempt in range(3):
             try:
-                recorded = self.service.finish(self.claim, status=status, counts=counts, charge=charge, error=error)
+                recorded = self.service.finish(self.claim, status=status, counts=counts, embedded=embedded, error=error)
                 break
             except Exception:
                 if attempt == 2:
@@ -264,12 +313,39 @@ class JobExecution:
                     return
                 time.sleep(0.2 * (attempt + 1))
         if recorded:
-            self._charged += charge
             self.status = status
             log.info("job %s %s", self.job_id, status)
         else:
             self.lost = True
             log.warning("job %s ended %s but is no longer this run's (lease expired); not recorded", self.job_id, status)
+
+
+def _drop_collection_left_empty(spec) -> None:
+    """Drop the job's collection if it holds nothing and no job ever committed to it.
+
+    A job refused by the exact quota check has written nothing, but its store was opened with
+    ``create`` beside chunking; the collection it leaves is then empty and has no manifest.
+    One with a manifest, or with any row in it, is not this job's to drop. Jobs of one
+    collection run one at a time, and an embedded store is dropped under its writer lock.
+    """
+    from embedfleet.pipeline.manifest import Manifest
+    from embedfleet.sinks.naming import physical_name
+    from embedfleet.sinks.registry import open_sink
+    from embedfleet.sinks.writer_lock import exclusive_writer, lock_path
+
+    name = physical_name(spec.user, spec.collection)
+    try:
+        if Manifest(spec.data_dir, spec.sink.uri, name).files():
+            return
+        lock = lock_path(spec.sink.uri)
+        if lock is not None and not lock.parent.exists():
+            return  # an embedded store that was never created
+        with exclusive_writer(spec.sink.uri), open_sink(spec.sink) as sink:
+            if name in sink.list_collections() and sink.open(name).count() == 0:
+                sink.drop(name)
+                log.info("job %s: dropped the empty collection %r it created", spec.job_id, spec.collection)
+    except Exception as exc:  # noqa: BLE001 - the job's own failure is what its record must say
+        log.warning("job %s: could not drop its empty collection %r: %s", spec.job_id, spec.collection, exc)
 
 
 class _ChangeWatcher:

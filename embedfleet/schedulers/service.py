@@ -16,13 +16,23 @@ Rules kept here (the dispatcher in :mod:`embedfleet.schedulers.dispatcher` keeps
 * Admission at submit, in one transaction: user id and collection validated; an unknown user is
   created at ``embedfleet.jobs.default-tier`` (the user ``embedfleet index`` runs as, config
   ``embedfleet.user``, at ``embedfleet.jobs.local-tier``); at most ``queue-limit`` waiting jobs
-  per user (:class:`QueueFull`); the estimated chunks must fit in what is left of today's quota
-  (:class:`QuotaExceeded`, naming the remaining amount); file sources must lie under
-  ``allowed-roots`` when that is set (:class:`PermissionDenied`).
-* "Left today" is the tier's daily chunks minus the chunks charged today (UTC) minus the chunks
-  that running jobs were admitted to embed and have not embedded yet.
-* Only chunks actually embedded are charged, as they are embedded, each charge in the same
-  transaction as the job's counts.
+  per user (:class:`QueueFull`); the estimated chunks to embed must fit in what is left of
+  today's quota (:class:`QuotaExceeded`, naming the remaining amount); file sources must lie
+  under ``allowed-roots`` when that is set (:class:`PermissionDenied`). An inline run
+  (:meth:`JobService.run_inline`, ``embedfleet index``) is admitted running, so it is also
+  refused when the user already runs as many jobs as the tier allows at once, counted over
+  inline and dispatched jobs alike (:func:`running_jobs`, what a dispatcher's claim counts).
+* The estimate at submit is from file sizes, and errs high. A ``sync`` or ``append`` into a
+  collection that already holds chunks embeds only new and changed ones (a re-run of an
+  unchanged source: none), which only chunking can count: it is never refused on its estimate,
+  holds its estimate less what the collection's manifest holds, and is refused, if at all, by
+  the exact count after chunking, before anything is embedded (:meth:`JobService._estimate`).
+* "Left today" (:func:`quota_left`) is the tier's daily chunks minus the chunks charged today
+  (UTC) minus what the user's active jobs hold (:data:`HELD`): a waiting job holds its
+  estimate, a running one its exact count once checked, each less what it was charged.
+* Every embedded chunk is charged exactly once: a job's charge is what it embedded over all its
+  runs (its embedding partitions on disk) less what it was already charged, recorded with the
+  job's counts in one transaction (:meth:`JobService.heartbeat`, :meth:`JobService.finish`).
 * A user only ever sees their own jobs: another user's job id is :class:`JobNotFound` for
   ``status``, exactly like a missing one, and never listed. ``cancel``/``resume`` of it is
   :class:`PermissionDenied`.
@@ -39,7 +49,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from sqlalchemy import Engine, and_, bindparam, func, select, text, update
+from sqlalchemy import Engine, and_, bindparam, case, func, select, text, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
@@ -48,6 +58,8 @@ from sqlalchemy.orm import Session
 from embedfleet import config
 from embedfleet.errors import (
     ConfigError,
+    EmbedfleetError,
+    JobCancelled,
     JobError,
     JobNotFound,
     PermissionDenied,
@@ -119,7 +131,7 @@ class JobInfo:
     skipped_documents: int
     partitions_done: int
     partitions_total: int
-    estimated_chunks: int
+    estimated_chunks: int  # chunks to embed, estimated at submit (see JobService.submit)
     to_embed: int | None
     charged: int
     cancel_requested: bool
@@ -198,7 +210,7 @@ class QuotaInfo:
     day: dt.date  # the UTC day the numbers are for
     daily_limit: int | None  # None: unlimited
     used_today: int  # chunks charged today
-    reserved: int  # chunks running jobs were admitted to embed and have not embedded yet
+    reserved: int  # chunks the user's active jobs hold and were not charged for yet (HELD)
     remaining: int | None  # None: unlimited
     concurrent_limit: int
     running: int
@@ -268,22 +280,70 @@ class Counts:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
-def _admission_query(*, notify: bool):
-    """The user's row (locked) with everything admission needs, in one round trip."""
-    user = bindparam("user")
-    columns = [
-        User.tier.label("tier"),
-        select(func.count()).where(Job.owner == user, Job.status.in_(WAITING_STATUSES)).scalar_subquery().label("waiting"),
-        select(Usage.chunks).where(Usage.user == user, Usage.day == bindparam("day")).scalar_subquery().label("used"),
-        select(func.coalesce(func.sum(Job.reserved), 0))
-        .where(Job.owner == user, Job.status == "running")
-        .scalar_subquery()
-        .label("reserved"),
-        select(func.count()).where(Job.owner == user, Job.started_at >= bindparam("since")).scalar_subquery().label("recent"),
-    ]
+def _max0(expr):
+    return case((expr > 0, expr), else_=0)
+
+
+def running_jobs(owner):
+    """The count the tier's concurrency limit is about: the owner's running jobs, dispatched or
+    inline, on every dispatcher. Claims and inline admissions check it under the owner's row lock."""
+    return select(func.count()).where(Job.owner == owner, Job.status == "running")
+
+
+#: Chunks of its owner's daily quota a job holds and has not been charged for yet. A running
+#: job past the exact check after chunking holds what that check admitted, less what it was
+#: charged since (``reserved``); any other active job holds its submit estimate, less what its
+#: earlier runs were charged. Every admission counts what the owner's active jobs hold, so
+#: jobs admitted one by one can never together be promised more than the quota.
+HELD = case(
+    (and_(Job.status == "running", Job.to_embed.is_not(None)), Job.reserved),
+    else_=_max0(Job.estimated_chunks - Job.charged),
+)
+
+
+def held_chunks(owner, *, exclude=None):
+    """What the owner's active jobs hold (:data:`HELD`), summed; ``exclude``: a job id left out."""
+    stmt = select(func.coalesce(func.sum(HELD), 0)).where(Job.owner == owner, Job.status.in_(ACTIVE_STATUSES))
+    if exclude is not None:
+        stmt = stmt.where(Job.id != exclude)
+    return stmt
+
+
+def quota_left(t: Tier, used: int, held: int) -> int | None:
+    """What is left of today's quota: the tier's daily chunks less those charged today and those
+    the user's active jobs hold; None for a tier without a daily limit."""
+    if t.daily_chunks is None:
+        return None
+    return max(0, t.daily_chunks - int(used or 0) - int(held or 0))
+
+
+def at_concurrency_limit(t: Tier, running: int) -> bool:
+    return int(running or 0) >= t.concurrent_jobs
+
+
+def _admission_lock(*, notify: bool):
+    """Lock the user's row, reading its tier.
+
+    Its own statement, before the counts are read: under PostgreSQL's READ COMMITTED a
+    statement's subqueries see the snapshot taken when it started, so counts read in the
+    statement that waited for the lock would miss what the previous holder just committed.
+    """
+    columns = [User.tier.label("tier")]
     if notify:
         columns.append(func.pg_notify(bindparam("channel"), "").label("notified"))
-    return select(*columns).where(User.id == user).with_for_update(of=User.__table__)
+    return select(*columns).where(User.id == bindparam("user")).with_for_update(of=User.__table__)
+
+
+def _admission_counts():
+    """Everything admission checks about the (locked) user, in one round trip."""
+    user = bindparam("user")
+    return select(
+        select(func.count()).where(Job.owner == user, Job.status.in_(WAITING_STATUSES)).scalar_subquery().label("waiting"),
+        running_jobs(user).scalar_subquery().label("running"),
+        select(Usage.chunks).where(Usage.user == user, Usage.day == bindparam("day")).scalar_subquery().label("used"),
+        held_chunks(user).scalar_subquery().label("held"),
+        select(func.count()).where(Job.owner == user, Job.started_at >= bindparam("since")).scalar_subquery().label("recent"),
+    )
 
 
 def _rank_query():
@@ -320,8 +380,9 @@ def _rank_query():
 
 
 _RANK = _rank_query()
-_ADMISSION = _admission_query(notify=False)
-_ADMISSION_NOTIFY = _admission_query(notify=True)
+_ADMISSION_LOCK = _admission_lock(notify=False)
+_ADMISSION_LOCK_NOTIFY = _admission_lock(notify=True)
+_ADMISSION_COUNTS = _admission_counts()
 _INSERT_JOB = Job.__table__.insert()
 
 
@@ -449,17 +510,8 @@ class JobService:
         used = session.execute(select(Usage.chunks).where(Usage.user == user, Usage.day == day)).scalar_one_or_none()
         return int(used or 0)
 
-    def _reserved(self, session: Session, user: str, *, exclude: str | None = None) -> int:
-        stmt = select(func.coalesce(func.sum(Job.reserved), 0)).where(Job.owner == user, Job.status == "running")
-        if exclude is not None:
-            stmt = stmt.where(Job.id != exclude)
-        return int(session.execute(stmt).scalar_one())
-
-    def _remaining(self, session: Session, user: str, t: Tier, now: dt.datetime, *, exclude: str | None = None) -> int | None:
-        if t.daily_chunks is None:
-            return None
-        used = self._used_today(session, user, self._today(now))
-        return max(0, t.daily_chunks - used - self._reserved(session, user, exclude=exclude))
+    def _held(self, session: Session, user: str, *, exclude: str | None = None) -> int:
+        return int(session.execute(held_chunks(user, exclude=exclude)).scalar_one())
 
     def _recent_jobs(self, session: Session, users: Iterable[str], now: dt.datetime) -> dict[str, int]:
         users = list(set(users))
@@ -560,7 +612,14 @@ class JobService:
         precision: str | None = None,
         backend: str | None = None,
     ) -> JobInfo:
-        """Queue a job for ``user``; returns it. One transaction; no file is read.
+        """Queue a job for ``user``; returns it. One transaction; no source file is read.
+
+        ``estimated_chunks`` estimates the chunks the job will embed: the source's chunks by file
+        size, less, for modes ``sync`` and ``append``, the chunks the collection's manifest
+        already holds (unchanged chunks are free). A job into a new collection, or of mode
+        ``full``, is refused here when that does not fit in what is left today; a ``sync`` or
+        ``append`` into a collection that holds chunks is refused, if at all, only by the
+        exact count after chunking, before anything is embedded (:meth:`_estimate`).
 
         Raises ConfigError (bad user id, collection, priority, mode or options), QueueFull,
         QuotaExceeded (with ``remaining``) or PermissionDenied (source outside allowed roots).
@@ -630,12 +689,13 @@ class JobService:
             )
             if spec.source.kind != "builtin":
                 self._check_root(spec.source.location)
-            estimated = max(0, int(self._estimator(spec.source, spec.chunk)))
+            estimated, exact_only = self._estimate(spec)
             try:
                 return self._insert_job(
                     spec,
                     priority=priority,
                     estimated=estimated,
+                    exact_only=exact_only,
                     new_user_tier=new_user_tier,
                     queue_limit=queue_limit,
                     settings=settings,
@@ -653,19 +713,36 @@ class JobService:
                 log.warning("job id %s collided; drawing another", job_id)
         raise JobError("could not draw an unused job id")
 
+    def _estimate(self, spec: "JobSpec") -> tuple[int, bool]:
+        """The chunks ``spec`` will embed, estimated at submit; and whether only the exact count
+        after chunking may refuse it on quota.
+
+        The estimate from file sizes errs high (on plain text by 13% at 64-token chunks, 33% at
+        the default 200), and into a
+        collection that already holds chunks a ``sync`` or ``append`` embeds only the new and
+        changed ones, which nothing short of chunking can count: a no-change re-run embeds
+        none. So such a job holds (:data:`HELD`) the estimate less what the collection's
+        manifest holds, and is refused, if at all, by the exact check after chunking, before
+        anything is embedded. Any other job is refused at submit when its estimate does not fit.
+        """
+        estimated = max(0, int(self._estimator(spec.source, spec.chunk)))
+        kept = _kept_chunks(spec)
+        return max(0, estimated - kept), kept > 0
+
     def _insert_job(
         self,
         spec: "JobSpec",
         *,
         priority: int,
         estimated: int,
+        exact_only: bool,
         new_user_tier: str,
         queue_limit: int,
         settings: PrioritySettings,
         run_as: str | None,
     ) -> tuple[Job, float]:
-        # Submit is the hot path (aim: >= 10,000/min): one transaction of four statements —
-        # create the user if new, lock it and read everything admission needs in one query,
+        # Submit is the hot path (aim: >= 10,000/min): one transaction of five statements —
+        # create the user if new, lock it, read everything admission needs in one query,
         # insert the job (Core, no unit of work).
         user = spec.user
         with self._write() as session:
@@ -679,27 +756,37 @@ class JobService:
             params = {"user": user, "day": self._today(now), "since": now - RECENT_WINDOW}
             if self.dialect == "postgresql":
                 params["channel"] = NOTIFY_CHANNEL  # delivered at commit, dropped on a refusal
-                row = session.execute(_ADMISSION_NOTIFY, params).first()
+                locked = session.execute(_ADMISSION_LOCK_NOTIFY, params).first()
             else:
-                row = session.execute(_ADMISSION, params).first()
-            if row is None:  # a cached user whose row is gone (a reset database)
+                locked = session.execute(_ADMISSION_LOCK, params).first()
+            if locked is None:  # a cached user whose row is gone (a reset database)
                 self._known_users.discard(user)
                 raise _RetryAdmission
-            t = self._tier_of(row.tier)
+            t = self._tier_of(locked.tier)
+            if run_as is not None:
+                self._refuse_busy_collection(session, user, spec.sink.uri, spec.collection)
+            row = session.execute(_ADMISSION_COUNTS, params).one()
+            if run_as is not None and at_concurrency_limit(t, row.running) and self._end_dead_runs(session, user, now):
+                row = session.execute(_ADMISSION_COUNTS, params).one()
             if row.waiting >= queue_limit:
                 raise QueueFull(
                     f"user {user!r} already has {row.waiting} jobs waiting (queue limit {queue_limit}); "
                     f"wait for some to start or cancel one"
                 )
-            if t.daily_chunks is not None:
-                remaining = max(0, t.daily_chunks - int(row.used or 0) - int(row.reserved or 0))
-                if estimated > remaining:
-                    raise QuotaExceeded(
-                        f"job refused: it needs about {estimated} chunks but user {user!r} has only {remaining} "
-                        f"of today's {t.daily_chunks} chunks left (tier {t.name}); the quota resets at 00:00 UTC",
-                        remaining=remaining,
-                        requested=estimated,
-                    )
+            if run_as is not None and at_concurrency_limit(t, row.running):
+                # An inline run starts now or never: it cannot wait in the queue like a submit.
+                raise JobError(
+                    f"user {user!r} already has {row.running} jobs running, the most tier {t.name} runs at once "
+                    f"({t.concurrent_jobs}); wait for one to finish (embedfleet jobs list --user {user} --status running)"
+                )
+            remaining = quota_left(t, row.used, row.held)
+            if remaining is not None and estimated > remaining and not exact_only:
+                raise QuotaExceeded(
+                    f"job refused: it needs about {estimated} chunks but user {user!r} "
+                    f"{_left_phrase(t, remaining, row.used, row.held)}; the quota resets at 00:00 UTC",
+                    remaining=remaining,
+                    requested=estimated,
+                )
             effective = effective_priority(
                 priority, multiplier=t.multiplier, recent_jobs=int(row.recent or 0), waiting=0, settings=settings
             )
@@ -742,7 +829,6 @@ class JobService:
                 charged=0,
             )
             if run_as is not None:
-                self._refuse_busy_collection(session, user, spec.sink.uri, spec.collection)
                 values.update(
                     status="running",
                     stage="reading",
@@ -857,12 +943,14 @@ class JobService:
             ).scalar_one()
             if waiting >= queue_limit:
                 raise QueueFull(f"user {user!r} already has {waiting} jobs waiting (queue limit {queue_limit})")
-            remaining = self._remaining(session, user, t, now)
+            # What the job holds once queued again (HELD): its estimate less what it was charged.
             needed = max(0, job.estimated_chunks - job.charged)
-            if remaining is not None and needed > remaining:
+            used, held = self._used_today(session, user, self._today(now)), self._held(session, user, exclude=job.id)
+            remaining = quota_left(t, used, held)
+            if remaining is not None and needed > remaining and not self._exact_only(job):
                 raise QuotaExceeded(
-                    f"job {job.id} needs about {needed} more chunks but user {user!r} has only {remaining} of "
-                    f"today's {t.daily_chunks} chunks left (tier {t.name})",
+                    f"job {job.id} needs about {needed} more chunks but user {user!r} "
+                    f"{_left_phrase(t, remaining, used, held, holders='its other jobs')}",
                     remaining=remaining,
                     requested=needed,
                 )
@@ -878,6 +966,40 @@ class JobService:
             session.flush()
             self._notify(session)
             return self._infos(session, [job], now)[0]
+
+    def _end_dead_runs(self, session: Session, user: str, now: dt.datetime) -> int:
+        """End ``user``'s runs recorded running whose process is gone (:meth:`_dead_run`); how many.
+
+        For an inline admission at the concurrency limit: a SIGKILLed ``embedfleet index`` on
+        another collection must not count against the user until a dispatcher, which may never
+        run, notices its lease expired. It is ended as that expiry would end it. The caller
+        holds the user's row lock.
+        """
+        ended = 0
+        running = session.execute(
+            select(Job).where(Job.owner == user, Job.status == "running").with_for_update()
+        ).scalars()
+        for job in running:
+            dead = self._dead_run(job, now)
+            if dead is None:
+                continue
+            for key, value in _dead_run_values(job.cancel_requested, dead, now).items():
+                setattr(job, key, value)
+            ended += 1
+            log.warning("job %s was recorded running but %s; marked %s", job.id, dead, job.status)
+        session.flush()
+        return ended
+
+    @staticmethod
+    def _exact_only(job: Job) -> bool:
+        """:meth:`_estimate`'s rule for a job already recorded: whether only its exact count may refuse it."""
+        from embedfleet.pipeline.job import JobSpec
+
+        try:
+            spec = JobSpec.from_json(job.spec)
+        except Exception:  # noqa: BLE001 - an unreadable spec fails when the job runs, saying so
+            return False
+        return _kept_chunks(spec) > 0
 
     def _dead_run(self, job: Job, now: dt.datetime) -> str | None:
         """Why ``job``, recorded running, cannot be running any more; None if it may be.
@@ -954,15 +1076,15 @@ class JobService:
                 ).all()
             )
             used = self._used_today(session, user, self._today(now))
-            reserved = self._reserved(session, user)
+            held = self._held(session, user)
             return QuotaInfo(
                 user=user,
                 tier=t.name,
                 day=self._today(now),
                 daily_limit=t.daily_chunks,
                 used_today=used,
-                reserved=reserved,
-                remaining=None if t.daily_chunks is None else max(0, t.daily_chunks - used - reserved),
+                reserved=held,
+                remaining=quota_left(t, used, held),
                 concurrent_limit=t.concurrent_jobs,
                 running=int(counts.get("running", 0)),
                 queued=int(counts.get("queued", 0)) + int(counts.get("interrupted", 0)),
@@ -1059,15 +1181,12 @@ class JobService:
         expired = []
         for job_id, attempt, dispatcher, heartbeat, cancel_requested in stale:
             why = f"dispatcher {dispatcher} stopped renewing its lease (last heartbeat {_iso(heartbeat)})"
-            if cancel_requested:  # its owner wanted it stopped anyway
-                values = dict(status="cancelled", finished_at=now, error=f"cancelled; {why}")
-            else:
-                values = dict(status="interrupted", queued_at=now, error=f"interrupted: {why}; the job will be resumed")
+            values = _dead_run_values(cancel_requested, why, now)
             with self._write() as session:
                 result = session.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.attempt == attempt, Job.status == "running", Job.heartbeat_at < cutoff)
-                    .values(dispatcher=None, reserved=0, heartbeat_at=None, **values)
+                    .values(**values)
                     .execution_options(synchronize_session=False)
                 )
                 if result.rowcount == 1:
@@ -1090,7 +1209,7 @@ class JobService:
         for w in waiting:
             name = w.tier or config.get("jobs.default-tier")
             t = tier_cache.get(name) or tier_cache.setdefault(name, self._tier_of(name))
-            if (w.running or 0) >= t.concurrent_jobs:
+            if at_concurrency_limit(t, w.running):
                 continue
             eff = effective_priority(
                 w.priority, multiplier=t.multiplier, recent_jobs=w.recent or 0, waiting=now - w.queued_at, settings=settings
@@ -1118,10 +1237,7 @@ class JobService:
                 return None
             user = self._lock_user(session, row.owner)
             t = self._tier_of(user.tier if user else config.get("jobs.default-tier"))
-            running = session.execute(
-                select(func.count()).where(Job.owner == row.owner, Job.status == "running")
-            ).scalar_one()
-            if running >= t.concurrent_jobs:
+            if at_concurrency_limit(t, session.execute(running_jobs(row.owner)).scalar_one()):
                 return None
             if self._collection_busy(session, row.owner, row.sink, row.collection) is not None:
                 return None  # waits until the job on its collection ends
@@ -1199,27 +1315,52 @@ class JobService:
     def _fence(self, claim: Claim):
         return and_(Job.id == claim.id, Job.attempt == claim.attempt, Job.status == "running")
 
-    def heartbeat(self, claim: Claim, *, counts: Counts | None = None, charge: int = 0) -> bool | None:
-        """Renew the lease, store counts and charge ``charge`` embedded chunks in one transaction.
+    def _settle(self, session: Session, claim: Claim, embedded: int | None, now: dt.datetime) -> tuple[Job, dict[str, Any]] | None:
+        """Lock the claimed job and charge what it embedded and was not charged for yet.
 
-        Returns the job's ``cancel_requested``, or None when the job is no longer this claim's
-        (its lease expired and it was interrupted): the caller must stop it.
+        ``embedded`` is everything the job embedded over all its runs (the dispatcher counts
+        its embedding partitions on disk), so the charge is that total less the job's
+        ``charged``: a slice finished after a cancel is charged by the next run that sees it,
+        and a repeated report charges nothing twice. Returns the job (None if the claim was
+        lost) and the column values that record the charge.
+        """
+        job = session.execute(
+            select(Job.charged, Job.cancel_requested).where(self._fence(claim)).with_for_update()
+        ).first()
+        if job is None:
+            return None
+        delta = max(0, int(embedded) - job.charged) if embedded is not None else 0
+        if delta == 0:
+            return job, {}
+        self._charge(session, claim.owner, delta, now)
+        return job, dict(charged=job.charged + delta, reserved=_max0(Job.reserved - delta))
+
+    def heartbeat(self, claim: Claim, *, counts: Counts | None = None, embedded: int | None = None) -> bool | None:
+        """Renew the lease, store counts and charge what is newly embedded, in one transaction.
+
+        ``embedded``: the job's embedded chunks over all its runs (see :meth:`_settle`); None
+        when unchanged since the last report. Returns the job's ``cancel_requested``, or None
+        when the job is no longer this claim's (its lease expired and it was interrupted):
+        the caller must stop it.
         """
         values: dict[str, Any] = dict(counts.values()) if counts else {}
         with self._write() as session:
             now = self.clock()
-            values["heartbeat_at"] = now
-            if charge > 0:
-                values["charged"] = Job.charged + charge
-                values["reserved"] = func.coalesce(_max0(Job.reserved - charge), 0)
-            row = session.execute(
-                update(Job).where(self._fence(claim)).values(**values).returning(Job.cancel_requested)
-                .execution_options(synchronize_session=False)
-            ).first()
-            if row is None:
+            if embedded is None:  # nothing to charge: one statement
+                row = session.execute(
+                    update(Job).where(self._fence(claim)).values(heartbeat_at=now, **values).returning(Job.cancel_requested)
+                    .execution_options(synchronize_session=False)
+                ).first()
+                return None if row is None else bool(row[0])
+            settled = self._settle(session, claim, embedded, now)
+            if settled is None:
                 return None
-            self._charge(session, claim.owner, charge, now)
-            return bool(row[0])
+            job, charged = settled
+            session.execute(
+                update(Job).where(self._fence(claim)).values(heartbeat_at=now, **values, **charged)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(job.cancel_requested)
 
     def poll(self, claim: Claim) -> bool | None:
         """``cancel_requested`` of a claimed job without writing; None if the claim was lost."""
@@ -1227,32 +1368,37 @@ class JobService:
             row = session.execute(select(Job.cancel_requested).where(self._fence(claim))).first()
             return None if row is None else bool(row[0])
 
-    def reserve(self, claim: Claim, chunks: int) -> None:
+    def reserve(self, claim: Claim, chunks: int, *, embedded: int = 0) -> None:
         """The exact check after chunking: admit ``chunks`` to be embedded or raise QuotaExceeded.
 
-        Admitted chunks are reserved (counted as used for other admissions) until they are
-        charged or the job ends.
+        ``embedded`` is what the job embedded over all its runs so far (:meth:`_settle`): what
+        of it was not charged yet (slices an earlier run finished after it was stopped) is
+        charged by this run, so it is part of what must fit. What is admitted is held
+        (:data:`HELD`) until it is charged or the job ends.
         """
         with self._write() as session:
             now = self.clock()
             user = self._lock_user(session, claim.owner)
             t = self._tier_of(user.tier if user else config.get("jobs.default-tier"))
-            remaining = self._remaining(session, claim.owner, t, now, exclude=claim.id)
-            if remaining is not None and chunks > remaining:
+            job = session.execute(select(Job.charged).where(self._fence(claim)).with_for_update()).first()
+            if job is None:
+                raise JobCancelled(f"job {claim.id} is no longer running on this dispatcher")
+            uncharged = max(0, int(embedded) - job.charged)
+            needed = int(chunks) + uncharged
+            used, held = self._used_today(session, claim.owner, self._today(now)), self._held(session, claim.owner, exclude=claim.id)
+            remaining = quota_left(t, used, held)
+            if remaining is not None and needed > remaining:
+                earlier = f" (and {uncharged} its earlier run embedded, not charged yet)" if uncharged else ""
                 raise QuotaExceeded(
-                    f"quota exceeded: job {claim.id} has {chunks} chunks to embed but user {claim.owner!r} has only "
-                    f"{remaining} of today's {t.daily_chunks} chunks left (tier {t.name}); nothing was embedded",
+                    f"quota exceeded: job {claim.id} has {chunks} chunks to embed{earlier} but user {claim.owner!r} "
+                    f"{_left_phrase(t, remaining, used, held, holders='its other jobs')}; nothing was embedded",
                     remaining=remaining,
-                    requested=chunks,
+                    requested=needed,
                 )
-            result = session.execute(
-                update(Job).where(self._fence(claim)).values(reserved=chunks, to_embed=chunks, heartbeat_at=now)
+            session.execute(
+                update(Job).where(self._fence(claim)).values(reserved=needed, to_embed=chunks, heartbeat_at=now)
                 .execution_options(synchronize_session=False)
             )
-            if result.rowcount != 1:
-                from embedfleet.errors import JobCancelled
-
-                raise JobCancelled(f"job {claim.id} is no longer running on this dispatcher")
 
     def finish(
         self,
@@ -1260,32 +1406,33 @@ class JobService:
         *,
         status: str,
         counts: Counts | None = None,
-        charge: int = 0,
+        embedded: int | None = None,
         error: str | None = None,
     ) -> bool:
-        """Record the end of a run (with the last charge) atomically; False if the claim was lost."""
+        """Record the end of a run, charging what is left to charge (:meth:`_settle`) in the same
+        transaction; False if the claim was lost."""
         assert status in ("succeeded", "failed", "cancelled", "interrupted"), status
         values: dict[str, Any] = dict(counts.values()) if counts else {}
         with self._write() as session:
             now = self.clock()
+            settled = self._settle(session, claim, embedded, now)
+            if settled is None:
+                return False
             values.update(
+                settled[1],
                 status=status,
                 error=error,
                 reserved=0,
                 heartbeat_at=None,
-                charged=Job.charged + max(0, charge),
                 finished_at=None if status == "interrupted" else now,
             )
             if status == "interrupted":
                 values.update(queued_at=now, dispatcher=None)
             if status == "succeeded":
                 values["stage"] = "done"
-            result = session.execute(
+            session.execute(
                 update(Job).where(self._fence(claim)).values(**values).execution_options(synchronize_session=False)
             )
-            if result.rowcount != 1:
-                return False
-            self._charge(session, claim.owner, charge, now)
             self._notify(session)  # a slot is free
         return True
 
@@ -1332,14 +1479,49 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def _kept_chunks(spec: "JobSpec") -> int:
+    """Chunks of the job's collection it keeps unless they changed: for modes ``sync`` and
+    ``append``, what the collection's manifest holds (0 for a new collection); 0 for ``full``,
+    which embeds everything again.
+
+    A manifest that cannot be read counts 0: the job's run says what is wrong with it.
+    """
+    if spec.mode not in ("sync", "append"):
+        return 0
+    from embedfleet.pipeline.manifest import Manifest
+    from embedfleet.sinks.naming import physical_name
+
+    try:
+        files = Manifest(spec.data_dir, spec.sink.uri, physical_name(spec.user, spec.collection)).files()
+        if not files:
+            return 0
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    except (EmbedfleetError, OSError, ValueError):
+        return 0
+
+
+def _dead_run_values(cancel_requested: bool, why: str, now: dt.datetime) -> dict[str, Any]:
+    """The end of a run nobody is left to record: interrupted, to be resumed, unless its owner
+    had asked to cancel it anyway."""
+    if cancel_requested:
+        values: dict[str, Any] = dict(status="cancelled", finished_at=now, error=f"cancelled; {why}")
+    else:
+        values = dict(status="interrupted", queued_at=now, error=f"interrupted: {why}; the job will be resumed")
+    return dict(values, dispatcher=None, reserved=0, heartbeat_at=None)
+
+
+def _left_phrase(t: Tier, remaining: int, used: int, held: int, *, holders: str = "its waiting and running jobs") -> str:
+    """How a refusal says what is left, and where the rest of the quota went."""
+    return (
+        f"has only {remaining} of today's {t.daily_chunks} chunks left (tier {t.name}: {int(used or 0)} charged today, "
+        f"{int(held or 0)} held by {holders})"
+    )
+
+
 class _RetryAdmission(Exception):
     """Internal: run the admission transaction again."""
-
-
-def _max0(expr):
-    from sqlalchemy import case
-
-    return case((expr > 0, expr), else_=0)
 
 
 def _tier_check(name: str) -> None:
