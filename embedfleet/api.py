@@ -33,6 +33,7 @@ def index(
     backend: str | None = None,
     batch_tokens: int | None = None,
     quantize: str | None = None,
+    allow_mass_delete: bool = False,
     scheduler: str | None = None,
     workers: int | None = None,
     gpu: bool | None = None,
@@ -73,6 +74,7 @@ def index(
         backend=backend,
         batch_tokens=batch_tokens,
         quantize=quantize,
+        allow_mass_delete=allow_mass_delete,
     )
     with JobService(database_url=database_url, data_dir=data_dir) as service:
         if client is not None:

@@ -275,8 +275,34 @@ def install_slow_fake() -> None:
     register("fake", _slow_fake_factory)
 
 
-def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook
+#: A file each worker appends "start|done UNIX-TIME KEY" lines to as its tasks run, when set.
+TASK_LOG_ENV = "EMBEDFLEET_TEST_TASK_LOG"
+
+
+class _TaskLog:
+    """Records each task's start and finish on this worker (a WorkerPlugin, duck-typed).
+
+    One short O_APPEND write per line, so the lines of several worker processes never mix.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def transition(self, key, start, finish, **kwargs) -> None:  # noqa: ARG002
+        event = "start" if finish == "executing" else "done" if start == "executing" and finish == "memory" else None
+        if event is not None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{event} {time.time():.3f} {key}\n".encode())
+            finally:
+                os.close(fd)
+
+
+def dask_setup(worker) -> None:
+    """The Dask preload hook: the slow fake embedder, and the task log when asked for."""
     install_slow_fake()
+    if os.environ.get(TASK_LOG_ENV):
+        worker.plugins["embedfleet-test-task-log"] = _TaskLog(os.environ[TASK_LOG_ENV])
 
 
 def assert_nearest_is_itself(sink: str, user: str, collection: str, rows: dict[str, dict[str, Any]], *, sample: int = 20) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
 
 from embedfleet.cli.common import data_dir_option, db_option, emit_json, handle_errors, user_option
+
+logger = logging.getLogger(__name__)
 
 
 class _ProgressBar:
@@ -47,6 +50,7 @@ class _ProgressBar:
 @click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, help="Units shared by consecutive chunks (default 32).")
 @click.option("--chunk-unit", type=click.Choice(["tokens", "words", "chars"]), default=None, help="Chunk unit; tokens are the model's own (default).")
 @click.option("--mode", type=click.Choice(["sync", "append", "full"]), default=None, help="sync (default): embed new/changed chunks and delete stale ones; append: never delete; full: re-embed everything.")
+@click.option("--allow-mass-delete", is_flag=True, help="Let a sync delete more than embedfleet.index.max-delete-fraction of the collection's documents, or delete from a source with none.")
 @click.option("--text-column", default=None, help="Text column of a JSONL/CSV/Parquet source (default 'text').")
 @click.option("--id-column", default=None, help="Document id column of a table source (default: file name and row number).")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default=None, help="Unreadable documents: skip with a reason (default) or stop.")
@@ -61,12 +65,15 @@ class _ProgressBar:
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @handle_errors
-def index(source, sink, collection, model, chunk_size, chunk_overlap, chunk_unit, mode, text_column, id_column,
+def index(source, sink, collection, model, chunk_size, chunk_overlap, chunk_unit, mode, allow_mass_delete, text_column, id_column,
           on_error, precision, backend, quantize, scheduler, workers, gpu, user, data_dir, database_url, as_json):
     """Chunk, embed and store SOURCE: a folder, a .jsonl/.csv/.parquet file, or python-docs.
 
     Running it again is incremental: unchanged chunks are not embedded again, and chunks of
-    edited or removed documents are replaced or deleted.
+    edited or removed documents are replaced or deleted. A document that exists but cannot be
+    read now is reported as skipped and keeps its vectors. A run that would delete more than
+    half of the collection's documents (embedfleet.index.max-delete-fraction), or delete from a
+    source with no readable document, stops before deleting; --allow-mass-delete confirms.
 
     \b
     Examples:
@@ -81,15 +88,18 @@ def index(source, sink, collection, model, chunk_size, chunk_overlap, chunk_unit
     bar = _ProgressBar() if sys.stderr.isatty() and not as_json else None
 
     def announce(client) -> None:
-        if not as_json:
+        # For whoever watches the progress bar; a script's stderr holds only what went wrong.
+        if bar is not None:
             click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+        else:
+            logger.info("Dask dashboard: %s", client.dashboard_link)
 
     try:
         result = embedfleet.index(
             source, collection=collection, sink=sink, user=user, model=model, chunk_size=chunk_size,
             chunk_overlap=chunk_overlap, chunk_unit=chunk_unit, mode=mode, on_error=on_error, data_dir=data_dir,
             text_column=text_column, id_column=id_column, precision=precision, backend=backend, quantize=quantize,
-            scheduler=scheduler, workers=workers, gpu=gpu, database_url=database_url,
+            allow_mass_delete=allow_mass_delete, scheduler=scheduler, workers=workers, gpu=gpu, database_url=database_url,
             on_progress=bar, on_cluster=announce,
         )
     finally:

@@ -2,18 +2,20 @@
 
 :class:`JobSpec` is everything one indexing run needs, resolved on the client from config and
 options (DESIGN §7: one frozen settings object per job). It is what the job service stores
-(as JSON, :meth:`JobSpec.to_json`) and what :func:`embedfleet.pipeline.run.run_job` executes.
+(as JSON, :meth:`JobSpec.to_json`, which leaves out the sink's credentials) and what
+:func:`embedfleet.pipeline.run.run_job` executes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from embedfleet.config import ChunkSpec, EmbedderSpec, ModelSpec, RetrySpec
 from embedfleet.datasets.source import SourceSpec
 from embedfleet.sinks.base import SinkSpec
+from embedfleet.sinks.registry import make_spec
 
 __all__ = ["JobSpec", "Progress", "JobResult", "Mode", "Stage", "SkippedDocument"]
 
@@ -36,16 +38,23 @@ class JobSpec:
     on_error: OnError = "skip"
     chunks_per_partition: int = 512
     retry: RetrySpec = RetrySpec()
+    #: A sync (or full run) that would delete more than this share of the collection's
+    #: documents, or delete from an empty source, stops before deleting unless allowed.
+    max_delete_fraction: float = 0.5
+    allow_mass_delete: bool = False
 
     @property
     def job_dir(self) -> str:
         return f"{self.data_dir}/jobs/{self.job_id}"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=list)
+        """The job's record (the job database, ``spec.json``): everything but the sink's credentials."""
+        return json.dumps(asdict(replace(self, sink=self.sink.without_secrets())), sort_keys=True, default=list)
 
     @classmethod
     def from_json(cls, text: str) -> "JobSpec":
+        """The spec of a record, to run it: the sink's credentials come from this process's
+        ``embedfleet.sinks.<scheme>`` config (the record's other sink options win)."""
         raw = json.loads(text)
         embedder = raw["embedder"]
         embedder["model"] = ModelSpec(**embedder["model"])
@@ -56,7 +65,7 @@ class JobSpec:
             user=raw["user"],
             collection=raw["collection"],
             source=SourceSpec(**source),
-            sink=SinkSpec(uri=raw["sink"]["uri"], options=_tuplify(raw["sink"]["options"])),
+            sink=make_spec(raw["sink"]["uri"], dict(_tuplify(raw["sink"]["options"]))),
             chunk=ChunkSpec(**raw["chunk"]),
             embedder=EmbedderSpec(**embedder),
             data_dir=raw["data_dir"],
@@ -64,6 +73,8 @@ class JobSpec:
             on_error=raw["on_error"],
             chunks_per_partition=raw["chunks_per_partition"],
             retry=RetrySpec(**raw["retry"]),
+            max_delete_fraction=raw.get("max_delete_fraction", cls.max_delete_fraction),
+            allow_mass_delete=raw.get("allow_mass_delete", cls.allow_mass_delete),
         )
 
 

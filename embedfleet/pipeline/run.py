@@ -15,6 +15,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import queue
 import shutil
 import threading
 import time
@@ -73,6 +74,12 @@ class _Driver:
         #: while the driver waits for something else (the duplicate check, the diff), so
         #: finished embedding tasks are replaced at once instead of after that wait.
         self.background: tuple[dict, Callable[[Any, Any], None]] | None = None
+        # Futures arrive here as they finish (done callbacks), in place of polling with
+        # ``distributed.wait(timeout=...)``: each of its time-outs left a TimeoutError whose
+        # traceback held a list of every followed future until the garbage collector ran, so
+        # finished chunk tasks stayed wanted and a lost worker made the scheduler redo them.
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()
+        self._watched: set[str] = set()
 
     def report(self) -> None:
         if self.on_progress is not None:
@@ -89,31 +96,35 @@ class _Driver:
         followed too. With ``until``, returns as soon as it is true, leaving the rest running
         (the caller follows them later or cancels them).
         """
-        from distributed import wait
-
         background, on_background = self.background or ({}, None)
         if background is futures:
             background = {}
         try:
             while futures and not (until is not None and until()):
                 self.check_cancel()
+                self._watch(futures, background)
                 try:
-                    # as_current: the job's client need not be the process's default client.
-                    with self.client.as_current():
-                        done, _ = wait([*futures, *background], timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
-                except TimeoutError:
+                    future = self._finished.get(timeout=POLL_SECONDS)
+                except queue.Empty:
                     continue
-                for future in done:
-                    if future in futures:
-                        on_done(futures.pop(future), future.result())  # re-raises the task's error
-                    elif future in background:
-                        on_background(background.pop(future), future.result())
-                    self.report()
+                # One the job dropped (cancelled, or of a stage it has left) is in neither.
+                if future in futures:
+                    on_done(futures.pop(future), future.result())  # re-raises the task's error
+                elif future in background:
+                    on_background(background.pop(future), future.result())
+                del future
+                self.report()
         except BaseException:
             # Stop the rest of this stage's tasks: a cancelled or failed job must not keep the
             # cluster busy, and nothing half-done is left looking finished (outputs are atomic).
             self.cancel_all(futures)
             raise
+
+    def _watch(self, *groups: dict) -> None:
+        for pending in itertools.chain(*groups):
+            if pending.key not in self._watched:
+                self._watched.add(pending.key)
+                pending.add_done_callback(self._finished.put)
 
     def cancel_all(self, futures: dict) -> None:
         if futures:

@@ -42,6 +42,7 @@ def build_job_spec(
     backend: str | None = None,
     batch_tokens: int | None = None,
     quantize: str | None = None,
+    allow_mass_delete: bool = False,
 ) -> JobSpec:
     from embedfleet.datasets import source_spec
 
@@ -73,4 +74,6 @@ def build_job_spec(
         on_error=on_error,  # type: ignore[arg-type]
         chunks_per_partition=int(config.get("embed.chunks-per-partition")),
         retry=config.retry_spec(),
+        max_delete_fraction=float(config.get("index.max-delete-fraction")),
+        allow_mass_delete=bool(allow_mass_delete),
     )
