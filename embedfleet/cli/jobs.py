@@ -169,7 +169,9 @@ def run(once, max_running, scheduler, workers, gpu, metrics_port, metrics_host, 
     Picks jobs by effective priority, never more than a user's tier allows at once nor
     --max-running in total, and runs several jobs on the cluster together. Any number of
     dispatchers may share one PostgreSQL database. Ctrl-C (or SIGTERM) stops cleanly: jobs
-    that do not finish first are marked interrupted and resumed by the next dispatcher.
+    that do not finish first are marked interrupted and resumed by the next dispatcher. A
+    second Ctrl-C or SIGTERM stops at once, even with a job stuck: its jobs are marked
+    interrupted first, and the exit status is 128 + the signal (130, 143).
 
     \b
     Examples:
@@ -178,11 +180,11 @@ def run(once, max_running, scheduler, workers, gpu, metrics_port, metrics_host, 
       embedfleet jobs run --db postgresql+psycopg://jobs@db/embedfleet
       embedfleet jobs run --metrics-port 9108             # Prometheus: http://127.0.0.1:9108/metrics
     """
-    import signal
+    from embedfleet.schedulers.dispatcher import Dispatcher, StopSignals
 
-    from embedfleet.schedulers.dispatcher import Dispatcher
-
-    with _service(database_url, data_dir) as service, _connect(
+    # The signal handlers cover the cluster's start and close too: either can hang on a stuck
+    # job thread, and a second signal must still end the process.
+    with StopSignals() as signals, _service(database_url, data_dir) as service, _connect(
         scheduler_address=scheduler, workers=workers, gpu=gpu
     ) as client:
         from embedfleet.dashboard.data import record_dask_dashboard
@@ -197,11 +199,7 @@ def run(once, max_running, scheduler, workers, gpu, metrics_port, metrics_host, 
             endpoint = metrics.serve(metrics_port, host=metrics_host)
             click.echo(f"Prometheus metrics on {endpoint.url}", err=True)
         dispatcher = Dispatcher(service, client=client, max_running=max_running, runner=runner)
-        previous = None
-        try:
-            previous = signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
-        except ValueError:  # not the main thread (e.g. embedded in a test runner thread)
-            pass
+        signals.attach(dispatcher)
         click.echo(
             f"Dispatcher {dispatcher.name} running jobs from {service.url} "
             f"(max {dispatcher.max_running} at once; dashboard {getattr(client, 'dashboard_link', '-')})",
@@ -213,8 +211,6 @@ def run(once, max_running, scheduler, workers, gpu, metrics_port, metrics_host, 
             click.echo("Interrupted: unfinished jobs were marked interrupted and will be resumed.", err=True)
             sys.exit(130)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
             if endpoint is not None:
                 endpoint.stop()
     if as_json:

@@ -1436,8 +1436,11 @@ class JobService:
             self._notify(session)  # a slot is free
         return True
 
-    def interrupt_dispatcher(self, dispatcher: str) -> list[str]:
-        """Mark every job still running on ``dispatcher`` interrupted (its clean shutdown)."""
+    def interrupt_dispatcher(self, dispatcher: str, *, why: str = "stopped") -> list[str]:
+        """Mark every job still running on ``dispatcher`` interrupted (its shutdown); their ids.
+
+        ``why`` completes "dispatcher <name> ..." in the jobs' error.
+        """
         with self._write() as session:
             now = self.clock()
             ids = list(
@@ -1450,7 +1453,7 @@ class JobService:
                         dispatcher=None,
                         reserved=0,
                         heartbeat_at=None,
-                        error=f"interrupted: dispatcher {dispatcher} stopped; the job will be resumed",
+                        error=f"interrupted: dispatcher {dispatcher} {why}; the job will be resumed",
                     )
                     .returning(Job.id)
                     .execution_options(synchronize_session=False)
