@@ -6,9 +6,11 @@ import importlib
 
 import click
 
-from embedfleet.cli.common import EmbedfleetGroup
+from embedfleet.cli.common import EmbedfleetGroup, OneLineFormatter
 
 __all__ = ["main"]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # command name -> "module:attribute"; imported only when that command runs, so `--help` and
 # quick commands do not pay for torch.
@@ -57,16 +59,25 @@ def main(verbose: int) -> None:
     """
     import logging
 
-    level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # distributed sets its loggers to INFO from dask config when it is first imported, which
-    # happens after this (commands import it lazily): set that config, not only the loggers.
-    # pymilvus logs failed requests with tracebacks that our retries already handle.
-    if not verbose:
-        import dask.config
+    import dask.config
 
-        dask.config.set({"logging.distributed": "warning"})
-    for noisy in ("distributed", "pymilvus", "chromadb", "httpx", "sentence_transformers", "transformers"):
-        logging.getLogger(noisy).setLevel(level if verbose else logging.WARNING)
+    level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    handler = logging.StreamHandler()
+    handler.setFormatter((logging.Formatter if verbose else OneLineFormatter)(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
     if not verbose:
-        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+        # Dask logs each failed task attempt with its traceback (a worker's "Compute Failed",
+        # once per retry) where the command reports the failure once, as its `Error:` line.
+        # distributed sets its loggers from dask config when first imported: in this process
+        # after this (commands import it lazily), and in each worker process a LocalCluster
+        # spawns, which reads dask config from the environment its nanny gives it.
+        dask.config.set({
+            "logging.distributed": "critical",
+            "distributed.nanny.pre-spawn-environ.DASK_LOGGING__DISTRIBUTED": "critical",
+        })
+    # Silent without -v where the errors are ours to report: distributed's failed tasks and
+    # pymilvus's failed requests, logged with tracebacks that our retries already handle.
+    silent = ("distributed", "pymilvus")
+    for noisy in ("distributed", "pymilvus", "chromadb", "httpx", "sentence_transformers", "transformers"):
+        quiet = logging.CRITICAL if noisy in silent else logging.WARNING
+        logging.getLogger(noisy).setLevel(level if verbose else quiet)

@@ -57,7 +57,28 @@ def _client(spec: SinkSpec):
     except ConfigError:
         raise
     except Exception as exc:
-        raise SinkError(f"cannot connect to Chroma at {spec.uri}: {exc}") from exc
+        raise SinkError(f"cannot connect to Chroma at {spec.uri}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a Chroma call failed, on one line.
+
+    chromadb re-raises a transport error with a message of its own ("Could not connect to a
+    Chroma server") or with none (an HTTP error without a body becomes ``ValueError('')``),
+    and leaves the real reason, such as a refused connection, in the exception's context.
+    """
+    messages: list[str] = []
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        first = next(iter(str(cause).strip().splitlines()), "")
+        if first and first not in messages:
+            messages.append(first)
+        cause = cause.__cause__ or cause.__context__
+    if not messages:
+        return type(exc).__name__
+    return messages[0] if len(messages) == 1 else f"{messages[0]} ({messages[-1]})"
 
 
 class ChromaCollection(SinkCollection):
@@ -99,7 +120,7 @@ class ChromaCollection(SinkCollection):
                     ids=cols["chunk_id"], embeddings=vectors, documents=cols["text"], metadatas=metadatas
                 )
             except Exception as exc:
-                raise SinkError(f"Chroma upsert into {self.name!r} failed: {exc}") from exc
+                raise SinkError(f"Chroma upsert into {self.name!r} failed: {_reason(exc)}") from exc
             written += batch.num_rows
         return written
 
@@ -110,7 +131,7 @@ class ChromaCollection(SinkCollection):
             try:
                 self._collection.delete(ids=unique[i : i + self._max_batch_size])
             except Exception as exc:
-                raise SinkError(f"Chroma delete from {self.name!r} failed: {exc}") from exc
+                raise SinkError(f"Chroma delete from {self.name!r} failed: {_reason(exc)}") from exc
         return len(ids)
 
     def existing(self, ids: Sequence[str]) -> set[str]:
@@ -120,7 +141,7 @@ class ChromaCollection(SinkCollection):
             try:
                 got = self._collection.get(ids=ids[i : i + self._max_batch_size], include=[])
             except Exception as exc:
-                raise SinkError(f"Chroma get from {self.name!r} failed: {exc}") from exc
+                raise SinkError(f"Chroma get from {self.name!r} failed: {_reason(exc)}") from exc
             found.update(got["ids"])
         return found
 
@@ -132,7 +153,7 @@ class ChromaCollection(SinkCollection):
                 include=["documents", "metadatas", "distances"],
             )
         except Exception as exc:
-            raise SinkError(f"Chroma query on {self.name!r} failed: {exc}") from exc
+            raise SinkError(f"Chroma query on {self.name!r} failed: {_reason(exc)}") from exc
         hits = []
         for chunk_id, text, meta, distance in zip(
             result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0]
@@ -179,7 +200,7 @@ class ChromaSink(Sink):
             try:
                 collection = self._client.get_or_create_collection(name, metadata=metadata, embedding_function=None)
             except Exception as exc:
-                raise SinkError(f"cannot create Chroma collection {name!r}: {exc}") from exc
+                raise SinkError(f"cannot create Chroma collection {name!r}: {_reason(exc)}") from exc
             recorded = CollectionInfo.from_metadata(collection.metadata) or info
             info.check_compatible(recorded, collection=name)  # a concurrent creator may have won
             return ChromaCollection(collection, recorded, self._max_batch_size)
@@ -196,13 +217,13 @@ class ChromaSink(Sink):
         except Exception as exc:
             if "does not exist" in str(exc) or type(exc).__name__ in ("NotFoundError", "InvalidCollectionException"):
                 return None
-            raise SinkError(f"cannot read Chroma collection {name!r} at {self.uri}: {exc}") from exc
+            raise SinkError(f"cannot read Chroma collection {name!r} at {self.uri}: {_reason(exc)}") from exc
 
     def list_collections(self) -> list[str]:
         try:
             return sorted(c.name if hasattr(c, "name") else str(c) for c in self._client.list_collections())
         except Exception as exc:
-            raise SinkError(f"cannot list collections at {self.uri}: {exc}") from exc
+            raise SinkError(f"cannot list collections at {self.uri}: {_reason(exc)}") from exc
 
     def drop(self, name: str) -> None:
         if self._get(name) is None:

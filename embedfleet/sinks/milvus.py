@@ -357,6 +357,19 @@ def _parse_object(raw: str | None) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
+class _UnimplementedProbes(logging.Filter):
+    """Milvus Lite serves pymilvus over gRPC in this process without every method, and pymilvus
+    calls some anyway, taking "unimplemented" for an answer (``alloc_timestamp``, which a
+    synchronous create_index starts its wait with, is ``@ignore_unimplemented``); grpc logs each
+    such call as an ERROR with a traceback ("AllocTimestamp ... Method not implemented!")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], NotImplementedError))
+
+
+_LITE_PROBES = _UnimplementedProbes()
+
+
 def _reason(exc: Exception) -> str:
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return str(message).splitlines()[0]
@@ -407,6 +420,7 @@ class MilvusSink(Sink):
             target = parts.path
             self.lite = True
             self.display_uri = spec.uri
+            logging.getLogger("grpc._server").addFilter(_LITE_PROBES)  # the same filter is added once
             os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
             if self.index_type == "AUTOINDEX":
                 self.index_type = "FLAT"
