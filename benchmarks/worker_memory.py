@@ -45,7 +45,7 @@ from throughput import _synthetic_corpus, emit_json  # noqa: E402
 import embedfleet  # noqa: E402
 from embedfleet import config  # noqa: E402
 from embedfleet.embedders.hardware import cpu_supports_bf16  # noqa: E402
-from embedfleet.pipeline.run import EMBED_KEY_PREFIX, embed_task_key  # noqa: E402
+from embedfleet.pipeline.embedding import EMBED_KEY_PREFIX, embed_task_key  # noqa: E402
 from embedfleet.tasks.io import read_json, sidecar  # noqa: E402
 
 

@@ -17,9 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedfleet.pipeline import run as run_module
+from embedfleet.pipeline import placement as placement_module
 from embedfleet.pipeline.cluster import EMBED_SLOT, MAX_AUTO_WORKERS, connect, local_layout, worker_threads
+from embedfleet.pipeline.embedding import Embedding
+from embedfleet.pipeline.follow import Follower
 from embedfleet.pipeline.job import Progress
+from embedfleet.pipeline.jobdir import JobDir
+from embedfleet.pipeline.placement import Placement
+from embedfleet.pipeline.run import run_job
 from embedfleet.pipeline.spec import build_job_spec
 from embedfleet.tasks.io import read_json
 from tests import faults_helpers as fh
@@ -46,19 +51,16 @@ def _slot_worker(threads: int = 2) -> dict:
     return {"nthreads": threads, "resources": {EMBED_SLOT: 1}}
 
 
-def _embedding(tmp_path, client, fake_model, *, rows_per_slice: int, resources: dict | None = None):
+def _embedding(tmp_path, client, fake_model, *, rows_per_slice: int):
     (tmp_path / "source").mkdir()
     (tmp_path / "source" / "a.txt").write_text("text")
     spec = build_job_spec(str(tmp_path / "source"), collection="kb", model=fake_model, data_dir=str(tmp_path / "data"))
-    driver = run_module._Driver(client, priority=0, cancel=None, on_progress=None, progress=Progress(stage="chunking"))
-    dirs = {"embeddings": tmp_path / "embeddings", "written": tmp_path / "written"}
-    for path in dirs.values():
-        path.mkdir(parents=True, exist_ok=True)
+    follower = Follower(client, priority=0, cancel=None, on_progress=None, progress=Progress(stage="chunking"))
+    job_dir = JobDir(tmp_path / "job")
+    job_dir.make()
     futures: dict = {}
-    if resources is None and client.workers:
-        resources = {EMBED_SLOT: 1}
-    embedding = run_module._Embedding(spec, driver, futures, embedder=spec.embedder, resources=resources, dirs=dirs,
-                                      collection="kb", info=None)
+    embedding = Embedding(spec, follower, futures, placement=Placement(client, spec.embedder), job_dir=job_dir,
+                          write_kwargs={})
     embedding.rows_per_slice = rows_per_slice
     return embedding, futures
 
@@ -71,9 +73,8 @@ def _chunk_file(tmp_path, name: str, rows: int) -> str:
 
 def _finish(embedding, futures, client, index: int) -> None:
     """Report the ``index``-th submitted embedding task as finished."""
-    future = f"future-{index}"
-    _, k = futures.pop(future)
-    embedding.finished("embed", k, {"rows": client.submitted[index]["rows"], "real_tokens": 1, "padded_tokens": 1,
+    event = futures.pop(f"future-{index}")
+    embedding.on_embedded(event.slot, {"rows": client.submitted[index]["rows"], "real_tokens": 1, "padded_tokens": 1,
                                     "precision": "fp32"})
 
 
@@ -97,7 +98,7 @@ def test_two_tasks_per_worker_spread_evenly_biggest_first(tmp_path, fake_model):
         _finish(embedding, futures, client, index)
         assert client.submitted[4 + index]["workers"] == [freed]
     assert [s["rows"] for s in client.submitted[4:]] == [10, 10, 10, 4]
-    assert max(embedding.assigned.values()) == run_module.TASKS_PER_EMBED_WORKER
+    assert max(embedding.placement.assigned.values()) == placement_module.TASKS_PER_EMBED_WORKER
 
 
 def test_workers_that_join_get_work_and_a_cluster_with_none_still_gets_tasks(tmp_path, fake_model, monkeypatch):
@@ -108,19 +109,19 @@ def test_workers_that_join_get_work_and_a_cluster_with_none_still_gets_tasks(tmp
     assert [s["workers"] for s in client.submitted] == [None, None]
 
     client.workers = {"tcp://a:1": _slot_worker(), "tcp://b:1": _slot_worker()}
-    monkeypatch.setattr(run_module, "WORKERS_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(placement_module, "WORKERS_REFRESH_SECONDS", 0.0)
     _finish(embedding, futures, client, 0)
     placed = [s["workers"] for s in client.submitted[2:]]
     assert sorted(w[0] for w in placed) == ["tcp://a:1", "tcp://a:1", "tcp://b:1", "tcp://b:1"]
     # Resolved from the workers that joined: their embed slot, and torch on all threads but one.
-    assert embedding.resources == {EMBED_SLOT: 1} and embedding.embedder.threads == 1
+    assert embedding.placement.resources == {EMBED_SLOT: 1} and embedding.placement.embedder.threads == 1
 
 
 def test_tasks_are_not_pinned_when_some_workers_cannot_embed(tmp_path, fake_model):
     # A loose pin could let Dask run a GPU task on a CPU worker: the scheduler places them.
     gpu = {"nthreads": 1, "resources": {"GPU": 1}}
     client = RecordingClient({"tcp://gpu:1": gpu, "tcp://gpu:2": gpu, "tcp://cpu:1": {"nthreads": 1, "resources": {}}})
-    embedding, futures = _embedding(tmp_path, client, fake_model, rows_per_slice=5, resources={"GPU": 1})
+    embedding, futures = _embedding(tmp_path, client, fake_model, rows_per_slice=5)
     embedding.add(_chunk_file(tmp_path, "part", 50))  # ten slices
     assert [s["workers"] for s in client.submitted] == [None] * 4  # two per GPU worker
     assert not any(s["loose"] for s in client.submitted)
@@ -133,9 +134,9 @@ def test_a_worker_that_left_is_forgotten(tmp_path, fake_model, monkeypatch):
     on_b = [i for i, s in enumerate(client.submitted) if s["workers"] == ["tcp://b:1"]]
     on_a = [i for i, s in enumerate(client.submitted) if s["workers"] == ["tcp://a:1"]]
     del client.workers["tcp://b:1"]
-    monkeypatch.setattr(run_module, "WORKERS_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(placement_module, "WORKERS_REFRESH_SECONDS", 0.0)
     _finish(embedding, futures, client, on_b[0])  # b's task finished elsewhere (Dask moved it)
-    assert set(embedding.assigned) == {"tcp://a:1"}
+    assert set(embedding.placement.assigned) == {"tcp://a:1"}
     assert len(client.submitted) == 4, "a already has its two tasks"
     _finish(embedding, futures, client, on_b[1])
     assert len(client.submitted) == 4, "b's tasks free no slot of a"
@@ -191,18 +192,17 @@ def two_worker_client():
 
 
 def test_a_job_embeds_on_every_worker_and_skips_the_duplicate_check_for_reader_ids(
-    two_worker_client, tmp_path, fake_model, monkeypatch
+    two_worker_client, tmp_path, fake_model
 ):
     source = tmp_path / "corpus"
     fh.make_corpus(source, documents=24, words=400, seed=5)
-    checked: list = []
-    monkeypatch.setattr(run_module, "_check_duplicates", lambda *args: checked.append(args))
     with dask.config.set({"embedfleet.read.partition-bytes": 4000}):
         spec = build_job_spec(str(source), collection="kb", model=fake_model, data_dir=str(tmp_path / "data"),
                               chunk_size=48, chunk_overlap=8)
-        result = run_module.run_job(spec, client=two_worker_client)
+        result = run_job(spec, client=two_worker_client)
     assert result.status == "succeeded" and result.embedded == result.chunks > 0
-    assert not checked, "file paths are unique ids: no duplicate check"
+    # File paths are unique ids and the collection is new: no duplicate check, no diff tasks.
+    assert not JobDir(tmp_path / "data" / "jobs" / spec.job_id).diff.exists()
     sidecars = list((tmp_path / "data" / "jobs" / spec.job_id / "embeddings").glob("*.parquet.json"))
     pids = {read_json(p)["pid"] for p in sidecars}
     assert len(sidecars) > 2 and len(pids) == 2

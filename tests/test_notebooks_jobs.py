@@ -26,7 +26,7 @@ def test_job_service_notebook_runs(tmp_path, monkeypatch):
     outputs = "\n".join(
         out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
     )
-    assert "refused:" in outputs and "remaining today: 1000" in outputs
+    assert "refused:" in outputs and "remaining today: 998" in outputs  # bob's queued 2-chunk job holds 2
     assert "succeeded" in outputs and "oncall.md" in outputs
     assert (tmp_path / "nb-data" / "jobs.db").exists()
     assert os.environ.get("EMBEDFLEET_NOTEBOOK_DATA") == str(tmp_path / "nb-data")

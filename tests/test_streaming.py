@@ -13,7 +13,8 @@ import dask.config
 import pytest
 
 from embedfleet.errors import DuplicateDocumentError
-from embedfleet.pipeline import run as run_module
+from embedfleet.pipeline.embedding import Embedding
+from embedfleet.pipeline.follow import Chunked
 from embedfleet.pipeline.run import run_job
 from embedfleet.pipeline.spec import build_job_spec
 from tests import faults_helpers as fh
@@ -51,13 +52,13 @@ def _count(data_dir) -> int:
 def _spy_on_embedding(monkeypatch) -> list[bool]:
     """For each input handed to embedding: whether chunking tasks were still running then."""
     seen: list[bool] = []
-    original = run_module._Embedding.add
+    original = Embedding.add
 
     def add(self, path):
-        seen.append(any(kind == "chunk" for kind, _ in self.futures.values()))
+        seen.append(any(isinstance(event, Chunked) for event in self.futures.values()))
         return original(self, path)
 
-    monkeypatch.setattr(run_module._Embedding, "add", add)
+    monkeypatch.setattr(Embedding, "add", add)
     return seen
 
 

@@ -107,12 +107,13 @@ def jobs():
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default=None, help="Unreadable documents: skip (default) or fail.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default=None, help="Model precision.")
 @click.option("--backend", default=None, help="Embedder backend: sentence-transformers or onnx.")
+@click.option("--allow-mass-delete", is_flag=True, help="Let the sync delete more than embedfleet.index.max-delete-fraction of the collection's documents, or delete from a source with none.")
 @db_option
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the queued job as one JSON object.")
 @handle_errors
 def submit(source, user, collection, priority, mode, sink, model, chunk_size, chunk_overlap, chunk_unit, text_column,
-           id_column, on_error, precision, backend, database_url, data_dir, as_json):
+           id_column, on_error, precision, backend, allow_mass_delete, database_url, data_dir, as_json):
     """Queue SOURCE (a folder, a .jsonl/.csv/.parquet file, or a built-in dataset) for indexing.
 
     The job is refused if its estimated chunks exceed what is left of the user's daily quota
@@ -144,6 +145,7 @@ def submit(source, user, collection, priority, mode, sink, model, chunk_size, ch
             id_column=id_column,
             precision=precision,
             backend=backend,
+            allow_mass_delete=allow_mass_delete,
         )
     if as_json:
         emit_json(info.to_dict())

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from embedfleet import config
 from embedfleet.schedulers.models import ACTIVE_STATUSES, WAITING_STATUSES, Job, Meta, Usage, User, read_engine
 from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier, effective_priority, tiers
+from embedfleet.schedulers.service import HELD
 
 __all__ = [
     "JobRow",
@@ -168,7 +169,7 @@ def take_snapshot(
         users = session.execute(users_stmt.limit(limit)).all()
         used = dict(session.execute(select(Usage.user, Usage.chunks).where(Usage.day == today)).all())
         active = session.execute(
-            select(Job.owner, Job.status, func.count(), func.coalesce(func.sum(Job.reserved), 0))
+            select(Job.owner, Job.status, func.count(), func.coalesce(func.sum(HELD), 0))  # what the quota counts
             .where(Job.status.in_(ACTIVE_STATUSES))
             .group_by(Job.owner, Job.status)
         ).all()

@@ -91,6 +91,7 @@ from embedfleet.tasks.schemas import DOCUMENTS, check_schema
 
 __all__ = [
     "source_spec",
+    "real_roots",
     "plan_partitions",
     "read_partition",
     "read_documents",
@@ -194,7 +195,7 @@ def source_spec(
         max_document_bytes=_size_option(max_document_bytes, "read.max-document-bytes"),
         max_metadata_bytes=_size_option(max_metadata_bytes, "read.max-metadata-bytes"),
         partition_bytes=_size_option(partition_bytes, "read.partition-bytes"),
-        allowed_roots=_real_roots(allowed_roots),
+        allowed_roots=real_roots(allowed_roots),
     )
     raw = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(raw, str) or not raw.strip():
@@ -235,7 +236,7 @@ def source_spec(
     )
 
 
-def _real_roots(roots: Sequence[str | os.PathLike]) -> tuple[str, ...]:
+def real_roots(roots: Sequence[str | os.PathLike]) -> tuple[str, ...]:
     if isinstance(roots, (str, os.PathLike)):
         raise ConfigError(f"allowed roots must be a list of folders, not one path ({os.fspath(roots)!r})")
     real = set()

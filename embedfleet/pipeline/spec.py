@@ -58,7 +58,9 @@ def build_job_spec(
         job_id=job_id or new_job_id(),
         user=check_part("user id", user or config.get("user")),
         collection=check_part("collection name", collection or config.get("collection")),
-        source=source_spec(source, text_column=text_column, id_column=id_column),
+        # The roots bind the workers too: every file is checked again where it is opened.
+        source=source_spec(source, text_column=text_column, id_column=id_column,
+                           allowed_roots=config.get("jobs.allowed-roots", None) or ()),
         sink=make_spec(sink or default_sink_uri(str(root)), sink_options),
         chunk=config.chunk_spec(unit=chunk_unit, size=chunk_size, overlap=chunk_overlap),
         embedder=config.embedder_spec(

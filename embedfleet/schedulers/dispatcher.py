@@ -78,6 +78,19 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _with_current_roots(spec):
+    """The job's spec under the allowed roots of this dispatcher's config, where it has any:
+    narrowing them binds the jobs already queued too. Workers check every file against them."""
+    import dataclasses
+
+    from embedfleet.datasets.readers import real_roots
+
+    roots = config.get("jobs.allowed-roots", None)
+    if not roots:
+        return spec
+    return dataclasses.replace(spec, source=dataclasses.replace(spec.source, allowed_roots=real_roots(roots)))
+
+
 class EmbeddedOnDisk:
     """Chunks a job embedded over all its runs: the rows of its embedding partitions on disk.
 
@@ -91,7 +104,9 @@ class EmbeddedOnDisk:
     SUFFIX = ".parquet.json"
 
     def __init__(self, job_dir: str | os.PathLike):
-        self.dir = Path(job_dir) / "embeddings"
+        from embedfleet.pipeline.jobdir import JobDir
+
+        self.dir = JobDir(job_dir).embeddings
         self._rows: dict[str, int] = {}
         self._lock = threading.Lock()  # the monitor and the runner's before_embed both count
 
@@ -228,6 +243,7 @@ class JobExecution:
                 raise
             return None
 
+        spec = _with_current_roots(spec)
         self._embedded = EmbeddedOnDisk(spec.job_dir)
         monitor = threading.Thread(target=self._monitor, name=f"embedfleet-monitor-{self.job_id}", daemon=True)
         monitor.start()
@@ -268,7 +284,10 @@ class JobExecution:
                 status, message = "cancelled", None
         elif error is not None:
             status, message = "failed", _error_text(error)
-            log.error("job %s failed: %s", self.job_id, message, exc_info=not isinstance(error, EmbedfleetError))
+            if not reraise:  # a re-raised error is its caller's to report (the CLI's `Error:` line)
+                # The exception itself: out of its except clause, exc_info=True logs "NoneType: None".
+                log.error("job %s failed: %s", self.job_id, message,
+                          exc_info=None if isinstance(error, EmbedfleetError) else error)
         else:
             assert result is not None
             status, message = result.status, result.error

@@ -611,6 +611,7 @@ class JobService:
         id_column: str | None = None,
         precision: str | None = None,
         backend: str | None = None,
+        allow_mass_delete: bool = False,
     ) -> JobInfo:
         """Queue a job for ``user``; returns it. One transaction; no source file is read.
 
@@ -641,6 +642,7 @@ class JobService:
                 id_column=id_column,
                 precision=precision,
                 backend=backend,
+                allow_mass_delete=allow_mass_delete,
             ),
             new_user_tier=None,
             run_as=None,

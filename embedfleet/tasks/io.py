@@ -7,6 +7,7 @@ or one that will be redone, never a half-written one that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -26,18 +27,32 @@ def _tmp(path: Path) -> Path:
 def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = _tmp(path)
-    pq.write_table(table, tmp, compression="zstd")
+    with _naming(path, tmp):
+        pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = _tmp(path)
-    with open(tmp, "w") as f:
+    with _naming(path, tmp), open(tmp, "w") as f:
         json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _naming(path: Path, tmp: Path):
+    """pyarrow's and file.write()'s OSErrors name no file, and a full disk must say where it is.
+    The partial temporary file goes: left there, it keeps the disk full."""
+    try:
+        yield
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
 
 
 def read_json(path: str | os.PathLike) -> Any:

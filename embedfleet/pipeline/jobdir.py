@@ -1,0 +1,56 @@
+"""A job's directory, ``<data-dir>/jobs/<job-id>/``: every file and folder in it, named once.
+
+Each stage writes its outputs here atomically (:mod:`embedfleet.tasks.io`), and the markers
+record decisions a resumed run must repeat exactly (the plan's fingerprint, the manifest the
+diff ran against, the embedding slice size, the commit). What exists here is what is done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["JobDir"]
+
+
+class JobDir:
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        self.chunks = self.root / "chunks"  # part-<i>.parquet (+ .json stats): one per read partition
+        self.embeddings = self.root / "embeddings"  # e-<input>-<slice>.parquet (+ .json stats)
+        self.written = self.root / "written"  # <embeddings file>.json: that file is in the store
+        self.deleted = self.root / "deleted"  # <stale ids file>.json: those ids are gone from the store
+        self.diff = self.root / "diff"  # the diff's outputs (tasks/diff.py); complete once diff_done exists
+        self.spec = self.root / "spec.json"  # the job's spec, without credentials
+        self.plan = self.root / "plan.json"  # the source plan's fingerprint
+        self.diff_base = self.root / "diff.json"  # the manifest version the diff compares with
+        self.embed_plan = self.root / "embed-plan.json"  # chunks per embedding task
+        self.committed = self.root / "committed.json"  # the manifest version the job committed
+        self.result = self.root / "result.json"  # a succeeded job's result
+
+    @property
+    def diff_done(self) -> Path:
+        return self.diff / "_SUCCESS.json"
+
+    @property
+    def job_id(self) -> str:
+        return self.root.name
+
+    def make(self) -> None:
+        for folder in (self.chunks, self.embeddings, self.written, self.deleted):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def chunk_file(self, partition: int) -> Path:
+        return self.chunks / f"part-{partition:05d}.parquet"
+
+    def embedding_file(self, input_path: str | Path, slice_index: int) -> Path:
+        return self.embeddings / f"e-{Path(input_path).stem}-{slice_index:04d}.parquet"
+
+    def embedding_sidecars(self) -> list[Path]:
+        """The stats of every embedding partition finished so far, over all runs of the job."""
+        return sorted(self.embeddings.glob("*.parquet.json"))
+
+    def written_marker(self, embeddings_file: str | Path) -> Path:
+        return self.written / f"{Path(embeddings_file).name}.json"
+
+    def deleted_marker(self, stale_file: str | Path) -> Path:
+        return self.deleted / f"{Path(stale_file).name}.json"

@@ -1,0 +1,108 @@
+"""Where a job's embedding tasks run: the resources they ask for, and which worker takes the next.
+
+Every embedding worker keeps :data:`TASKS_PER_EMBED_WORKER` tasks of the job — one running,
+one queued behind it — and no more. Submitting all of them at once would not be faster, and
+would starve the job's other work: the scheduler holds back tasks without dependencies
+(reading, chunking, the diff) from a worker whose slots are taken by tasks waiting for its
+embed slot. Each task goes to the worker with the fewest unfinished ones (a loose restriction:
+if that worker dies the task runs elsewhere); left to itself the scheduler placed both queued
+tasks on one worker while the other sat idle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+from embedfleet.config import EmbedderSpec
+from embedfleet.pipeline.cluster import embed_resources, embed_workers, worker_threads
+
+__all__ = ["Placement", "TASKS_PER_EMBED_WORKER", "WORKERS_REFRESH_SECONDS"]
+
+#: Embedding tasks kept on each embedding worker: one running, one queued behind it.
+TASKS_PER_EMBED_WORKER = 2
+#: How often a job looks for embedding workers that joined or left the cluster.
+WORKERS_REFRESH_SECONDS = 5.0
+#: Stands for the worker of a task assigned to a worker that has since left.
+_GONE = "<gone>"
+
+
+class Placement:
+    """The cluster's embedding workers as one job sees them, and the job's tasks on each.
+
+    A key of None stands for "any embedding worker", when tasks are not pinned (see
+    :meth:`refresh`).
+    """
+
+    def __init__(self, client, embedder: EmbedderSpec):
+        self.client = client
+        self._configured = embedder
+        self.resources = embed_resources(client)
+        self.embedder = self._with_threads(embedder)
+        self.workers: list[str] = []
+        self.assigned: dict[str | None, int] = {}
+        self._assigned_to: dict[int, str | None] = {}
+        self._last_given: dict[str | None, int] = {}
+        self._given = itertools.count()
+        self._seen = 0.0
+        # A cluster with no worker yet (scaling up from zero) leaves the job's resources and
+        # torch threads unresolved: they are resolved from the first workers that join.
+        self._unresolved: bool | None = None  # decided by the first look at the cluster
+        self.refresh()
+
+    def _with_threads(self, embedder: EmbedderSpec) -> EmbedderSpec:
+        if self._configured.threads is not None:
+            return embedder
+        return dataclasses.replace(embedder, threads=worker_threads(self.client, self.resources))
+
+    def refresh(self) -> None:
+        """Follow the cluster's embedding workers as they come and go (adaptive clusters).
+
+        Tasks are pinned only when every worker may embed: a loose pin lets Dask run a task on
+        another worker when its own is gone or paused, which must never send a GPU task to a
+        CPU worker. Otherwise the scheduler places them (key None), two per embedding worker.
+        """
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        if self._unresolved is None:
+            self._unresolved = not workers
+        if self._unresolved and workers:
+            self.resources = embed_resources(self.client)
+            self.embedder = self._with_threads(self._configured)
+            self._unresolved = False
+        eligible = embed_workers(self.client, self.resources, workers=workers)
+        current = set(eligible) if eligible and len(eligible) == len(workers) else {None}
+        gone = set(self.assigned) - current
+        self.assigned = {w: self.assigned.get(w, 0) for w in current}
+        for slot, worker in self._assigned_to.items():
+            if worker in gone:
+                self._assigned_to[slot] = _GONE  # finishing elsewhere now: frees no slot of a current worker
+        self.workers = eligible
+        self._seen = time.monotonic()
+
+    def refresh_if_stale(self) -> None:
+        if time.monotonic() - self._seen > WORKERS_REFRESH_SECONDS:
+            self.refresh()
+
+    def next_worker(self) -> tuple[bool, str | None]:
+        """``(True, worker)`` for the worker to give the next task (None: let Dask place it),
+        or ``(False, None)`` when every embedding worker has its tasks.
+
+        Fewest unfinished tasks first; on a tie, the worker given one longest ago.
+        """
+        worker = min(self.assigned, key=lambda w: (self.assigned[w], self._last_given.get(w, -1)))
+        capacity = TASKS_PER_EMBED_WORKER * (1 if worker is not None else max(1, len(self.workers)))
+        return (self.assigned[worker] < capacity), worker
+
+    def assign(self, slot: int, worker: str | None) -> None:
+        self.assigned[worker] += 1
+        self._assigned_to[slot] = worker
+        self._last_given[worker] = next(self._given)
+
+    def release(self, slot: int) -> None:
+        worker = self._assigned_to.pop(slot)
+        if worker in self.assigned:  # not a worker that has left since
+            self.assigned[worker] -= 1
+
+    def submit_options(self, worker: str | None) -> dict:
+        return dict(resources=self.resources, workers=[worker] if worker else None, allow_other_workers=bool(worker))
