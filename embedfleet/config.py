@@ -15,7 +15,8 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import dask.config
 import yaml
@@ -27,6 +28,11 @@ __all__ = [
     "get",
     "validate",
     "data_dir",
+    "private_dir",
+    "private_file",
+    "SECRET_KEYS",
+    "redacted",
+    "hide_url_password",
     "ChunkSpec",
     "ModelSpec",
     "EmbedderSpec",
@@ -116,10 +122,80 @@ def seconds_value(key: str) -> float:
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:
-    """The data directory, absolute; created if missing."""
-    path = Path(override if override is not None else get("data-dir")).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    """The data directory, absolute; created if missing, for its owner only (:func:`private_dir`).
+
+    It holds every document's text (chunk frames), the job database and the default store.
+    """
+    return private_dir(Path(override if override is not None else get("data-dir")).expanduser().resolve())
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory, created 0700 if missing (missing parents as usual).
+
+    An existing directory keeps its mode: an operator may have shared it on purpose.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # The umask can only take bits away from 0700, so no chmod (and no process-wide umask
+        # change, which would race the dispatcher's threads) is needed.
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
     return path
+
+
+def private_file(path: str | os.PathLike) -> Path:
+    """``path`` as a file, created empty and 0600 if missing, in a :func:`private_dir`.
+
+    For a SQLite database: SQLite gives its -wal, -shm and journal files the database file's
+    mode, so creating the file first is enough. An existing file keeps its mode.
+    """
+    path = Path(path)
+    private_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    return path
+
+
+#: Config keys and sink options whose values are credentials: masked wherever settings are
+#: shown (:func:`redacted`) and never written into a job record (``SinkSpec.without_secrets``).
+SECRET_KEYS = frozenset({"token", "password", "headers", "api-key"})
+_MASK = "***"
+
+
+def hide_url_password(url: str) -> str:
+    """``url`` with its password shown as ``***``, as SQLAlchemy's ``render_as_string(hide_password=True)``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL after all (an unclosed "[" host): all or nothing
+        return _MASK if "@" in url else url
+    if password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:{_MASK}@{hostport}"))
+
+
+def redacted(value: Any, key: str | None = None) -> Any:
+    """A copy of a config tree (or of the value of ``key``) that is safe to show.
+
+    Values of :data:`SECRET_KEYS` become ``***`` (a mapping of headers keeps its names), and
+    passwords in URLs (``jobs.database-url``, a sink URI) are hidden. Unset secrets stay
+    visible as unset.
+    """
+    if key is not None and str(key).replace("_", "-") in SECRET_KEYS and value:
+        return {name: _MASK for name in value} if isinstance(value, Mapping) else _MASK
+    if isinstance(value, Mapping):
+        return {k: redacted(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redacted(v) for v in value)
+    if isinstance(value, str):
+        return hide_url_password(value)
+    return value
 
 
 @dataclass(frozen=True)

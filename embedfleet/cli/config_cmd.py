@@ -23,13 +23,16 @@ def config_group():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
 @handle_errors
 def show(as_json):
-    """Print every embedfleet.* key after defaults, config files and DASK_EMBEDFLEET__* variables, validated."""
+    """Print every embedfleet.* key after defaults, config files and DASK_EMBEDFLEET__* variables, validated.
+
+    Credentials (sink tokens, passwords and headers, the database URL's password) show as ***.
+    """
     import dask.config
 
     from embedfleet import config
 
     config.validate()
-    resolved = {"embedfleet": dask.config.get("embedfleet")}
+    resolved = {"embedfleet": config.redacted(dask.config.get("embedfleet"))}
     if as_json:
         emit_json(resolved)
     else:

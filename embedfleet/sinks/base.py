@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from embedfleet.config import SECRET_KEYS, hide_url_password, redacted
 from embedfleet.errors import CollectionMismatch
 
 __all__ = ["CollectionInfo", "Hit", "Sink", "SinkCollection", "SinkSpec", "metadata_for_store"]
@@ -75,7 +76,13 @@ class Hit:
 
 @dataclass(frozen=True)
 class SinkSpec:
-    """A picklable description of a sink: what tasks on workers receive instead of a connection."""
+    """A picklable description of a sink: what tasks on workers receive instead of a connection.
+
+    In memory it carries the sink's credentials (options named in ``config.SECRET_KEYS``):
+    workers never read config, so the process that opens the store gets them here. A job
+    record keeps :meth:`without_secrets`; they are filled in again from the config of the
+    process that runs the job (``JobSpec.from_json``).
+    """
 
     uri: str
     options: tuple[tuple[str, Any], ...] = ()
@@ -83,13 +90,13 @@ class SinkSpec:
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
 
+    def without_secrets(self) -> "SinkSpec":
+        return SinkSpec(uri=self.uri, options=tuple((k, v) for k, v in self.options if k not in SECRET_KEYS))
+
     def __repr__(self) -> str:
         # Specs travel into task graphs, logs and tracebacks: never show a credential.
-        shown = tuple((k, "***" if k in _SECRET_OPTIONS and v else v) for k, v in self.options)
-        return f"SinkSpec(uri={self.uri!r}, options={shown!r})"
-
-
-_SECRET_OPTIONS = frozenset({"token", "password", "headers", "api-key"})
+        shown = tuple((k, redacted(v, k)) for k, v in self.options)
+        return f"SinkSpec(uri={hide_url_password(self.uri)!r}, options={shown!r})"
 
 
 def metadata_for_store(row_metadata: str | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 
+from embedfleet.config import private_dir
 from embedfleet.errors import ConfigError, SinkError
 from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, metadata_for_store
 
@@ -50,6 +51,8 @@ def _client(spec: SinkSpec):
             ), False
         if not parts.path.startswith("/"):
             raise ConfigError(f"sink {spec.uri!r}: an embedded Chroma store needs an absolute path, chroma:///abs/dir")
+        # The store holds every chunk's text: a new one is its owner's only.
+        private_dir(parts.path)
         # Chroma shares one System per path within a process, but creating it is not
         # thread-safe: two dispatcher threads starting jobs on one store at once both fail.
         with _PERSISTENT_CLIENT_LOCK:

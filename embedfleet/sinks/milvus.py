@@ -8,7 +8,8 @@ Milvus server (https with the option ``secure: true``) that takes parallel write
 Credentials come from the sink options (config ``embedfleet.sinks.milvus.token`` /
 ``user`` / ``password``) or the environment (``MILVUS_TOKEN``, ``MILVUS_USER``,
 ``MILVUS_PASSWORD``), read where the connection is made; never from the command line, and
-never written to logs or error messages.
+never written to logs, error messages or job records (a queued job gets them from the config
+of the process that runs it).
 
 Collection layout (the field names are the embedding frame's, so the Parquet sink's part
 files can be bulk-imported into a collection this sink created)::
@@ -453,6 +454,7 @@ class MilvusSink(Sink):
         if info is None:
             try:
                 info = CollectionInfo.from_metadata(json.loads(described.get("description") or "{}"))
+        new_store = self.lite and not os.path.exists(target)
             except (ValueError, TypeError, AttributeError):
                 info = None
         if info is None:
@@ -460,6 +462,11 @@ class MilvusSink(Sink):
                 f"collection {name!r} in {self.display_uri} was not made by embedfleet (no model recorded); refusing to use it"
             )
         fields = {f["name"]: f for f in described.get("fields", [])}
+        if new_store:
+            # Milvus Lite makes its store with the umask's mode (a directory in milvus-lite 3;
+            # the mode suits whichever it made), and it holds every chunk's text: a new one is
+            # its owner's only.
+            os.chmod(target, 0o700 if os.path.isdir(target) else 0o600)
         text_field = fields.get("text")
         vector_field = fields.get("embedding")
         if text_field is None or vector_field is None or "chunk_id" not in fields:
