@@ -430,6 +430,7 @@ class MilvusSink(Sink):
         if spec.option("db-name"):
             kwargs["db_name"] = str(spec.option("db-name"))
         pymilvus = _pymilvus()
+        new_store = self.lite and not os.path.exists(target)
         try:
             self._client = pymilvus.MilvusClient(uri=target, timeout=self.timeout, **kwargs)
         except Exception as exc:
@@ -437,6 +438,11 @@ class MilvusSink(Sink):
             if self.lite and "lock" in str(exc).lower():
                 hint = " (a Milvus Lite file is open in one process at a time; use a Milvus server for parallel access)"
             raise SinkError(f"cannot connect to Milvus at {self.display_uri}: {_reason(exc)}{hint}") from exc
+        if new_store:
+            # Milvus Lite makes its store with the umask's mode (a directory in milvus-lite 3;
+            # the mode suits whichever it made), and it holds every chunk's text: a new one is
+            # its owner's only.
+            os.chmod(target, 0o700 if os.path.isdir(target) else 0o600)
         self._pymilvus = pymilvus
 
     # -- collections --------------------------------------------------------------------
@@ -454,7 +460,6 @@ class MilvusSink(Sink):
         if info is None:
             try:
                 info = CollectionInfo.from_metadata(json.loads(described.get("description") or "{}"))
-        new_store = self.lite and not os.path.exists(target)
             except (ValueError, TypeError, AttributeError):
                 info = None
         if info is None:
@@ -462,11 +467,6 @@ class MilvusSink(Sink):
                 f"collection {name!r} in {self.display_uri} was not made by embedfleet (no model recorded); refusing to use it"
             )
         fields = {f["name"]: f for f in described.get("fields", [])}
-        if new_store:
-            # Milvus Lite makes its store with the umask's mode (a directory in milvus-lite 3;
-            # the mode suits whichever it made), and it holds every chunk's text: a new one is
-            # its owner's only.
-            os.chmod(target, 0o700 if os.path.isdir(target) else 0o600)
         text_field = fields.get("text")
         vector_field = fields.get("embedding")
         if text_field is None or vector_field is None or "chunk_id" not in fields:
