@@ -207,3 +207,18 @@ def test_a_job_embeds_on_every_worker_and_skips_the_duplicate_check_for_reader_i
     pids = {read_json(p)["pid"] for p in sidecars}
     assert len(sidecars) > 2 and len(pids) == 2
     assert len(fh.read_chroma(f"chroma://{tmp_path / 'data'}/chroma", "local", "kb")) == result.chunks
+
+
+def test_preload_loads_the_model_once_on_each_embedding_worker(fake_model):
+    from embedfleet import config
+
+    gpu = {"nthreads": 3, "resources": {"GPU": 1}}
+    client = RecordingClient({"tcp://gpu:1": gpu, "tcp://gpu:2": gpu, "tcp://cpu:1": {"nthreads": 4, "resources": {}}})
+    client.submit = lambda fn, spec, **kw: client.submitted.append({"spec": spec, **kw}) or f"future-{len(client.submitted)}"
+    placement = Placement(client, config.embedder_spec(model=fake_model))
+    warm = placement.preload(priority=7)
+    # Only the GPU workers embed: one pinned, strict load each, with torch on all their threads.
+    assert [s["workers"] for s in client.submitted] == [["tcp://gpu:1"], ["tcp://gpu:2"]]
+    assert not any(s["allow_other_workers"] for s in client.submitted)
+    assert {s["priority"] for s in client.submitted} == {7}
+    assert warm.spec.threads == 3 and placement.resources == {"GPU": 1}

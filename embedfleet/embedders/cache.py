@@ -13,13 +13,10 @@ the memory bound (it has to run).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import threading
-import uuid
 from collections import OrderedDict
-from typing import Any
 
 from embedfleet.config import EmbedderSpec
 from embedfleet.embedders.base import Embedder
@@ -27,7 +24,7 @@ from embedfleet.embedders.registry import backend_factory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["get_embedder", "load_count", "resident", "clear", "configure", "limits", "preload", "Preload"]
+__all__ = ["get_embedder", "load_count", "resident", "clear", "configure", "limits"]
 
 # Re-entrant: a backend being loaded (under the lock) may itself ask the cache what is resident.
 _lock = threading.RLock()
@@ -121,57 +118,3 @@ def clear() -> None:
         _models.clear()
         _load_counts.clear()
         _loads = 0
-
-
-# --------------------------------------------------------------------------- preloading
-
-
-@dataclasses.dataclass
-class Preload:
-    """Models being loaded on the embedding workers ahead of the embed stage (see :func:`preload`)."""
-
-    spec: EmbedderSpec
-    futures: list[Any]
-
-    def precision(self) -> str:
-        """The precision the workers embed at: the spec's, or for ``auto`` what a worker resolved.
-
-        Only ``auto`` waits (for one worker's load); it raises what the load raised.
-        """
-        if self.spec.quantize:
-            return self.spec.quantize
-        if self.spec.precision != "auto":
-            return self.spec.precision
-        if self.spec.backend == "onnx":
-            return "fp32"
-        if not self.futures:
-            return "auto"
-        return self.futures[0].result()
-
-
-def _preload_task(spec: EmbedderSpec) -> str:
-    return get_embedder(spec).precision
-
-
-def preload(client, spec: EmbedderSpec, *, priority: int = 0) -> Preload:
-    """Start loading ``spec``'s model on every worker that will embed, and return at once.
-
-    Importing torch and sentence-transformers and loading the weights takes seconds on a fresh
-    worker; started when a job starts, it overlaps with opening the sink, reading and
-    chunking instead of delaying the first embedding partition. The tasks take no resource
-    slot (they only fill the cache the embed tasks then find warm) and are pinned one per
-    eligible worker. Errors surface in the embed tasks (or in :meth:`Preload.precision`).
-    """
-    from embedfleet.pipeline.cluster import embed_resources, embed_workers, worker_threads
-
-    resources = embed_resources(client)
-    if spec.threads is None:
-        spec = dataclasses.replace(spec, threads=worker_threads(client, resources))
-    eligible = embed_workers(client, resources)
-    token = uuid.uuid4().hex[:8]
-    futures = [
-        client.submit(_preload_task, spec, key=f"preload-model-{token}-{i}", workers=[address],
-                      allow_other_workers=False, priority=priority, pure=False)
-        for i, address in enumerate(eligible)
-    ]
-    return Preload(spec=spec, futures=futures)

@@ -14,11 +14,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import uuid
+from typing import Any
 
 from embedfleet.config import EmbedderSpec
+from embedfleet.embedders.cache import get_embedder
 from embedfleet.pipeline.cluster import embed_resources, embed_workers, worker_threads
 
-__all__ = ["Placement", "TASKS_PER_EMBED_WORKER", "WORKERS_REFRESH_SECONDS"]
+__all__ = ["Placement", "Preload", "TASKS_PER_EMBED_WORKER", "WORKERS_REFRESH_SECONDS"]
 
 #: Embedding tasks kept on each embedding worker: one running, one queued behind it.
 TASKS_PER_EMBED_WORKER = 2
@@ -106,3 +109,47 @@ class Placement:
 
     def submit_options(self, worker: str | None) -> dict:
         return dict(resources=self.resources, workers=[worker] if worker else None, allow_other_workers=bool(worker))
+
+    def preload(self, *, priority: int = 0) -> "Preload":
+        """Start loading the model on every worker that will embed, and return at once.
+
+        Importing torch and sentence-transformers and loading the weights takes seconds on a
+        fresh worker; started when a job starts, it overlaps with opening the sink, reading and
+        chunking instead of delaying the first embedding partition. The tasks take no resource
+        slot (they only fill the cache the embed tasks then find warm) and are pinned one per
+        eligible worker. Errors surface in the embed tasks (or in :meth:`Preload.precision`).
+        """
+        token = uuid.uuid4().hex[:8]
+        futures = [
+            self.client.submit(_preload_task, self.embedder, key=f"preload-model-{token}-{i}", workers=[address],
+                               allow_other_workers=False, priority=priority, pure=False)
+            for i, address in enumerate(embed_workers(self.client, self.resources))
+        ]
+        return Preload(spec=self.embedder, futures=futures)
+
+
+@dataclasses.dataclass
+class Preload:
+    """Models being loaded on the embedding workers ahead of the embed stage (:meth:`Placement.preload`)."""
+
+    spec: EmbedderSpec
+    futures: list[Any]
+
+    def precision(self) -> str:
+        """The precision the workers embed at: the spec's, or for ``auto`` what a worker resolved.
+
+        Only ``auto`` waits (for one worker's load); it raises what the load raised.
+        """
+        if self.spec.quantize:
+            return self.spec.quantize
+        if self.spec.precision != "auto":
+            return self.spec.precision
+        if self.spec.backend == "onnx":
+            return "fp32"
+        if not self.futures:
+            return "auto"
+        return self.futures[0].result()
+
+
+def _preload_task(spec: EmbedderSpec) -> str:
+    return get_embedder(spec).precision

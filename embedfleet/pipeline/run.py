@@ -28,7 +28,6 @@ from typing import Any, Callable
 import pyarrow.parquet as pq
 
 from embedfleet.config import resolve_model_path
-from embedfleet.embedders.cache import preload
 from embedfleet.errors import JobCancelled, JobError
 from embedfleet.pipeline import incremental
 from embedfleet.pipeline.embedding import TASK_RETRIES, Embedding
@@ -146,8 +145,9 @@ class _JobRun:
         self.max_tokens = model.max_seq_length - reserved_tokens(resolve_model_path(model.path),
                                                                  prefix=model.document_prefix)
         validate_for_model(spec.chunk, self.max_tokens, model_name=model.name, max_seq_length=model.max_seq_length)
+        placement = Placement(client, spec.embedder)
         # Load the model on the embedding workers now, while the sink opens and the source is chunked.
-        warm = preload(client, spec.embedder, priority=self.follower.priority)
+        warm = placement.preload(priority=self.follower.priority)
         self.job_dir.make()
         write_json_atomic(json.loads(spec.to_json()), self.job_dir.spec)
         info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
@@ -156,7 +156,7 @@ class _JobRun:
         _check_plan_unchanged(self.plan, self.job_dir)
         self.chunk_paths = [str(self.job_dir.chunk_file(i)) for i in range(len(self.plan))]
         self.embedding = Embedding(
-            spec, self.follower, self.futures, placement=Placement(client, spec.embedder), job_dir=self.job_dir,
+            spec, self.follower, self.futures, placement=placement, job_dir=self.job_dir,
             write_kwargs=dict(sink=spec.sink, collection=self.collection, info=info, retry=spec.retry),
         )
         # The model guard: a collection made by another model stops the job as soon as the
