@@ -7,32 +7,22 @@
 
 from embedfleet import config  # noqa: F401  (loads the embedfleet.* defaults into dask.config first)
 from embedfleet.api import index, search
-from embedfleet.errors import (
-    CollectionMismatch,
-    ConfigError,
-    EmbedfleetError,
-    JobNotFound,
-    PermissionDenied,
-    QuotaExceeded,
-    SinkError,
-)
-from embedfleet.pipeline.job import JobResult, JobSpec, Progress
+from embedfleet.errors import *  # noqa: F403 - every error embedfleet raises is public (errors.__all__)
+from embedfleet.errors import __all__ as _errors
+from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
+from embedfleet.sinks.base import Hit
 
 __all__ = [
-    "CollectionMismatch",
-    "ConfigError",
-    "EmbedfleetError",
-    "JobNotFound",
+    *_errors,
+    "Hit",
     "JobResult",
+    "JobService",
     "JobSpec",
-    "PermissionDenied",
     "Progress",
-    "QuotaExceeded",
-    "SinkError",
+    "SkippedDocument",
     "config",
     "index",
     "search",
-    "JobService",
 ]
 __version__ = "0.1.0"
 
