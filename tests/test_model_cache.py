@@ -15,7 +15,7 @@ from embedfleet.embedders.registry import register
 from embedfleet.pipeline.cluster import EMBED_SLOT
 from embedfleet.pipeline.run import run_job
 from embedfleet.pipeline.spec import build_job_spec
-from embedfleet.tasks.io import read_json
+from embedfleet.frames.io import read_json
 
 MiB = 2**20
 

@@ -31,7 +31,7 @@ from embedfleet.datasets import (
     source_spec,
 )
 from embedfleet.errors import ConfigError, SourceError
-from embedfleet.tasks.schemas import DOCUMENTS
+from embedfleet.frames.schemas import DOCUMENTS
 from tests.unprivileged import SETPRIV, no_access
 
 PROPERTY = settings(

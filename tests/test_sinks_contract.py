@@ -26,7 +26,7 @@ from embedfleet.sinks import registry
 from embedfleet.sinks.base import CollectionInfo, Sink, SinkSpec
 from embedfleet.sinks.naming import physical_name
 from embedfleet.sinks.registry import known_schemes, make_spec, open_sink
-from embedfleet.tasks.schemas import embeddings_schema
+from embedfleet.frames.schemas import embeddings_schema
 from tests.sink_servers import chroma_server, milvus_server_uri  # noqa: F401  (pytest fixtures)
 
 DIM = 8
@@ -599,7 +599,7 @@ def test_parquet_refuses_paths_outside_the_root(store, sink):
 
 @only_parquet
 def test_parquet_checks_the_frame_schema(store, sink, name):
-    from embedfleet.tasks.schemas import SchemaMismatch
+    from embedfleet.frames.schemas import SchemaMismatch
 
     coll = sink.open(name, info=INFO, create=True)
     with pytest.raises(SchemaMismatch, match="embedding"):

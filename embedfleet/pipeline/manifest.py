@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 from embedfleet.errors import CorruptManifest
-from embedfleet.tasks.io import read_json, write_json_atomic
+from embedfleet.frames.io import read_json, write_json_atomic
 
 __all__ = ["Manifest"]
 

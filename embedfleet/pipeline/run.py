@@ -41,7 +41,7 @@ from embedfleet.sinks.naming import physical_name
 from embedfleet.sinks.registry import open_sink
 from embedfleet.sinks.writer_lock import exclusive_writer
 from embedfleet.tasks import stages
-from embedfleet.tasks.io import is_done, read_json, sidecar, write_json_atomic
+from embedfleet.frames.io import is_done, read_json, sidecar, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,6 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy.exc import DBAPIError

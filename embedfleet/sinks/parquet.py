@@ -70,7 +70,7 @@ import pyarrow.parquet as pq
 
 from embedfleet.errors import ConfigError, SinkError
 from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, metadata_for_store
-from embedfleet.tasks.schemas import CHUNKS, check_schema, embeddings_schema
+from embedfleet.frames.schemas import CHUNKS, check_schema, embeddings_schema
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ import pyarrow as pa
 
 from embedfleet.config import ChunkSpec, resolve_model_path
 from embedfleet.errors import ChunkingError
-from embedfleet.tasks.schemas import CHUNKS, DOCUMENTS, check_schema
+from embedfleet.frames.schemas import CHUNKS, DOCUMENTS, check_schema
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

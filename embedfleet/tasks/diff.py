@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedfleet.tasks.io import write_table_atomic
+from embedfleet.frames.io import write_table_atomic
 
 __all__ = ["IDS", "NEW_COLUMNS", "BUCKET_ROWS", "bucket_count", "split_stage", "diff_bucket_stage", "select_stage", "protected_mask"]
 
@@ -165,7 +165,7 @@ def diff_bucket_stage(
 
 def select_stage(chunks_path: str, fresh: Sequence[str], *, out_path: str) -> int:
     """The rows of one chunk file whose ids are in the ``fresh`` id files: what to embed of it."""
-    from embedfleet.tasks.schemas import CHUNKS
+    from embedfleet.frames.schemas import CHUNKS
 
     ids = _read(fresh, ["chunk_id"], pa.schema([("chunk_id", pa.string())])).column("chunk_id")
     table = pq.read_table(chunks_path, schema=CHUNKS)

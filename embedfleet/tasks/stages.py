@@ -1,7 +1,7 @@
 """The per-partition work of each stage, as pure functions Dask runs on workers.
 
 Each takes paths and frozen specs (never objects or dask.config), writes its output
-atomically (:mod:`embedfleet.tasks.io`) and returns a small dict of counts, so a finished
+atomically (:mod:`embedfleet.frames.io`) and returns a small dict of counts, so a finished
 partition is skipped when a job resumes and the driver never holds the data.
 """
 
@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 from embedfleet.config import ChunkSpec, EmbedderSpec, RetrySpec
 from embedfleet.errors import CollectionMismatch, DocumentError, SinkError
 from embedfleet.sinks.base import CollectionInfo, SinkSpec
-from embedfleet.tasks.io import is_done, read_json, sidecar, write_json_atomic, write_table_atomic
-from embedfleet.tasks.schemas import CHUNKS, DOCUMENTS, check_schema, embeddings_schema
+from embedfleet.frames.io import is_done, read_json, sidecar, write_json_atomic, write_table_atomic
+from embedfleet.frames.schemas import CHUNKS, DOCUMENTS, check_schema, embeddings_schema
 
 logger = logging.getLogger(__name__)
 
