@@ -175,6 +175,22 @@ def test_existing(sink, name):
     assert coll.existing([ids[0], ids[0], "x"]) == {ids[0]}
 
 
+def test_iter_ids_lists_every_row_once_in_batches(sink, name):
+    coll = sink.open(name, info=INFO, create=True)
+    assert [t.num_rows for t in coll.iter_ids(3)] == []
+    ids = ids_of(11)
+    frame = make_frame(ids)
+    coll.upsert(frame)
+    coll.delete(ids[:2])
+    batches = list(coll.iter_ids(3))
+    assert all(0 < t.num_rows <= 3 for t in batches)
+    listed = pa.concat_tables(batches)
+    assert sorted(listed.column("chunk_id").to_pylist()) == sorted(ids[2:])
+    doc_of = dict(zip(frame.column("chunk_id").to_pylist(), frame.column("doc_id").to_pylist()))
+    assert {c: doc_of[c] for c in listed.column("chunk_id").to_pylist()} == dict(
+        zip(listed.column("chunk_id").to_pylist(), listed.column("doc_id").to_pylist()))
+
+
 def test_duplicate_ids_in_one_request(sink, name):
     coll = sink.open(name, info=INFO, create=True)
     vectors = np.eye(DIM, dtype=np.float32)[:3]

@@ -3,7 +3,7 @@
 A :class:`Sink` is a connection to one store, addressed by URI. It opens collections by their
 *physical* name (see :mod:`embedfleet.sinks.naming`): the user-facing name never reaches a
 store directly. A :class:`SinkCollection` takes embedding frames (``pyarrow.Table`` with the
-schema of :func:`embedfleet.tasks.schemas.embeddings_schema`) and splits every request to stay
+schema of :func:`embedfleet.frames.schemas.embeddings_schema`) and splits every request to stay
 under the store's own limits.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -138,6 +138,13 @@ class SinkCollection(abc.ABC):
     @abc.abstractmethod
     def existing(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` present in the collection."""
+
+    @abc.abstractmethod
+    def iter_ids(self, batch_size: int) -> Iterator[pa.Table]:
+        """Every row's ``doc_id, chunk_id``, at most ``batch_size`` rows a table.
+
+        What mode ``full`` reconciles against, so it repairs a lost or damaged manifest.
+        """
 
     @abc.abstractmethod
     def query(self, vector: np.ndarray, k: int) -> list[Hit]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -147,6 +147,20 @@ class ChromaCollection(SinkCollection):
                 raise SinkError(f"Chroma get from {self.name!r} failed: {_reason(exc)}") from exc
             found.update(got["ids"])
         return found
+
+    def iter_ids(self, batch_size: int) -> Iterator[pa.Table]:
+        limit = max(1, min(batch_size, self._max_batch_size))
+        offset = 0
+        while True:
+            try:
+                got = self._collection.get(include=["metadatas"], limit=limit, offset=offset)
+            except Exception as exc:
+                raise SinkError(f"Chroma get from {self.name!r} failed: {_reason(exc)}") from exc
+            if not got["ids"]:
+                return
+            doc_ids = [str((meta or {}).get("doc_id", "")) for meta in got["metadatas"]]
+            yield pa.table({"doc_id": pa.array(doc_ids, pa.string()), "chunk_id": pa.array(got["ids"], pa.string())})
+            offset += len(got["ids"])
 
     def query(self, vector: np.ndarray, k: int) -> list[Hit]:
         try:

@@ -69,6 +69,8 @@ DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 DEFAULT_MAX_BATCH_SIZE = 1000
 #: ids per ``chunk_id in [...]`` expression: keeps the expression (and the reply) small.
 QUERY_BATCH = 512
+#: Milvus caps one query's limit (so a query iterator's batch) at 16,384 rows.
+ITERATOR_BATCH = 16384
 #: Milvus' limit on ``limit`` (topk) of one search.
 MAX_TOPK = 16384
 
@@ -281,6 +283,28 @@ class MilvusCollection(SinkCollection):
                 raise self._fail("query", exc) from exc
             found.update(row["chunk_id"] for row in got)
         return found
+
+    def iter_ids(self, batch_size: int) -> Iterator[pa.Table]:
+        self._ensure_loaded()
+        try:
+            iterator = self._client.query_iterator(
+                self.name, batch_size=max(1, min(batch_size, ITERATOR_BATCH)), filter="",
+                output_fields=["doc_id", "chunk_id"], timeout=self._sink.timeout,
+            )
+        except Exception as exc:
+            raise self._fail("query", exc) from exc
+        try:
+            while True:
+                try:
+                    rows = iterator.next()
+                except Exception as exc:
+                    raise self._fail("query", exc) from exc
+                if not rows:
+                    return
+                yield pa.table({"doc_id": pa.array([str(r["doc_id"]) for r in rows], pa.string()),
+                                "chunk_id": pa.array([str(r["chunk_id"]) for r in rows], pa.string())})
+        finally:
+            iterator.close()
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
