@@ -77,3 +77,30 @@ def test_a_new_milvus_lite_store_is_its_owners_only(tmp_path):
     with _umask(0), MilvusSink(SinkSpec(uri=f"milvus://{store}")) as sink:
         sink.open("kb-test", info=CollectionInfo(model="fake", dimensions=4), create=True)
     assert _mode(store) == (0o700 if store.is_dir() else 0o600)
+
+
+def test_a_job_database_at_a_chosen_path_is_its_owners_only(tmp_path):
+    import os
+    import stat
+
+    from embedfleet.schedulers.service import JobService
+
+    old = os.umask(0)  # what a careless service account has
+    try:
+        service = JobService(f"sqlite:///{tmp_path}/db/jobs.db", data_dir=tmp_path / "d")
+        service.add_user("ann")
+        service.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "db" / "jobs.db").stat().st_mode) == 0o600
+
+
+def test_a_database_url_password_never_shows_in_errors():
+    import pytest
+
+    from embedfleet.errors import ConfigError
+    from embedfleet.schedulers.models import make_engine
+
+    with pytest.raises(ConfigError) as caught:
+        make_engine("mysql://admin:hunter2@db.example/jobs")
+    assert "hunter2" not in str(caught.value) and "***" in str(caught.value)

@@ -50,6 +50,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from embedfleet.config import hide_url_password, private_file
 from embedfleet.errors import ConfigError
 
 __all__ = [
@@ -235,7 +236,7 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except Exception as exc:  # sqlalchemy.exc.ArgumentError
-        raise ConfigError(f"invalid job database URL {url!r}: {exc}") from exc
+        raise ConfigError(f"invalid job database URL {hide_url_password(url)!r}: {exc}") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database
@@ -244,7 +245,8 @@ def make_engine(url: str) -> Engine:
                 "the job service needs a SQLite *file* (sqlite:///path/jobs.db): an in-memory database "
                 "is not shared between the dispatcher's threads"
             )
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # It holds every user's jobs and sources: created its owner's only (its WAL follows).
+        private_file(Path(database).expanduser())
         engine = create_engine(
             parsed,
             connect_args={"timeout": 30.0, "check_same_thread": False},
@@ -273,7 +275,7 @@ def make_engine(url: str) -> Engine:
         return engine
     if backend == "postgresql":
         return create_engine(parsed, pool_size=8, max_overflow=48, pool_pre_ping=True)
-    raise ConfigError(f"the job database must be SQLite or PostgreSQL, not {backend!r} ({url})")
+    raise ConfigError(f"the job database must be SQLite or PostgreSQL, not {backend!r} ({hide_url_password(url)})")
 
 
 def read_engine(engine: Engine) -> Engine:
