@@ -401,6 +401,7 @@ def test_sink_outage_during_writes_fails_then_resume_writes_without_embedding(tm
     # Names the sink, says it gave up after the configured retries, and gives the cause.
     assert sink in error and "after 3 attempts" in error, error
     assert any(cause in error.lower() for cause in ("connect", "refused", "unreachable")), error
+    assert output.strip().splitlines() == [error], "the outage is one line: no retry warnings, no second error"
 
     [job_dir] = fh.job_dirs(data)
     finished, total = fh.embed_partitions(job_dir)

@@ -175,7 +175,8 @@ class Embedding:
             # The store gave up (after its retries). Embedding goes on, so what the job paid
             # the most for is on disk and a resume only writes; the job fails at the end.
             if self.write_error is None:
-                logger.error("job %s: %s; embedding continues, writes stop", self.spec.job_id, value)
+                # INFO: the job raises this error when embedding ends; said now, it would be said twice.
+                logger.info("job %s: %s; embedding continues, writes stop", self.spec.job_id, value)
                 self.write_error = value
             return
         self.follower.progress.written += value

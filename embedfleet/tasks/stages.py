@@ -147,7 +147,8 @@ def with_retries(action: Callable[[], T], *, retry: RetrySpec, what: str) -> T:
             if attempt == retry.attempts:
                 raise SinkError(f"{what} failed after {retry.attempts} attempts: {exc}") from exc
             sleep = random.uniform(0, min(retry.max_delay, delay))
-            logger.warning("%s failed (attempt %d/%d), retrying in %.2fs: %s", what, attempt, retry.attempts, sleep, exc)
+            # INFO: a retry that works is no failure, and the last one is raised (one line, DESIGN §7).
+            logger.info("%s failed (attempt %d/%d), retrying in %.2fs: %s", what, attempt, retry.attempts, sleep, exc)
             time.sleep(sleep)
             delay *= 2
     raise AssertionError("unreachable")
