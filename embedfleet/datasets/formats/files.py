@@ -1,0 +1,250 @@
+"""Folder sources (and a single text file): one document per file, HTML reduced to its text.
+
+Partitioning
+------------
+Files sorted by relative path, grouped greedily into about ``partition_bytes`` (each file also
+weighs 4 KiB, so a partition never holds more than a few thousand tiny files).
+
+Document ids
+------------
+The path relative to the source root, POSIX separators (a single file: its name); a folder
+that cannot be listed: its relative path and ``/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from embedfleet.datasets.formats.common import (
+    Estimator,
+    Format,
+    Refused,
+    Rows,
+    check_metadata,
+    check_text,
+    dumps,
+    open_checked,
+    single_file,
+    source_root,
+    too_big,
+)
+from embedfleet.datasets.formats.listing import is_unlisted, list_files, suffix_of
+from embedfleet.datasets.source import SourceSpec
+from embedfleet.errors import SourceError
+
+__all__ = ["FileGroup", "FILES"]
+
+_HTML_SUFFIXES = (".html", ".htm")
+# Each file costs an open/stat/read beyond its bytes; this keeps partitions of tiny files small.
+_FILE_WEIGHT = 4096
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+@dataclass(frozen=True)
+class FileGroup:
+    """Files of a folder source, by path relative to its root, with their planned sizes."""
+
+    files: tuple[tuple[str, int], ...]
+
+
+def _plan(spec: SourceSpec) -> list[FileGroup]:
+    location = Path(spec.location)
+    if location.is_dir():
+        files = [
+            (rel, size) for rel, size in list_files(location) if is_unlisted(rel) or suffix_of(rel) in spec.extensions
+        ]
+        if not files:
+            raise SourceError(f"folder {location} has no files ending in {', '.join(spec.extensions)}")
+    else:
+        files = single_file(spec)
+    groups: list[FileGroup] = []
+    current: list[tuple[str, int]] = []
+    weight = 0
+    for rel, size in files:
+        # A file over the limit is not read (it becomes an error row), so it weighs little.
+        w = min(size, spec.max_document_bytes + 1) + _FILE_WEIGHT
+        if current and weight + w > spec.partition_bytes:
+            groups.append(FileGroup(files=tuple(current)))
+            current, weight = [], 0
+        current.append((rel, size))
+        weight += w
+    if current:
+        groups.append(FileGroup(files=tuple(current)))
+    return groups
+
+
+def _read(spec: SourceSpec, part: FileGroup) -> pa.Table:
+    root = source_root(spec)
+    rows = Rows()
+    for rel, _ in part.files:
+        _read_file(rows, root / rel, rel, spec)
+    return rows.table()
+
+
+def _read_file(rows: Rows, path: Path, rel: str, spec: SourceSpec) -> None:
+    if is_unlisted(rel):
+        rows.fail(rel, _unlisted_reason(path))
+        return
+    extension = suffix_of(rel)
+    meta: dict[str, Any] = {"source": rel, "extension": extension}
+    limit = spec.max_document_bytes
+    try:
+        f = open_checked(spec, path)
+    except (FileNotFoundError, NotADirectoryError):
+        rows.fail(rel, "file not found (removed after the source was planned)", dumps(meta))
+        return
+    except Refused as exc:
+        rows.fail(rel, str(exc), dumps(meta))
+        return
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        meta["bytes"] = size
+        if size > limit:
+            rows.fail(rel, too_big(size, limit), dumps(meta))
+            return
+        # The file may grow between the stat and the read: never read past the limit.
+        data = f.read(limit + 1)
+    meta["bytes"] = len(data)
+    if len(data) > limit:
+        rows.fail(rel, too_big(len(data), limit), dumps(meta))
+        return
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        hint = " (UTF-16 text? only UTF-8 is read)" if data.startswith(_UTF16_BOMS) else ""
+        rows.fail(rel, f"binary file (NUL byte at offset {nul}){hint}", dumps(meta))
+        return
+    html = extension in _HTML_SUFFIXES
+    try:
+        # A BOM is an encoding marker, not text; everything else is kept exactly.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        text = _declared_html_decode(data) if html else None
+        if text is None:
+            rows.fail(rel, f"invalid UTF-8 at byte {exc.start} ({exc.reason}: {data[exc.start:exc.start + 4]!r})", dumps(meta))
+            return
+    if html:
+        text, title = _html_to_text(text)
+        if title:
+            meta["title"] = title
+        if not text.strip():
+            rows.fail(rel, "HTML page has no visible text", dumps(meta))
+            return
+    metadata = dumps(meta)
+    # The metadata too: a page's title can be any length.
+    problem = check_text(text, limit) or check_metadata(metadata, meta, spec.max_metadata_bytes)
+    if problem:
+        rows.fail(rel, problem, metadata)
+        return
+    rows.ok(rel, text, metadata)
+
+
+def _unlisted_reason(path: Path) -> str:
+    try:
+        with os.scandir(path):
+            pass
+    except OSError as exc:
+        return f"cannot list the folder: {exc.strerror or exc}"
+    return "cannot list the folder (it could not be listed when the source was planned)"
+
+
+def _declared_html_decode(data: bytes) -> str | None:
+    from bs4.dammit import EncodingDetector
+
+    declared = EncodingDetector.find_declared_encoding(data, is_html=True)
+    if not declared or declared.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
+        return None
+    try:
+        return data.decode(declared)
+    except (LookupError, UnicodeDecodeError):
+        return None
+
+
+_BLOCK_BREAK = {
+    "p", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "dl", "section",
+    "article", "header", "footer", "nav", "aside", "main", "figure", "form", "fieldset", "details", "hr",
+}
+_LINE_BREAK = {"div", "li", "tr", "dt", "dd", "caption", "figcaption", "summary", "address", "option", "legend", "body"}
+_DROP = ["script", "style", "head", "noscript", "template"]
+_SPACES = re.compile(r"\s+")
+
+
+def _html_to_text(markup: str) -> tuple[str, str | None]:
+    """Visible text of an HTML page, with a newline per block and a blank line per paragraph.
+
+    Whitespace inside ordinary elements is collapsed as a browser would; ``<pre>`` keeps its own.
+    Returns the text and the page title.
+    """
+    from bs4 import (
+        BeautifulSoup,
+        Comment,
+        Declaration,
+        Doctype,
+        NavigableString,
+        ProcessingInstruction,
+        Tag,
+    )
+
+    soup = BeautifulSoup(markup, "html.parser")
+    title = soup.title.get_text(" ", strip=True) if soup.title else None
+    for tag in soup.find_all(_DROP):
+        tag.decompose()
+
+    parts: list[str] = []
+    state = {"break": 0, "space": True}  # pending newlines; whether output ends in whitespace
+
+    def block(newlines: int) -> None:
+        state["break"] = max(state["break"], newlines)
+
+    def write(text: str, pre: bool) -> None:
+        if not pre:
+            text = _SPACES.sub(" ", text)
+            if state["break"] or state["space"]:
+                text = text.lstrip(" ")
+        if not text:
+            return
+        if state["break"]:
+            if parts:
+                parts[-1] = parts[-1].rstrip(" ")
+                parts.append("\n" * state["break"])
+            state["break"] = 0
+        parts.append(text)
+        state["space"] = text[-1].isspace()
+
+    def walk(node: Tag, pre: bool) -> None:
+        for child in node.children:
+            if isinstance(child, (Comment, Declaration, Doctype, ProcessingInstruction)):
+                continue
+            if isinstance(child, NavigableString):
+                write(str(child), pre)
+            elif isinstance(child, Tag):
+                name = child.name.lower()
+                if name == "br":
+                    if parts:
+                        parts[-1] = parts[-1].rstrip(" ")
+                    parts.append("\n")
+                    state["space"] = True
+                    continue
+                newlines = 2 if name in _BLOCK_BREAK else 1 if name in _LINE_BREAK else 0
+                if name in ("td", "th") and parts and not state["space"]:
+                    write(" ", False)
+                block(newlines)
+                walk(child, pre or name in ("pre", "textarea"))
+                block(newlines)
+
+    walk(soup, False)
+    text = "".join(parts).strip()
+    return text, title or None
+
+
+def _estimate(spec: SourceSpec, parts: Sequence[FileGroup], chunks: Estimator) -> int:
+    # Files over the size limit are never read: they give no chunks.
+    return sum(chunks.document(n) for part in parts for _, n in part.files if n <= spec.max_document_bytes)
+
+
+FILES = Format(partition=FileGroup, plan=_plan, read=_read, estimate=_estimate)
