@@ -5,6 +5,10 @@ A :class:`Sink` is a connection to one store, addressed by URI. It opens collect
 store directly. A :class:`SinkCollection` takes embedding frames (``pyarrow.Table`` with the
 schema of :func:`embedfleet.frames.schemas.embeddings_schema`) and splits every request to stay
 under the store's own limits.
+
+Opening is the same for every store (:meth:`Sink.open`: look up, create, the model guard);
+a store supplies the steps that touch it through the ``_lookup``, ``_create``,
+``_recorded_info`` and ``_collection`` hooks.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from embedfleet.config import SECRET_KEYS, hide_url_password, redacted
-from embedfleet.errors import CollectionMismatch
+from embedfleet.errors import CollectionMismatch, SinkError
 
-__all__ = ["CollectionInfo", "Hit", "Sink", "SinkCollection", "SinkSpec", "metadata_for_store"]
+__all__ = ["CollectionInfo", "Hit", "Sink", "SinkCollection", "SinkSpec", "keep_last", "metadata_for_store"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,19 @@ def metadata_for_store(row_metadata: str | None) -> dict[str, Any]:
     return flat
 
 
+def keep_last(frame: pa.Table) -> pa.Table:
+    """``frame`` with one row per chunk_id: the last, which is the newest.
+
+    Within one upsert a later row of an id replaces an earlier one, as a later upsert would;
+    stores refuse a request that names an id twice (Chroma, Milvus' primary key).
+    """
+    ids = frame.column("chunk_id").to_pylist()
+    last = {chunk_id: i for i, chunk_id in enumerate(ids)}
+    if len(last) == len(ids):
+        return frame
+    return frame.take(pa.array(sorted(last.values())))
+
+
 class SinkCollection(abc.ABC):
     name: str
     info: CollectionInfo
@@ -163,12 +180,13 @@ class Sink(abc.ABC):
 
     def __init__(self, spec: SinkSpec):
         self.spec = spec
+        #: The store's address in messages; a store may show it its own way (Milvus).
+        self.display_uri = spec.uri
 
     @property
     def uri(self) -> str:
         return self.spec.uri
 
-    @abc.abstractmethod
     def open(self, name: str, *, info: CollectionInfo | None = None, create: bool = False) -> SinkCollection:
         """Open a collection by physical name.
 
@@ -176,6 +194,43 @@ class Sink(abc.ABC):
         existing one is checked against ``info`` (model guard) and refused on mismatch, never
         changed. Without ``create`` a missing collection raises SinkError.
         """
+        handle = self._lookup(name)
+        if handle is None:
+            if not (create and info):
+                raise SinkError(f"collection {name!r} does not exist in {self.display_uri}")
+            # Another worker may have created it since the lookup: _create returns whichever
+            # collection now exists, and the guard below checks it like any existing one.
+            handle = self._create(name, info)
+        recorded = self._recorded_info(name, handle)
+        if recorded is None:
+            raise SinkError(
+                f"collection {name!r} in {self.display_uri} was not made by embedfleet (no model recorded); refusing to use it"
+            )
+        if info is not None:
+            info.check_compatible(recorded, collection=name)
+        return self._collection(name, handle, recorded)
+
+    # Not abstract: a store may override open() whole instead, as sinks registered through
+    # entry points before these hooks existed do.
+
+    def _lookup(self, name: str) -> Any:
+        """The store's handle on collection ``name``, or None when it does not exist."""
+        raise NotImplementedError
+
+    def _create(self, name: str, info: CollectionInfo) -> Any:
+        """Create ``name`` recording ``info``; the handle on the collection that exists afterwards.
+
+        When a concurrent creator got there first, that is its collection, not an error.
+        """
+        raise NotImplementedError
+
+    def _recorded_info(self, name: str, handle: Any) -> CollectionInfo | None:
+        """The CollectionInfo the collection records; None when it records none."""
+        raise NotImplementedError
+
+    def _collection(self, name: str, handle: Any, info: CollectionInfo) -> SinkCollection:
+        """The collection to write and read through, made with its recorded ``info``."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def list_collections(self) -> list[str]:

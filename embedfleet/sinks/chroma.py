@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from embedfleet.config import private_dir
 from embedfleet.errors import ConfigError, SinkError
-from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, metadata_for_store
+from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, keep_last, metadata_for_store
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,8 @@ class ChromaCollection(SinkCollection):
         return self._max_batch_size
 
     def upsert(self, frame: pa.Table) -> int:
-        ids = frame.column("chunk_id").to_pylist()
-        last = {chunk_id: i for i, chunk_id in enumerate(ids)}
-        if len(last) < len(ids):
-            # Chroma refuses a request naming an id twice; the last row of an id is the newest.
-            frame = frame.take(pa.array(sorted(last.values())))
         written = 0
-        for batch in frame.to_batches(max_chunksize=self._max_batch_size):
+        for batch in keep_last(frame).to_batches(max_chunksize=self._max_batch_size):
             if batch.num_rows == 0:
                 continue
             cols = batch.to_pydict()
@@ -208,33 +203,26 @@ class ChromaSink(Sink):
         limit = int(self._client.get_max_batch_size())
         self._max_batch_size = min(int(configured), limit) if configured else limit
 
-    def open(self, name: str, *, info: CollectionInfo | None = None, create: bool = False) -> ChromaCollection:
-        existing = self._get(name)
-        if existing is None:
-            if not (create and info):
-                raise SinkError(f"collection {name!r} does not exist in {self.uri}")
-            metadata: dict[str, Any] = {**info.to_metadata(), "hnsw:space": _CHROMA_SPACE[info.metric]}
-            try:
-                collection = self._client.get_or_create_collection(name, metadata=metadata, embedding_function=None)
-            except Exception as exc:
-                raise SinkError(f"cannot create Chroma collection {name!r}: {_reason(exc)}") from exc
-            recorded = CollectionInfo.from_metadata(collection.metadata) or info
-            info.check_compatible(recorded, collection=name)  # a concurrent creator may have won
-            return ChromaCollection(collection, recorded, self._max_batch_size)
-        recorded = CollectionInfo.from_metadata(existing.metadata)
-        if recorded is None:
-            raise SinkError(f"collection {name!r} in {self.uri} was not made by embedfleet (no model recorded); refusing to use it")
-        if info is not None:
-            info.check_compatible(recorded, collection=name)
-        return ChromaCollection(existing, recorded, self._max_batch_size)
-
-    def _get(self, name: str):
+    def _lookup(self, name: str):
         try:
             return self._client.get_collection(name, embedding_function=None)
         except Exception as exc:
             if "does not exist" in str(exc) or type(exc).__name__ in ("NotFoundError", "InvalidCollectionException"):
                 return None
             raise SinkError(f"cannot read Chroma collection {name!r} at {self.uri}: {_reason(exc)}") from exc
+
+    def _create(self, name: str, info: CollectionInfo):
+        metadata: dict[str, Any] = {**info.to_metadata(), "hnsw:space": _CHROMA_SPACE[info.metric]}
+        try:
+            return self._client.get_or_create_collection(name, metadata=metadata, embedding_function=None)
+        except Exception as exc:
+            raise SinkError(f"cannot create Chroma collection {name!r}: {_reason(exc)}") from exc
+
+    def _recorded_info(self, name: str, collection) -> CollectionInfo | None:
+        return CollectionInfo.from_metadata(collection.metadata)
+
+    def _collection(self, name: str, collection, info: CollectionInfo) -> ChromaCollection:
+        return ChromaCollection(collection, info, self._max_batch_size)
 
     def list_collections(self) -> list[str]:
         try:
@@ -243,6 +231,6 @@ class ChromaSink(Sink):
             raise SinkError(f"cannot list collections at {self.uri}: {_reason(exc)}") from exc
 
     def drop(self, name: str) -> None:
-        if self._get(name) is None:
+        if self._lookup(name) is None:
             raise SinkError(f"collection {name!r} does not exist in {self.uri}")
         self._client.delete_collection(name)

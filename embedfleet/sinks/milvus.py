@@ -57,7 +57,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedfleet.errors import BackendUnavailableError, ConfigError, SinkError
-from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, metadata_for_store
+from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, keep_last, metadata_for_store
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +140,6 @@ def _quote(value: str) -> str:
 
 def _ids_filter(ids: Sequence[str]) -> str:
     return f"chunk_id in [{', '.join(_quote(i) for i in ids)}]"
-
-
-def _last_occurrences(ids: list[str]) -> list[int] | None:
-    """Row indices keeping the last row of each id, or None when ids are already unique."""
-    last = {chunk_id: i for i, chunk_id in enumerate(ids)}
-    if len(last) == len(ids):
-        return None
-    return sorted(last.values())
 
 
 class MilvusCollection(SinkCollection):
@@ -240,11 +232,7 @@ class MilvusCollection(SinkCollection):
     def upsert(self, frame: pa.Table) -> int:
         if frame.num_rows == 0:
             return 0
-        keep = _last_occurrences(frame.column("chunk_id").to_pylist())
-        if keep is not None:
-            # One request must not carry a primary key twice; the last row is the newest.
-            frame = frame.take(pa.array(keep))
-        rows, sizes = self.rows(frame)
+        rows, sizes = self.rows(keep_last(frame))
         written = 0
         for start, stop in plan_batches(sizes, max_rows=self.max_batch_size, max_bytes=self.max_request_bytes):
             try:
@@ -372,6 +360,10 @@ class MilvusCollection(SinkCollection):
         return int(got[0]["count(*)"]) if got else 0
 
 
+def _fields(described: dict) -> dict[str, dict]:
+    return {f["name"]: f for f in described.get("fields", [])}
+
+
 def _parse_object(raw: str | None) -> dict[str, Any]:
     if not raw:
         return {}
@@ -471,7 +463,7 @@ class MilvusSink(Sink):
 
     # -- collections --------------------------------------------------------------------
 
-    def _describe(self, name: str) -> dict | None:
+    def _lookup(self, name: str) -> dict | None:
         try:
             if not self._client.has_collection(name, timeout=self.timeout):
                 return None
@@ -479,7 +471,7 @@ class MilvusSink(Sink):
         except Exception as exc:
             raise SinkError(f"cannot read Milvus collection {name!r} at {self.display_uri}: {_reason(exc)}") from exc
 
-    def _recorded(self, name: str, described: dict) -> tuple[CollectionInfo, int]:
+    def _recorded_info(self, name: str, described: dict) -> CollectionInfo | None:
         info = CollectionInfo.from_metadata(described.get("properties") or {})
         if info is None:
             try:
@@ -487,16 +479,16 @@ class MilvusSink(Sink):
             except (ValueError, TypeError, AttributeError):
                 info = None
         if info is None:
-            raise SinkError(
-                f"collection {name!r} in {self.display_uri} was not made by embedfleet (no model recorded); refusing to use it"
-            )
-        fields = {f["name"]: f for f in described.get("fields", [])}
-        text_field = fields.get("text")
-        vector_field = fields.get("embedding")
-        if text_field is None or vector_field is None or "chunk_id" not in fields:
+            return None
+        fields = _fields(described)
+        if "text" not in fields or "embedding" not in fields or "chunk_id" not in fields:
             raise SinkError(f"collection {name!r} in {self.display_uri} does not have embedfleet's fields; refusing to use it")
-        text_max = int((text_field.get("params") or {}).get("max_length", self.text_max_length))
-        return info, text_max
+        return info
+
+    def _collection(self, name: str, described: dict, info: CollectionInfo) -> MilvusCollection:
+        # The text limit the collection was created with, which may differ from this sink's option.
+        text_max = int((_fields(described)["text"].get("params") or {}).get("max_length", self.text_max_length))
+        return MilvusCollection(self, name, info, text_max_length=text_max)
 
     def _schema(self, info: CollectionInfo):
         DataType = self._pymilvus.DataType
@@ -515,44 +507,32 @@ class MilvusSink(Sink):
         schema.add_field("text_truncated", DataType.BOOL)
         return schema
 
-    def _create(self, name: str, info: CollectionInfo) -> None:
+    def _create(self, name: str, info: CollectionInfo) -> dict:
         if info.metric not in _METRICS:
             raise ConfigError(f"metric {info.metric!r} is not one of {', '.join(sorted(_METRICS))}")
-        index_params = self._client.prepare_index_params()
-        index_params.add_index(field_name="embedding", index_type=self.index_type, metric_type=_METRICS[info.metric])
-        properties = {k: str(v) for k, v in info.to_metadata().items()}
-        self._client.create_collection(
-            name,
-            schema=self._schema(info),
-            index_params=index_params,
-            properties=properties,
-            consistency_level="Strong",
-            timeout=self.timeout,
-        )
-
-    def open(self, name: str, *, info: CollectionInfo | None = None, create: bool = False) -> MilvusCollection:
-        described = self._describe(name)
-        if described is None:
-            if not (create and info):
-                raise SinkError(f"collection {name!r} does not exist in {self.display_uri}")
-            try:
-                self._create(name, info)
-            except ConfigError:
-                raise
-            except Exception as exc:
-                # Another worker may have created it between our check and our request.
-                described = self._describe(name)
-                if described is None:
-                    raise SinkError(f"cannot create Milvus collection {name!r}: {_reason(exc)}") from exc
-            else:
-                described = self._describe(name)
-                if described is None:  # pragma: no cover - the server just said it created it
-                    raise SinkError(f"Milvus collection {name!r} vanished right after creation")
-                logger.info("created Milvus collection %s at %s (%s)", name, self.display_uri, info.model)
-        recorded, text_max = self._recorded(name, described)
-        if info is not None:
-            info.check_compatible(recorded, collection=name)
-        return MilvusCollection(self, name, recorded, text_max_length=text_max)
+        try:
+            index_params = self._client.prepare_index_params()
+            index_params.add_index(field_name="embedding", index_type=self.index_type, metric_type=_METRICS[info.metric])
+            properties = {k: str(v) for k, v in info.to_metadata().items()}
+            self._client.create_collection(
+                name,
+                schema=self._schema(info),
+                index_params=index_params,
+                properties=properties,
+                consistency_level="Strong",
+                timeout=self.timeout,
+            )
+        except Exception as exc:
+            # Another worker may have created it between our check and our request.
+            described = self._lookup(name)
+            if described is None:
+                raise SinkError(f"cannot create Milvus collection {name!r}: {_reason(exc)}") from exc
+            return described
+        described = self._lookup(name)
+        if described is None:  # pragma: no cover - the server just said it created it
+            raise SinkError(f"Milvus collection {name!r} vanished right after creation")
+        logger.info("created Milvus collection %s at %s (%s)", name, self.display_uri, info.model)
+        return described
 
     def list_collections(self) -> list[str]:
         try:
@@ -561,7 +541,7 @@ class MilvusSink(Sink):
             raise SinkError(f"cannot list collections at {self.display_uri}: {_reason(exc)}") from exc
 
     def drop(self, name: str) -> None:
-        if self._describe(name) is None:
+        if self._lookup(name) is None:
             raise SinkError(f"collection {name!r} does not exist in {self.display_uri}")
         try:
             self._client.drop_collection(name, timeout=self.timeout)

@@ -69,7 +69,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedfleet.errors import ConfigError, SinkError
-from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, metadata_for_store
+from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, keep_last, metadata_for_store
 from embedfleet.frames.schemas import CHUNKS, check_schema, embeddings_schema
 
 logger = logging.getLogger(__name__)
@@ -239,11 +239,7 @@ class ParquetCollection(SinkCollection):
 
     def _to_part(self, frame: pa.Table) -> pa.Table:
         check_schema(frame, embeddings_schema(self.info.dimensions), stage=f"upsert into {self.name}")
-        ids = frame.column("chunk_id").to_pylist()
-        last = {chunk_id: i for i, chunk_id in enumerate(ids)}
-        if len(last) < len(ids):
-            # Within one frame the last row of an id is the newest, as in a store's upsert.
-            frame = frame.take(pa.array(sorted(last.values())))
+        frame = keep_last(frame)
         columns = [frame.column(name) for name in CHUNKS.names]
         columns.append(frame.column("embedding").cast(pa.list_(pa.float32())))
         columns.append(pa.array(np.zeros(frame.num_rows, dtype=bool)))
@@ -486,12 +482,48 @@ class ParquetSink(Sink):
         if self.max_batch_size < 1 or self.row_group_size < 1 or self.compact_after < 0:
             raise ConfigError("parquet sink: max-batch-size and row-group-size must be positive, compact-after >= 0")
 
-    def _read_info(self, path: Path) -> CollectionInfo | None:
+    def _path(self, name: str) -> Path:
+        return self.root / _check_name(name)
+
+    def _lookup(self, name: str) -> Path | None:
+        path = self._path(name)
+        try:
+            os.stat(path / INFO_FILE)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SinkError(f"cannot read {path / INFO_FILE}: {exc}") from exc
+        return path
+
+    def _create(self, name: str, info: CollectionInfo) -> Path:
+        path = self._path(name)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            leftovers = [p.name for p in path.iterdir() if not p.name.startswith(".")]
+            if leftovers:
+                raise SinkError(f"{path} exists and is not an embedfleet collection (holds {', '.join(sorted(leftovers)[:3])})")
+            document = {"format": FORMAT, "version": FORMAT_VERSION, "name": path.name, "info": info.to_metadata()}
+            schema = part_schema(info.dimensions)
+            pq.write_metadata(schema, path / "_common_metadata")
+            pq.write_metadata(schema, path / "_metadata")
+            tmp = path / f".tmp-{uuid.uuid4().hex}-{INFO_FILE}"
+            tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
+            try:
+                # link() refuses to replace: if another creator won, its record stands.
+                os.link(tmp, path / INFO_FILE)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        except OSError as exc:
+            raise SinkError(f"cannot create Parquet collection {name!r} in {self.uri}: {exc}") from exc
+        logger.info("created Parquet collection %s in %s (%s)", name, self.root, info.model)
+        return path
+
+    def _recorded_info(self, name: str, path: Path) -> CollectionInfo:
         try:
             with open(path / INFO_FILE) as f:
                 recorded = json.load(f)
-        except FileNotFoundError:
-            return None
         except (OSError, ValueError) as exc:
             raise SinkError(f"cannot read {path / INFO_FILE}: {exc}") from exc
         info = CollectionInfo.from_metadata(recorded.get("info") if isinstance(recorded, dict) else None)
@@ -501,40 +533,8 @@ class ParquetSink(Sink):
             raise SinkError(f"collection {path.name!r} was written by a newer embedfleet (format {recorded['version']})")
         return info
 
-    def _create(self, path: Path, info: CollectionInfo) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        leftovers = [p.name for p in path.iterdir() if not p.name.startswith(".")]
-        if leftovers:
-            raise SinkError(f"{path} exists and is not an embedfleet collection (holds {', '.join(sorted(leftovers)[:3])})")
-        document = {"format": FORMAT, "version": FORMAT_VERSION, "name": path.name, "info": info.to_metadata()}
-        schema = part_schema(info.dimensions)
-        pq.write_metadata(schema, path / "_common_metadata")
-        pq.write_metadata(schema, path / "_metadata")
-        tmp = path / f".tmp-{uuid.uuid4().hex}-{INFO_FILE}"
-        tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
-        try:
-            # link() refuses to replace: if another creator won, its record stands.
-            os.link(tmp, path / INFO_FILE)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-
-    def open(self, name: str, *, info: CollectionInfo | None = None, create: bool = False) -> ParquetCollection:
-        path = self.root / _check_name(name)
-        recorded = self._read_info(path)
-        if recorded is None:
-            if not (create and info):
-                raise SinkError(f"collection {name!r} does not exist in {self.uri}")
-            try:
-                self._create(path, info)
-            except OSError as exc:
-                raise SinkError(f"cannot create Parquet collection {name!r} in {self.uri}: {exc}") from exc
-            recorded = self._read_info(path) or info
-            logger.info("created Parquet collection %s in %s (%s)", name, self.root, info.model)
-        if info is not None:
-            info.check_compatible(recorded, collection=name)
-        return ParquetCollection(self, path, recorded)
+    def _collection(self, name: str, path: Path, info: CollectionInfo) -> ParquetCollection:
+        return ParquetCollection(self, path, info)
 
     def list_collections(self) -> list[str]:
         try:
@@ -548,7 +548,7 @@ class ParquetSink(Sink):
         )
 
     def drop(self, name: str) -> None:
-        path = self.root / _check_name(name)
+        path = self._path(name)
         if not (path / INFO_FILE).exists():
             raise SinkError(f"collection {name!r} does not exist in {self.uri}")
         # Rename first: the collection disappears at once; the files go afterwards.
