@@ -79,20 +79,23 @@ def test_a_new_milvus_lite_store_is_its_owners_only(tmp_path):
     assert _mode(store) == (0o700 if store.is_dir() else 0o600)
 
 
-def test_a_job_database_at_a_chosen_path_is_its_owners_only(tmp_path):
-    import os
-    import stat
+def test_a_new_parquet_store_and_collection_are_0700(tmp_path):
+    from embedfleet.sinks.parquet import ParquetSink
 
+    store = tmp_path / "stores" / "vectors"
+    with _umask(0), ParquetSink(SinkSpec(uri=f"parquet://{store}")) as sink:
+        sink.open("kb-test", info=CollectionInfo(model="fake", dimensions=4), create=True)
+    assert _mode(store) == 0o700 and _mode(store / "kb-test") == 0o700
+
+
+def test_a_job_database_at_a_chosen_path_is_its_owners_only(tmp_path):
     from embedfleet.schedulers.service import JobService
 
-    old = os.umask(0)  # what a careless service account has
-    try:
+    with _umask(0):
         service = JobService(f"sqlite:///{tmp_path}/db/jobs.db", data_dir=tmp_path / "d")
         service.add_user("ann")
         service.close()
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "db" / "jobs.db").stat().st_mode) == 0o600
+    assert _mode(tmp_path / "db" / "jobs.db") == 0o600
 
 
 def test_a_database_url_password_never_shows_in_errors():

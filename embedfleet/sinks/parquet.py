@@ -68,6 +68,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedfleet.config import private_dir
 from embedfleet.errors import ConfigError, SinkError
 from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, keep_last, metadata_for_store
 from embedfleet.frames.schemas import CHUNKS, check_schema, embeddings_schema
@@ -498,7 +499,9 @@ class ParquetSink(Sink):
     def _create(self, name: str, info: CollectionInfo) -> Path:
         path = self._path(name)
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            # The collection holds every chunk's text: a new store and collection are their owner's only.
+            private_dir(self.root)
+            private_dir(path)
             leftovers = [p.name for p in path.iterdir() if not p.name.startswith(".")]
             if leftovers:
                 raise SinkError(f"{path} exists and is not an embedfleet collection (holds {', '.join(sorted(leftovers)[:3])})")
