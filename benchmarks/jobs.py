@@ -102,10 +102,10 @@ def bench_submit(url: str, data_dir: Path, docs: Path, n: int, users: int) -> di
         template = build_job_spec(str(docs), job_id="x", user="bench-0", collection="kb", data_dir=str(data_dir))
         estimate = estimate_chunks(template.source, template.chunk)
 
-        def cached_builder(source, *, job_id, user, collection, **_):
+        def cached_builder(source, options, *, job_id, user, **_):
             import dataclasses
 
-            return dataclasses.replace(template, job_id=job_id, user=user, collection=collection)
+            return dataclasses.replace(template, job_id=job_id, user=user, collection=options.collection)
 
         service = JobService(url, data_dir=data_dir, spec_builder=cached_builder, estimator=lambda s, c: estimate)
         try:

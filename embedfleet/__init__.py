@@ -9,12 +9,14 @@ from embedfleet import config  # noqa: F401  (loads the embedfleet.* defaults in
 from embedfleet.api import index, search
 from embedfleet.errors import *  # noqa: F403 - every error embedfleet raises is public (errors.__all__)
 from embedfleet.errors import __all__ as _errors
+from embedfleet.options import IndexOptions
 from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
 from embedfleet.sinks.base import Hit
 
 __all__ = [
     *_errors,
     "Hit",
+    "IndexOptions",
     "JobResult",
     "JobService",
     "JobSpec",

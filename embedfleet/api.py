@@ -6,6 +6,7 @@ import logging
 from typing import Callable
 
 from embedfleet import config
+from embedfleet.options import IndexOptions
 from embedfleet.pipeline.job import JobResult, Progress
 from embedfleet.sinks.base import Hit
 
@@ -17,23 +18,9 @@ __all__ = ["index", "search"]
 def index(
     source: str,
     *,
-    collection: str | None = None,
-    sink: str | None = None,
+    options: IndexOptions | None = None,
     user: str | None = None,
-    model: str | None = None,
-    chunk_size: int | None = None,
-    chunk_overlap: int | None = None,
-    chunk_unit: str | None = None,
-    mode: str | None = None,
-    on_error: str | None = None,
     data_dir: str | None = None,
-    text_column: str | None = None,
-    id_column: str | None = None,
-    precision: str | None = None,
-    backend: str | None = None,
-    batch_tokens: int | None = None,
-    quantize: str | None = None,
-    allow_mass_delete: bool = False,
     scheduler: str | None = None,
     workers: int | None = None,
     gpu: bool | None = None,
@@ -41,9 +28,12 @@ def index(
     database_url: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_cluster: Callable[[object], None] | None = None,
+    **fields,
 ) -> JobResult:
     """Index ``source`` (a folder, a JSONL/CSV/Parquet file, or ``python-docs``) into a collection.
 
+    The job's options are ``options`` (an :class:`~embedfleet.options.IndexOptions`) with
+    ``fields`` (``collection="kb"``, ``chunk_size=128``, any of its fields) replacing its values.
     The run is recorded as a job of ``user`` (default ``local``) in the job service, so
     ``embedfleet jobs list`` shows it. Re-running is incremental (mode ``sync``): only new
     or changed chunks are embedded and chunks of removed documents are deleted.
@@ -55,34 +45,19 @@ def index(
     from embedfleet.pipeline.cluster import connect
     from embedfleet.schedulers.service import JobService
 
+    options = IndexOptions.merge(options, **fields)
     # Cheap checks first: a typo in the source or the chunking should not cost a cluster start.
-    source_spec(source, text_column=text_column, id_column=id_column)
-    config.chunk_spec(unit=chunk_unit, size=chunk_size, overlap=chunk_overlap)
+    source_spec(source, text_column=options.text_column, id_column=options.id_column)
+    config.chunk_spec(unit=options.chunk_unit, size=options.chunk_size, overlap=options.chunk_overlap)
 
-    options = dict(
-        collection=collection,
-        sink=sink,
-        model=model,
-        chunk_size=chunk_size,
-        chunk_overlap=chunk_overlap,
-        chunk_unit=chunk_unit,
-        mode=mode or "sync",
-        on_error=on_error,
-        text_column=text_column,
-        id_column=id_column,
-        precision=precision,
-        backend=backend,
-        batch_tokens=batch_tokens,
-        quantize=quantize,
-        allow_mass_delete=allow_mass_delete,
-    )
     with JobService(database_url=database_url, data_dir=data_dir) as service:
         if client is not None:
-            return service.run_inline(source, user=user, client=client, on_progress=on_progress, **options)
-        with connect(scheduler_address=scheduler, workers=workers, gpu=gpu, backend=backend, model=model) as own_client:
+            return service.run_inline(source, user=user, client=client, on_progress=on_progress, options=options)
+        with connect(scheduler_address=scheduler, workers=workers, gpu=gpu, backend=options.backend,
+                     model=options.model) as own_client:
             if on_cluster is not None:
                 on_cluster(own_client)
-            return service.run_inline(source, user=user, client=own_client, on_progress=on_progress, **options)
+            return service.run_inline(source, user=user, client=own_client, on_progress=on_progress, options=options)
 
 
 def search(

@@ -136,27 +136,8 @@ class FakeEstimator:
         return self.per_source.get(source.location, self.value)
 
 
-def fake_spec_builder(
-    source: str,
-    *,
-    job_id,
-    user,
-    collection,
-    sink=None,
-    model=None,
-    chunk_size=None,
-    chunk_overlap=None,
-    chunk_unit=None,
-    mode="sync",
-    on_error=None,
-    data_dir=None,
-    text_column=None,
-    id_column=None,
-    precision=None,
-    backend=None,
-    **_ignored,
-):
-    """A JobSpec built like build_job_spec would, from config, without touching files."""
+def fake_spec_builder(source: str, options, *, job_id, user, data_dir):
+    """A JobSpec built from ``options`` like build_job_spec would, from config, without touching files."""
     from embedfleet import config
     from embedfleet.datasets.source import SourceSpec
     from embedfleet.pipeline.job import JobSpec
@@ -167,18 +148,25 @@ def fake_spec_builder(
     else:
         path = Path(source).expanduser().resolve()
         kind = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix, "files")
-        src = SourceSpec(kind=kind, location=str(path), text_column=text_column, id_column=id_column)
+        src = SourceSpec(kind=kind, location=str(path), text_column=options.text_column, id_column=options.id_column)
     return JobSpec(
         job_id=job_id,
         user=user,
-        collection=collection,
+        collection=options.collection,
         source=src,
-        sink=SinkSpec(uri=sink or f"chroma://{data_dir}/chroma"),
-        chunk=config.chunk_spec(unit=chunk_unit, size=chunk_size, overlap=chunk_overlap),
-        embedder=config.embedder_spec(model=model, backend=backend, precision=precision),
+        sink=SinkSpec(uri=options.sink or f"chroma://{data_dir}/chroma"),
+        chunk=config.chunk_spec(unit=options.chunk_unit, size=options.chunk_size, overlap=options.chunk_overlap),
+        embedder=config.embedder_spec(
+            model=options.model,
+            backend=options.backend,
+            precision=options.precision,
+            batch_tokens=options.batch_tokens,
+            quantize=options.quantize,
+        ),
         data_dir=str(data_dir),
-        mode=mode or "sync",
-        on_error=on_error or "skip",
+        mode=options.mode or "sync",
+        on_error=options.on_error or "skip",
+        allow_mass_delete=options.allow_mass_delete,
     )
 
 

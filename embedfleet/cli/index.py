@@ -8,6 +8,7 @@ import sys
 import click
 
 from embedfleet.cli.common import data_dir_option, db_option, emit_json, handle_errors, user_option
+from embedfleet.cli.options import index_options
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +44,7 @@ class _ProgressBar:
 
 @click.command()
 @click.argument("source")
-@click.option("--sink", default=None, metavar="URI", help="chroma:///abs/dir, chroma://host:port, milvus:///abs/file.db, milvus://host:port, parquet:///abs/dir. Default chroma://<data-dir>/chroma.")
-@click.option("--collection", default=None, help="Collection name (default 'default').")
-@click.option("--model", default=None, help="A model name from embedfleet.models (default minilm).")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Chunk length in units (default 200).")
-@click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, help="Units shared by consecutive chunks (default 32).")
-@click.option("--chunk-unit", type=click.Choice(["tokens", "words", "chars"]), default=None, help="Chunk unit; tokens are the model's own (default).")
-@click.option("--mode", type=click.Choice(["sync", "append", "full"]), default=None, help="sync (default): embed new/changed chunks and delete stale ones; append: never delete; full: re-embed everything.")
-@click.option("--allow-mass-delete", is_flag=True, help="Let a sync delete more than embedfleet.index.max-delete-fraction of the collection's documents, or delete from a source with none.")
-@click.option("--text-column", default=None, help="Text column of a JSONL/CSV/Parquet source (default 'text').")
-@click.option("--id-column", default=None, help="Document id column of a table source (default: file name and row number).")
-@click.option("--on-error", type=click.Choice(["skip", "fail"]), default=None, help="Unreadable documents: skip with a reason (default) or stop.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default=None, help="Model precision (default fp32; auto picks bf16 where the hardware has it).")
-@click.option("--backend", default=None, help="Embedder backend: sentence-transformers (default) or onnx.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="With --backend onnx: dynamic int8 weights (faster on CPU, less exact; opt-in, its measured cosine to fp32 is printed).")
+@index_options
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Use an existing Dask scheduler, e.g. tcp://10.0.0.5:8786.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes of the local cluster (default one per core, up to 8).")
 @click.option("--gpu", is_flag=True, default=None, help="Start a dask_cuda.LocalCUDACluster (pip install 'embedfleet[gpu]').")
@@ -65,8 +53,7 @@ class _ProgressBar:
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @handle_errors
-def index(source, sink, collection, model, chunk_size, chunk_overlap, chunk_unit, mode, allow_mass_delete, text_column, id_column,
-          on_error, precision, backend, quantize, scheduler, workers, gpu, user, data_dir, database_url, as_json):
+def index(source, options, scheduler, workers, gpu, user, data_dir, database_url, as_json):
     """Chunk, embed and store SOURCE: a folder, a .jsonl/.csv/.parquet file, or python-docs.
 
     Running it again is incremental: unchanged chunks are not embedded again, and chunks of
@@ -96,17 +83,14 @@ def index(source, sink, collection, model, chunk_size, chunk_overlap, chunk_unit
 
     try:
         result = embedfleet.index(
-            source, collection=collection, sink=sink, user=user, model=model, chunk_size=chunk_size,
-            chunk_overlap=chunk_overlap, chunk_unit=chunk_unit, mode=mode, on_error=on_error, data_dir=data_dir,
-            text_column=text_column, id_column=id_column, precision=precision, backend=backend, quantize=quantize,
-            allow_mass_delete=allow_mass_delete, scheduler=scheduler, workers=workers, gpu=gpu, database_url=database_url,
-            on_progress=bar, on_cluster=announce,
+            source, options=options, user=user, data_dir=data_dir, scheduler=scheduler, workers=workers, gpu=gpu,
+            database_url=database_url, on_progress=bar, on_cluster=announce,
         )
     finally:
         if bar is not None:
             bar.close()
-    if quantize:
-        _print_quantization(model, data_dir)
+    if options.quantize:
+        _print_quantization(options.model, data_dir)
     if as_json:
         emit_json(result.to_dict())
         return

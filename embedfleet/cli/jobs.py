@@ -7,6 +7,7 @@ import sys
 import click
 
 from embedfleet.cli.common import EmbedfleetGroup, data_dir_option, db_option, emit_json, handle_errors, user_option
+from embedfleet.cli.options import index_options
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 
@@ -94,26 +95,13 @@ def jobs():
 @jobs.command("submit")
 @click.argument("source")
 @user_option
-@click.option("--collection", default=None, help="Collection name (default 'default').")
 @click.option("--priority", type=click.IntRange(0, 100), default=None, help="Base priority 0-100 (default 50).")
-@click.option("--mode", type=click.Choice(["sync", "append", "full"]), default="sync", show_default=True, help="sync: embed new/changed chunks and delete stale ones; append: never delete; full: re-embed everything.")
-@click.option("--sink", default=None, metavar="URI", help="Vector store URI (default chroma://<data-dir>/chroma).")
-@click.option("--model", default=None, help="A model name from embedfleet.models (default minilm).")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="Chunk length in units (default 200).")
-@click.option("--chunk-overlap", type=click.IntRange(min=0), default=None, help="Units shared by consecutive chunks (default 32).")
-@click.option("--chunk-unit", type=click.Choice(["tokens", "words", "chars"]), default=None, help="Chunk unit (default tokens).")
-@click.option("--text-column", default=None, help="Text column of a JSONL/CSV/Parquet source.")
-@click.option("--id-column", default=None, help="Document id column of a table source.")
-@click.option("--on-error", type=click.Choice(["skip", "fail"]), default=None, help="Unreadable documents: skip (default) or fail.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default=None, help="Model precision.")
-@click.option("--backend", default=None, help="Embedder backend: sentence-transformers or onnx.")
-@click.option("--allow-mass-delete", is_flag=True, help="Let the sync delete more than embedfleet.index.max-delete-fraction of the collection's documents, or delete from a source with none.")
+@index_options
 @db_option
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the queued job as one JSON object.")
 @handle_errors
-def submit(source, user, collection, priority, mode, sink, model, chunk_size, chunk_overlap, chunk_unit, text_column,
-           id_column, on_error, precision, backend, allow_mass_delete, database_url, data_dir, as_json):
+def submit(source, user, priority, options, database_url, data_dir, as_json):
     """Queue SOURCE (a folder, a .jsonl/.csv/.parquet file, or a built-in dataset) for indexing.
 
     The job is refused if its estimated chunks exceed what is left of the user's daily quota
@@ -129,24 +117,7 @@ def submit(source, user, collection, priority, mode, sink, model, chunk_size, ch
       embedfleet jobs submit ./docs --user bob --collection wiki --mode full --chunk-size 128
     """
     with _service(database_url, data_dir) as service:
-        info = service.submit(
-            source,
-            user=_user(user),
-            collection=collection,
-            priority=priority,
-            mode=mode,
-            sink=sink,
-            model=model,
-            chunk_size=chunk_size,
-            chunk_overlap=chunk_overlap,
-            chunk_unit=chunk_unit,
-            on_error=on_error,
-            text_column=text_column,
-            id_column=id_column,
-            precision=precision,
-            backend=backend,
-            allow_mass_delete=allow_mass_delete,
-        )
+        info = service.submit(source, user=_user(user), priority=priority, options=options)
     if as_json:
         emit_json(info.to_dict())
     else:

@@ -14,14 +14,13 @@ from typing import Any, Literal
 
 from embedfleet.config import ChunkSpec, EmbedderSpec, ModelSpec, RetrySpec
 from embedfleet.datasets.source import SourceSpec
+from embedfleet.options import Mode, OnError
 from embedfleet.sinks.base import SinkSpec
 from embedfleet.sinks.registry import make_spec
 
 __all__ = ["JobSpec", "Progress", "JobResult", "Mode", "Stage", "SkippedDocument"]
 
-Mode = Literal["sync", "append", "full"]
 Stage = Literal["queued", "reading", "chunking", "embedding", "writing", "committing", "done"]
-OnError = Literal["skip", "fail"]
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,13 @@ import uuid
 from typing import Any
 
 from embedfleet import config
-from embedfleet.errors import ConfigError
+from embedfleet.options import IndexOptions
 from embedfleet.pipeline.job import JobSpec
 from embedfleet.sinks.catalog import default_sink_uri
 from embedfleet.sinks.naming import check_part
 from embedfleet.sinks.registry import make_spec
 
 __all__ = ["build_job_spec", "new_job_id"]
-
-MODES = ("sync", "append", "full")
 
 
 def new_job_id() -> str:
@@ -23,59 +21,42 @@ def new_job_id() -> str:
 
 def build_job_spec(
     source: str,
+    options: IndexOptions | None = None,
     *,
     job_id: str | None = None,
     user: str | None = None,
-    collection: str | None = None,
-    sink: str | None = None,
-    sink_options: dict[str, Any] | None = None,
-    model: str | None = None,
-    chunk_size: int | None = None,
-    chunk_overlap: int | None = None,
-    chunk_unit: str | None = None,
-    mode: str | None = None,
-    on_error: str | None = None,
     data_dir: str | None = None,
-    text_column: str | None = None,
-    id_column: str | None = None,
-    precision: str | None = None,
-    backend: str | None = None,
-    batch_tokens: int | None = None,
-    quantize: str | None = None,
-    allow_mass_delete: bool = False,
+    **fields: Any,
 ) -> JobSpec:
+    """The spec of one job: ``options`` (with ``fields`` replacing its values, see
+    :meth:`IndexOptions.merge`), each None resolved from config."""
     from embedfleet.datasets import source_spec
 
+    options = IndexOptions.merge(options, **fields)
     config.validate()
     root = config.data_dir(data_dir)
-    mode = mode or "sync"
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    on_error = on_error or config.get("on-error")
-    if on_error not in ("skip", "fail"):
-        raise ConfigError(f"on-error must be skip or fail, not {on_error!r}")
     return JobSpec(
         job_id=job_id or new_job_id(),
         user=check_part("user id", user or config.get("user")),
-        collection=check_part("collection name", collection or config.get("collection")),
+        collection=check_part("collection name", options.collection or config.get("collection")),
         # The roots bind the workers too: every file is checked again where it is opened.
-        source=source_spec(source, text_column=text_column, id_column=id_column,
+        source=source_spec(source, text_column=options.text_column, id_column=options.id_column,
                            allowed_roots=config.get("jobs.allowed-roots", None) or ()),
-        sink=make_spec(sink or default_sink_uri(str(root)), sink_options),
-        chunk=config.chunk_spec(unit=chunk_unit, size=chunk_size, overlap=chunk_overlap),
+        sink=make_spec(options.sink or default_sink_uri(str(root))),
+        chunk=config.chunk_spec(unit=options.chunk_unit, size=options.chunk_size, overlap=options.chunk_overlap),
         embedder=config.embedder_spec(
-            model=model,
-            backend=backend,
-            precision=precision,
-            batch_tokens=batch_tokens,
-            quantize=quantize,
+            model=options.model,
+            backend=options.backend,
+            precision=options.precision,
+            batch_tokens=options.batch_tokens,
+            quantize=options.quantize,
             cache_dir=str(root / "models"),
         ),
         data_dir=str(root),
-        mode=mode,  # type: ignore[arg-type]
-        on_error=on_error,  # type: ignore[arg-type]
+        mode=options.mode or "sync",
+        on_error=options.on_error or config.get("on-error"),
         chunks_per_partition=int(config.get("embed.chunks-per-partition")),
         retry=config.retry_spec(),
         max_delete_fraction=float(config.get("index.max-delete-fraction")),
-        allow_mass_delete=bool(allow_mass_delete),
+        allow_mass_delete=options.allow_mass_delete,
     )

@@ -14,7 +14,8 @@ A schedules file::
         mode: sync                      # sync | append | full
         priority: 60                    # base priority 0-100 (default embedfleet.jobs.priority.default)
         enabled: true
-        options:                        # anything else `jobs submit` takes
+        options:                        # any other job option (embedfleet.options.IndexOptions), named
+                                        #   like its `jobs submit` flag
           chunk-size: 128
           model: minilm
 
@@ -64,6 +65,7 @@ from sqlalchemy.orm import Session
 
 from embedfleet import config
 from embedfleet.errors import ConfigError, EmbedfleetError, JobNotFound, PermissionDenied, QueueFull, QuotaExceeded, ScheduleError
+from embedfleet.options import IndexOptions
 from embedfleet.schedulers.models import ACTIVE_STATUSES, CronState, read_engine
 from embedfleet.sinks.naming import check_part
 
@@ -83,23 +85,15 @@ log = logging.getLogger(__name__)
 Outcome = Literal["submitted", "skipped", "refused", "error"]
 Clock = Callable[[], dt.datetime]
 
-MODES = ("sync", "append", "full")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-_SCHEDULE_KEYS = ("name", "cron", "timezone", "source", "user", "collection", "sink", "mode", "priority", "enabled", "options")
+# The job options a schedule names at its top level, as it always has; the others go under
+# `options:`, by their kebab-case key (chunk-size) or field name (chunk_size).
+_TOP_LEVEL_OPTIONS = ("collection", "sink", "mode")
+_MODE = next(f for f in IndexOptions.fields() if f.name == "mode")
+_OPTIONS = {f.key: f for f in IndexOptions.fields() if f.name not in _TOP_LEVEL_OPTIONS}
+_SCHEDULE_KEYS = ("name", "cron", "timezone", "source", "user", *_TOP_LEVEL_OPTIONS, "priority", "enabled", "options")
 _REQUIRED = ("name", "cron", "source", "user")
-# option -> (kind, allowed values); everything JobService.submit takes besides the schedule's own keys
-_OPTIONS: dict[str, tuple[type, tuple | None]] = {
-    "model": (str, None),
-    "chunk_size": (int, None),
-    "chunk_overlap": (int, None),
-    "chunk_unit": (str, ("tokens", "words", "chars")),
-    "on_error": (str, ("skip", "fail")),
-    "text_column": (str, None),
-    "id_column": (str, None),
-    "precision": (str, ("fp32", "bf16", "fp16", "auto")),
-    "backend": (str, None),
-}
 # A claimed slot whose submit has not been recorded yet: another process is submitting it.
 _FIRING_GRACE = dt.timedelta(minutes=2)
 _MAX_COUNTED_MISSES = 100_000
@@ -155,7 +149,7 @@ def _count_slots(expr: str, tz: str, after: dt.datetime, until: dt.datetime) -> 
 
 @dataclass(frozen=True)
 class Schedule:
-    """One validated schedule. ``options`` are extra keyword arguments of :meth:`JobService.submit`."""
+    """One validated schedule. ``options``: its other :class:`IndexOptions` fields, by field name."""
 
     name: str
     cron: str
@@ -286,7 +280,7 @@ def _schedule(node: yaml.Node, problems: _Problems, base_dir: Path | None) -> Sc
         if key not in _SCHEDULE_KEYS:
             close = difflib.get_close_matches(key, _SCHEDULE_KEYS, n=1)
             suggested.update(close)
-            hint = " (put job options under 'options:')" if key.replace("-", "_") in _OPTIONS else _suggest(key, _SCHEDULE_KEYS)
+            hint = " (put job options under 'options:')" if key.replace("_", "-") in _OPTIONS else _suggest(key, _SCHEDULE_KEYS)
             problems.add(key_node, f"{label}: unknown key {key!r}{hint}; known keys: {', '.join(_SCHEDULE_KEYS)}")
     # A misspelt required key is reported once, where it is misspelt.
     missing = [key for key in _REQUIRED if key not in raw and key not in suggested]
@@ -347,8 +341,9 @@ def _schedule(node: yaml.Node, problems: _Problems, base_dir: Path | None) -> Sc
     values["sink"] = string("sink", optional=True)
 
     mode = string("mode", optional=True) or "sync"
-    if mode not in MODES:
-        problems.add(raw["mode"][1], f"{label}: mode must be one of {', '.join(MODES)}, not {mode!r}")
+    why = _MODE.problem(mode)
+    if why is not None:
+        problems.add(raw["mode"][1], f"{label}: mode {why}")
     values["mode"] = mode
 
     if "priority" in raw:
@@ -371,24 +366,23 @@ def _schedule(node: yaml.Node, problems: _Problems, base_dir: Path | None) -> Sc
             options_before = len(problems.items)
             option_nodes: dict[str, yaml.Node] = {}
             for key, key_node, value_node in _mapping_items(options_node, problems, f"{label} options"):
-                option = key.replace("-", "_")
-                if option not in _OPTIONS:
-                    problems.add(
-                        key_node,
-                        f"{label}: unknown option {key!r}{_suggest(option, _OPTIONS)}; options: "
-                        f"{', '.join(o.replace('_', '-') for o in _OPTIONS)}",
+                option = _OPTIONS.get(key.replace("_", "-"))
+                if option is None:
+                    hint = (
+                        " (write it at the schedule's top level)" if key in _TOP_LEVEL_OPTIONS
+                        else _suggest(key.replace("_", "-"), _OPTIONS)
                     )
+                    problems.add(key_node, f"{label}: unknown option {key!r}{hint}; options: {', '.join(_OPTIONS)}")
                     continue
-                kind, allowed = _OPTIONS[option]
-                option_nodes[option] = key_node
+                option_nodes[option.name] = key_node
                 value = _value(value_node)
                 if value is None:
                     continue
-                if isinstance(value, bool) or not isinstance(value, kind) or (allowed and value not in allowed):
-                    expected = f"one of {', '.join(allowed)}" if allowed else ("an integer" if kind is int else "a string")
-                    problems.add(value_node, f"{label}: option {key!r} must be {expected}, not {value!r}")
+                why = option.problem(value)
+                if why is not None:
+                    problems.add(value_node, f"{label}: option {key!r} {why}")
                     continue
-                options[option] = value
+                options[option.name] = value
             if len(problems.items) == options_before:  # chunking checked only once each option is valid
                 try:
                     config.chunk_spec(

@@ -45,7 +45,7 @@ import logging
 import os
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -66,6 +66,7 @@ from embedfleet.errors import (
     QueueFull,
     QuotaExceeded,
 )
+from embedfleet.options import IndexOptions
 from embedfleet.schedulers.models import (
     ACTIVE_STATUSES,
     STATUSES,
@@ -93,10 +94,10 @@ __all__ = ["JobService", "JobInfo", "UserInfo", "QuotaInfo", "Candidate", "Claim
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "embedfleet_jobs"
-MODES = ("sync", "append", "full")
 _ID_HEX = 12
 
 Clock = Callable[[], dt.datetime]
+#: ``(source, options, *, job_id, user, data_dir) -> JobSpec``, like :func:`build_job_spec`.
 SpecBuilder = Callable[..., "JobSpec"]
 Estimator = Callable[["SourceSpec", "ChunkSpec"], int]
 
@@ -390,10 +391,10 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:_ID_HEX]
 
 
-def _default_spec_builder(*args, **kwargs) -> "JobSpec":
+def _default_spec_builder(source: str, options: IndexOptions, **kwargs: Any) -> "JobSpec":
     from embedfleet.pipeline.spec import build_job_spec
 
-    return build_job_spec(*args, **kwargs)
+    return build_job_spec(source, options, **kwargs)
 
 
 def _default_estimator(source: "SourceSpec", chunk: "ChunkSpec") -> int:
@@ -598,22 +599,14 @@ class JobService:
         source: str,
         *,
         user: str,
-        collection: str | None = None,
         priority: int | None = None,
-        mode: str = "sync",
-        sink: str | None = None,
-        model: str | None = None,
-        chunk_size: int | None = None,
-        chunk_overlap: int | None = None,
-        chunk_unit: str | None = None,
-        on_error: str | None = None,
-        text_column: str | None = None,
-        id_column: str | None = None,
-        precision: str | None = None,
-        backend: str | None = None,
-        allow_mass_delete: bool = False,
+        options: IndexOptions | None = None,
+        **fields: Any,
     ) -> JobInfo:
         """Queue a job for ``user``; returns it. One transaction; no source file is read.
+
+        The job's options are ``options`` with ``fields`` (``collection="kb", chunk_size=128``,
+        any :class:`IndexOptions` field) replacing its values.
 
         ``estimated_chunks`` estimates the chunks the job will embed: the source's chunks by file
         size, less, for modes ``sync`` and ``append``, the chunks the collection's manifest
@@ -628,22 +621,8 @@ class JobService:
         job, effective = self._admit(
             source,
             user=user,
-            collection=collection,
             priority=priority,
-            mode=mode,
-            options=dict(
-                sink=sink,
-                model=model,
-                chunk_size=chunk_size,
-                chunk_overlap=chunk_overlap,
-                chunk_unit=chunk_unit,
-                on_error=on_error,
-                text_column=text_column,
-                id_column=id_column,
-                precision=precision,
-                backend=backend,
-                allow_mass_delete=allow_mass_delete,
-            ),
+            options=IndexOptions.merge(options, **fields),
             new_user_tier=None,
             run_as=None,
         )
@@ -655,19 +634,16 @@ class JobService:
         source: str,
         *,
         user: str,
-        collection: str | None,
         priority: int | None,
-        mode: str,
-        options: dict[str, Any],
+        options: IndexOptions,
         new_user_tier: str | None,
         run_as: str | None,
     ) -> tuple[Job, float]:
         """Validate, build the spec, estimate, and insert the job (queued, or running for ``run_as``)."""
         user = self._check_user(user)
-        collection = check_part("collection name", collection or config.get("collection"))
+        # Before the spec builder, which may open the source: a bad name costs no file read.
+        options = replace(options, collection=check_part("collection name", options.collection or config.get("collection")))
         priority = self._check_priority(priority)
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         source = str(source)
         self._check_raw_source(source)
         if new_user_tier is None:
@@ -680,15 +656,7 @@ class JobService:
 
         for _ in range(3):  # a 48-bit id collision is rare; a retry makes it harmless
             job_id = new_job_id()
-            spec = self._spec_builder(
-                source,
-                job_id=job_id,
-                user=user,
-                collection=collection,
-                mode=mode,
-                data_dir=self.data_dir,
-                **options,
-            )
+            spec = self._spec_builder(source, options, job_id=job_id, user=user, data_dir=self.data_dir)
             if spec.source.kind != "builtin":
                 self._check_root(spec.source.location)
             estimated, exact_only = self._estimate(spec)
@@ -1115,13 +1083,12 @@ class JobService:
         *,
         client: Any,
         user: str | None = None,
-        collection: str | None = None,
         priority: int | None = None,
-        mode: str = "sync",
+        options: IndexOptions | None = None,
         runner: Callable[..., "JobResult"] | None = None,
         on_progress: Callable[["Progress"], None] | None = None,
         cancel: "threading.Event | None" = None,
-        **options: Any,
+        **fields: Any,
     ) -> "JobResult":
         """Submit and run a job now, in this process, on ``client`` (what ``embedfleet index`` does).
 
@@ -1131,7 +1098,7 @@ class JobService:
         dispatcher can take it), its progress, exact-count quota check and charges are kept
         like a dispatched job's, and it ends succeeded/failed/cancelled (interrupted on Ctrl-C,
         then ``embedfleet jobs resume`` continues it). Exceptions from the runner are recorded
-        and re-raised. ``options`` are build_job_spec's (sink, model, chunk_size, ...).
+        and re-raised. ``options`` and ``fields`` are :meth:`submit`'s.
         """
         from embedfleet.schedulers.dispatcher import JobExecution, dispatcher_name, default_runner
 
@@ -1139,10 +1106,8 @@ class JobService:
         job, effective = self._admit(
             source,
             user=user or config.get("user"),
-            collection=collection,
             priority=priority,
-            mode=mode,
-            options=options,
+            options=IndexOptions.merge(options, **fields),
             new_user_tier=config.get("jobs.local-tier"),
             run_as=name,
         )

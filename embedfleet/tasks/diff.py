@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedfleet.frames.io import write_table_atomic
+from embedfleet.options import Mode
 
 __all__ = ["IDS", "NEW_COLUMNS", "BUCKET_ROWS", "bucket_count", "split_stage", "diff_bucket_stage", "select_stage", "protected_mask"]
 
@@ -33,8 +34,6 @@ IDS = pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string())])
 NEW_COLUMNS = ["doc_id", "chunk_id", "chunk_index"]
 #: Rows a bucket aims for: two sets of a million ids take a few hundred MiB in one task.
 BUCKET_ROWS = 1_000_000
-
-Mode = Literal["sync", "append", "full"]
 
 
 def _write(table: pa.Table, path: str | Path) -> None:
