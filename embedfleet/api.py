@@ -43,6 +43,7 @@ def index(
     """
     from embedfleet.datasets import source_spec
     from embedfleet.pipeline.cluster import connect
+    from embedfleet.schedulers.dispatcher import run_inline
     from embedfleet.schedulers.service import JobService
 
     options = IndexOptions.merge(options, **fields)
@@ -52,12 +53,12 @@ def index(
 
     with JobService(database_url=database_url, data_dir=data_dir) as service:
         if client is not None:
-            return service.run_inline(source, user=user, client=client, on_progress=on_progress, options=options)
+            return run_inline(service, source, user=user, client=client, on_progress=on_progress, options=options)
         with connect(scheduler_address=scheduler, workers=workers, gpu=gpu, backend=options.backend,
                      model=options.model) as own_client:
             if on_cluster is not None:
                 on_cluster(own_client)
-            return service.run_inline(source, user=user, client=own_client, on_progress=on_progress, options=options)
+            return run_inline(service, source, user=user, client=own_client, on_progress=on_progress, options=options)
 
 
 def search(

@@ -3,7 +3,7 @@
 Every entry point derives from it instead of listing the options again: the CLI flags of
 ``embedfleet index`` and ``embedfleet jobs submit`` (:func:`embedfleet.cli.options.index_options`),
 the keywords of :func:`embedfleet.index`, :meth:`JobService.submit` and
-:meth:`JobService.run_inline`, the keys of a cron schedule, and the spec
+:func:`embedfleet.schedulers.dispatcher.run_inline`, the keys of a cron schedule, and the spec
 :func:`embedfleet.pipeline.spec.build_job_spec` builds from it. :meth:`IndexOptions.fields`
 describes each option (type, choices, minimum, help) for whoever generates an interface from it.
 

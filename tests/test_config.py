@@ -59,8 +59,10 @@ def test_chunk_spec_validation():
 def test_unknown_model_and_backend_list_the_known_ones():
     with pytest.raises(ConfigError, match="minilm"):
         config.model_spec("nope")
+    from embedfleet.embedders.registry import check_backend
+
     with pytest.raises(UnknownBackendError, match="sentence-transformers"):
-        config.embedder_spec(backend="tensorflow")
+        check_backend("tensorflow")
 
 
 def test_specs_are_frozen_and_hashable():

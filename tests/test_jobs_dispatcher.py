@@ -9,7 +9,7 @@ import dask.config
 import pytest
 
 from embedfleet.errors import QuotaExceeded, SinkError
-from embedfleet.schedulers.dispatcher import Dispatcher, JobExecution
+from embedfleet.schedulers.dispatcher import Dispatcher, JobExecution, run_inline, run_once
 from tests.db import FakeRunner, clock, db_url, estimator, make_service, service, wait_for  # noqa: F401
 
 
@@ -294,7 +294,7 @@ def test_ctrl_c_stops_cleanly(service, monkeypatch):  # noqa: F811
 
 def test_run_inline_records_the_job(service, clock):  # noqa: F811
     seen = []
-    result = service.run_inline("/srv/docs", client="c", collection="kb", runner=FakeRunner(chunks=7),
+    result = run_inline(service, "/srv/docs", client="c", collection="kb", runner=FakeRunner(chunks=7),
                                 on_progress=seen.append)
     assert result.status == "succeeded" and result.embedded == 7
     assert seen and seen[-1].embedded == 7
@@ -306,13 +306,13 @@ def test_run_inline_records_the_job(service, clock):  # noqa: F811
 
     clock.advance(1)
     with pytest.raises(SinkError, match="down"):
-        service.run_inline("/srv/docs", client="c", runner=FakeRunner(error=SinkError("down")))
+        run_inline(service, "/srv/docs", client="c", runner=FakeRunner(error=SinkError("down")))
     assert service.list(user="local")[0].status == "failed"
 
     clock.advance(1)
     cancel = threading.Event()
     cancel.set()
-    result = service.run_inline("/srv/docs", client="c", runner=FakeRunner(), cancel=cancel)
+    result = run_inline(service, "/srv/docs", client="c", runner=FakeRunner(), cancel=cancel)
     assert result.status == "cancelled" and service.list(user="local")[0].status == "cancelled"
 
 
@@ -322,7 +322,7 @@ def test_ctrl_c_during_run_inline_cancels_the_job(service):  # noqa: F811
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        service.run_inline("/srv/docs", client="c", runner=Interrupted())
+        run_inline(service, "/srv/docs", client="c", runner=Interrupted())
     [info] = service.list(user="local")
     # stopped on purpose: not picked up again by a dispatcher, but `jobs resume` continues it
     assert info.status == "cancelled" and "jobs resume" in info.error
@@ -340,16 +340,16 @@ def test_run_inline_applies_admission_and_exact_quota(service, estimator):  # no
     service.add_user("alice", tier="free")
     estimator.value = 5000
     with pytest.raises(QuotaExceeded, match="has only 1000"):
-        service.run_inline("/srv", client="c", user="alice", runner=FakeRunner())
+        run_inline(service, "/srv", client="c", user="alice", runner=FakeRunner())
     estimator.value = 10
     with pytest.raises(QuotaExceeded, match="has 2000 chunks to embed"):
-        service.run_inline("/srv", client="c", user="alice", runner=FakeRunner(chunks=2000))
+        run_inline(service, "/srv", client="c", user="alice", runner=FakeRunner(chunks=2000))
     [failed] = service.list(user="alice")
     assert failed.status == "failed" and failed.charged == 0
 
 
 def test_run_once_returns_what_it_ran(service):  # noqa: F811
     ids = {service.submit("/srv", user=u, collection="kb").id for u in ("a", "b", "c")}
-    ran = service.run_once(client="c", runner=FakeRunner(), max_running=2)
+    ran = run_once(service, client="c", runner=FakeRunner(), max_running=2)
     assert {i.id for i in ran} == ids and {i.status for i in ran} == {"succeeded"}
-    assert service.run_once(client="c", runner=FakeRunner()) == []
+    assert run_once(service, client="c", runner=FakeRunner()) == []

@@ -9,7 +9,7 @@ import pytest
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from embedfleet.pipeline.run import run_job
-from embedfleet.schedulers.dispatcher import Dispatcher
+from embedfleet.schedulers.dispatcher import Dispatcher, run_once
 from embedfleet.errors import QuotaExceeded
 from embedfleet.schedulers.service import JobService
 from embedfleet.sinks.naming import physical_name
@@ -46,7 +46,7 @@ def test_dispatched_job_runs_on_the_cluster_with_its_priority(jobs, client, docs
     try:
         jobs.add_user("pat", tier="premium")
         job = jobs.submit(str(docs_dir), user="pat", collection="kb", priority=30, chunk_size=24, chunk_overlap=4)
-        [ran] = jobs.run_once(client=client)
+        [ran] = run_once(jobs, client=client)
     finally:
         scheduler.remove_plugin(name=recorder.name)
     assert (ran.id, ran.status, ran.stage) == (job.id, "succeeded", "done")
@@ -59,7 +59,7 @@ def test_dispatched_job_runs_on_the_cluster_with_its_priority(jobs, client, docs
 
     # The same corpus again: nothing changed, nothing embedded, nothing charged.
     again = jobs.submit(str(docs_dir), user="pat", collection="kb", chunk_size=24, chunk_overlap=4)
-    jobs.run_once(client=client)
+    run_once(jobs, client=client)
     info = jobs.status(again.id, user="pat")
     assert (info.status, info.embedded, info.skipped, info.charged) == ("succeeded", 0, ran.chunks, 0)
     assert jobs.quota("pat").used_today == ran.embedded
@@ -74,7 +74,7 @@ def test_exact_quota_check_stops_the_real_pipeline_before_embedding(db_url, data
         service = JobService(db_url, data_dir=data_dir, estimator=lambda source, chunk: 1)  # an estimate that fits
         service.add_user("tim", tier="tiny")
         job = service.submit(str(docs_dir), user="tim", collection="kb", chunk_size=24, chunk_overlap=4)
-        service.run_once(client=client)
+        run_once(service, client=client)
         info = service.status(job.id, user="tim")
         service.close()
     assert info.status == "failed"
@@ -99,12 +99,12 @@ def test_a_refused_job_keeps_a_collection_that_has_data(db_url, data_dir, docs_d
         service = JobService(db_url, data_dir=data_dir, estimator=lambda source, chunk: 1)
         service.add_user("tim", tier="tiny")
         first = service.submit(str(docs_dir), user="tim", collection="kb", chunk_size=24, chunk_overlap=4)
-        service.run_once(client=client)
+        run_once(service, client=client)
         stored = service.status(first.id, user="tim").embedded
         (docs_dir / "new.txt").write_text("A new document about harbours, cranes and winter storms. " * 40)
         with dask.config.set({"embedfleet.jobs.tiers.tiny.daily-chunks": stored + 1}):
             second = service.submit(str(docs_dir), user="tim", collection="kb", chunk_size=24, chunk_overlap=4)
-            service.run_once(client=client)
+            run_once(service, client=client)
         info = service.status(second.id, user="tim")
         service.close()
     assert info.status == "failed" and "to embed but user 'tim' has only 1 of" in info.error
@@ -128,7 +128,7 @@ def test_a_no_change_sync_is_admitted_with_little_quota_left(db_url, data_dir, f
         service = JobService(db_url, data_dir=data_dir)  # the real estimator, from file sizes
         service.add_user("syn", tier="small")
         first = service.submit(str(corpus), user="syn", **args)
-        service.run_once(client=client)
+        run_once(service, client=client)
         built = service.status(first.id, user="syn")
         assert built.status == "succeeded" and built.charged == built.chunks > 150
         # 150 left, fewer than the collection holds and than the estimator's error on it.
@@ -140,14 +140,14 @@ def test_a_no_change_sync_is_admitted_with_little_quota_left(db_url, data_dir, f
             # Even less what the collection holds, the estimate's own error is more than is left:
             # only the exact count can tell this job embeds nothing.
             assert same.estimated_chunks > 150
-            service.run_once(client=client)
+            run_once(service, client=client)
             unchanged = service.status(same.id, user="syn")
             assert (unchanged.status, unchanged.embedded, unchanged.skipped, unchanged.charged) == (
                 "succeeded", 0, built.chunks, 0)
 
             fh.make_corpus(corpus, documents=200, words=400, seed=4)  # every document rewritten
             changed = service.submit(str(corpus), user="syn", **args)
-            service.run_once(client=client)
+            run_once(service, client=client)
             refused = service.status(changed.id, user="syn")
             assert refused.status == "failed" and "chunks to embed but user 'syn' has only 150 of" in refused.error
             assert (refused.embedded, refused.charged) == (0, 0)

@@ -3,7 +3,7 @@
 * Admission counts what the user's queued and running jobs hold (their estimates, or their
   exact counts once checked), so jobs admitted one by one never add up to more than the quota,
   even when the submits race each other from separate connections.
-* Inline runs (``embedfleet index``, :meth:`JobService.run_inline`) obey the tier's concurrency
+* Inline runs (``embedfleet index``, :func:`~embedfleet.schedulers.dispatcher.run_inline`) obey the tier's concurrency
   limit with dispatched jobs, atomically; a refused one fails with one line.
 * A ``sync``/``append`` into a collection that holds chunks is not refused on its estimate:
   unchanged chunks are free, and the exact count after chunking decides.
@@ -22,7 +22,7 @@ import pytest
 
 from embedfleet.errors import JobError, QuotaExceeded
 from embedfleet.pipeline.manifest import Manifest
-from embedfleet.schedulers.dispatcher import Dispatcher
+from embedfleet.schedulers.dispatcher import Dispatcher, run_inline
 from embedfleet.schedulers.service import Candidate, Counts
 from embedfleet.sinks.naming import physical_name
 from tests.db import FakeEstimator, FakeRunner, clock, db_url, estimator, make_service, service, wait_for  # noqa: F401
@@ -144,8 +144,8 @@ def test_racing_inline_runs_obey_the_tier_concurrency(db_url, tmp_path, clock): 
     runner = FakeRunner(gate=gate)
     try:
         services[0].add_user("fr2", tier="free")
-        threads, outcomes = _race(4, lambda i: services[i].run_inline(
-            "/srv", client="c", user="fr2", collection=f"kb{i}", runner=runner))
+        threads, outcomes = _race(4, lambda i: run_inline(
+            services[i], "/srv", client="c", user="fr2", collection=f"kb{i}", runner=runner))
         refused = wait_for(lambda: (r := [o for o in outcomes if isinstance(o, BaseException)]) and len(r) == 2 and r)
         wait_for(lambda: runner.active.get("fr2") == 2)
         for exc in refused:
@@ -179,13 +179,13 @@ def test_inline_and_dispatched_jobs_share_the_limit(service, clock):  # noqa: F8
     try:
         wait_for(lambda: service.status(dispatched.id, user="fr2").status == "running")
         inline = threading.Thread(
-            target=service.run_inline, args=("/srv",), kwargs=dict(client="c", user="fr2", collection="c", runner=runner),
+            target=run_inline, args=(service, "/srv"), kwargs=dict(client="c", user="fr2", collection="c", runner=runner),
             daemon=True,
         )
         inline.start()
         wait_for(lambda: runner.active.get("fr2") == 2)
         with pytest.raises(JobError, match=r"already has 2 jobs running, the most tier free runs at once \(2\)"):
-            service.run_inline("/srv", client="c", user="fr2", collection="d", runner=runner)
+            run_inline(service, "/srv", client="c", user="fr2", collection="d", runner=runner)
         # Dispatchers see the user at the limit too: the waiting job is neither offered nor claimable.
         assert service.rank() == []
         info = service.status(waiting.id, user="fr2")
@@ -213,7 +213,7 @@ def test_a_dead_inline_run_does_not_hold_a_slot(service):  # noqa: F811
         service.claim(next(c for c in service.rank() if c.id == job.id),
                       dispatcher=f"inline:{socket.gethostname()}:{dead_pid}:abc")
         dead.append(job.id)
-    result = service.run_inline("/srv", client="c", user="fr2", collection="c", runner=FakeRunner())
+    result = run_inline(service, "/srv", client="c", user="fr2", collection="c", runner=FakeRunner())
     assert result.status == "succeeded"
     for job_id in dead:
         info = service.status(job_id, user="fr2")

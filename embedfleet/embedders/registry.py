@@ -11,7 +11,7 @@ from embedfleet.config import EmbedderSpec
 from embedfleet.embedders.base import Embedder
 from embedfleet.errors import UnknownBackendError
 
-__all__ = ["register", "known_backends", "backend_factory"]
+__all__ = ["register", "known_backends", "check_backend", "backend_factory"]
 
 # "module:Class" strings, so torch or onnxruntime are imported only by the backend that needs them.
 _BACKENDS: dict[str, str | Callable[[EmbedderSpec], Embedder]] = {
@@ -34,6 +34,12 @@ def _entry_point_names() -> frozenset[str]:
 
 def known_backends() -> list[str]:
     return sorted(set(_BACKENDS) | _entry_point_names())
+
+
+def check_backend(name: str) -> None:
+    """Refuse, listing the known ones, a backend name no module registered (before a job is queued)."""
+    if name not in known_backends():
+        raise UnknownBackendError("embedder backend", name, known_backends())
 
 
 def backend_factory(name: str) -> Callable[[EmbedderSpec], Embedder]:

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from embedfleet import config
+from embedfleet.embedders.registry import check_backend
 from embedfleet.options import IndexOptions
 from embedfleet.pipeline.job import JobSpec
 from embedfleet.sinks.catalog import default_sink_uri
@@ -35,6 +36,15 @@ def build_job_spec(
     options = IndexOptions.merge(options, **fields)
     config.validate()
     root = config.data_dir(data_dir)
+    embedder = config.embedder_spec(
+        model=options.model,
+        backend=options.backend,
+        precision=options.precision,
+        batch_tokens=options.batch_tokens,
+        quantize=options.quantize,
+        cache_dir=str(root / "models"),
+    )
+    check_backend(embedder.backend)
     return JobSpec(
         job_id=job_id or new_job_id(),
         user=check_part("user id", user or config.get("user")),
@@ -44,14 +54,7 @@ def build_job_spec(
                            allowed_roots=config.get("jobs.allowed-roots", None) or ()),
         sink=make_spec(options.sink or default_sink_uri(str(root))),
         chunk=config.chunk_spec(unit=options.chunk_unit, size=options.chunk_size, overlap=options.chunk_overlap),
-        embedder=config.embedder_spec(
-            model=options.model,
-            backend=options.backend,
-            precision=options.precision,
-            batch_tokens=options.batch_tokens,
-            quantize=options.quantize,
-            cache_dir=str(root / "models"),
-        ),
+        embedder=embedder,
         data_dir=str(root),
         mode=options.mode or "sync",
         on_error=options.on_error or config.get("on-error"),

@@ -12,13 +12,15 @@ Importing this package does not import Dask's distributed, torch or the pipeline
 
 from __future__ import annotations
 
-from embedfleet.schedulers.dispatcher import Dispatcher, JobExecution
+from embedfleet.schedulers.dispatcher import Dispatcher, JobExecution, run_inline, run_once
 from embedfleet.schedulers.models import SCHEMA_VERSION, STATUSES
 from embedfleet.schedulers.priority import PrioritySettings, Tier, effective_priority, tiers
 from embedfleet.schedulers.service import JobInfo, JobService, QuotaInfo, UserInfo
 
 __all__ = [
     "JobService",
+    "run_inline",
+    "run_once",
     "JobInfo",
     "UserInfo",
     "QuotaInfo",

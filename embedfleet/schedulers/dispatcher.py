@@ -48,6 +48,7 @@ from sqlalchemy.exc import DBAPIError
 
 from embedfleet import config
 from embedfleet.errors import EmbedfleetError, JobCancelled, QuotaExceeded
+from embedfleet.options import IndexOptions
 from embedfleet.schedulers.service import NOTIFY_CHANNEL, Claim, Counts, JobInfo, JobService
 
 if TYPE_CHECKING:
@@ -123,6 +124,41 @@ class EmbeddedOnDisk:
                     except (OSError, ValueError, KeyError, TypeError):  # counted at the next look
                         log.warning("embedding partition %s unreadable; not counted yet", self.dir / name)
             return sum(self._rows.values())
+
+
+def run_once(service: JobService, client: Any = None, *, runner: Runner | None = None,
+             max_running: int | None = None) -> list[JobInfo]:
+    """Dispatch until no job is queued, interrupted or running; return the jobs this call ran."""
+    return Dispatcher(service, client=client, runner=runner, max_running=max_running).run(once=True)
+
+
+def run_inline(
+    service: JobService,
+    source: str,
+    *,
+    client: Any,
+    user: str | None = None,
+    priority: int | None = None,
+    options: IndexOptions | None = None,
+    runner: Runner | None = None,
+    on_progress: Callable[["Progress"], None] | None = None,
+    cancel: threading.Event | None = None,
+    **fields: Any,
+) -> "JobResult":
+    """Submit and run a job now, in this process, on ``client`` (what ``embedfleet index`` does).
+
+    Admitted like a submitted job (:meth:`JobService.admit_inline`), then run like a dispatched
+    one: its progress, exact-count quota check and charges are kept the same way, and it ends
+    succeeded/failed/cancelled (interrupted on Ctrl-C, then ``embedfleet jobs resume``
+    continues it). Exceptions from the runner are recorded and re-raised. ``options`` and
+    ``fields`` are :meth:`JobService.submit`'s.
+    """
+    name = dispatcher_name("inline")
+    claim = service.admit_inline(source, user=user, priority=priority, options=IndexOptions.merge(options, **fields),
+                                 run_as=name)
+    execution = JobExecution(service, claim, client=client, runner=runner or default_runner, cancel=cancel,
+                             on_progress=on_progress)
+    return execution.run(reraise=True)
 
 
 class JobExecution:

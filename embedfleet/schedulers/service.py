@@ -8,7 +8,7 @@
     service.add_user("alice", tier="premium")       # admin: the submitter never chooses a tier
     job = service.submit("./docs", user="alice", collection="kb", priority=70)
     service.status(job.id, user="alice").status     # 'queued'
-    service.run_once(client=client)                 # dispatch until nothing is queued or running
+    run_once(service, client=client)                # dispatcher.run_once: until nothing is queued or running
     service.quota("alice").remaining
 
 Rules kept here (the dispatcher in :mod:`embedfleet.schedulers.dispatcher` keeps the rest):
@@ -19,7 +19,7 @@ Rules kept here (the dispatcher in :mod:`embedfleet.schedulers.dispatcher` keeps
   per user (:class:`QueueFull`); the estimated chunks to embed must fit in what is left of
   today's quota (:class:`QuotaExceeded`, naming the remaining amount); file sources must lie
   under ``allowed-roots`` when that is set (:class:`PermissionDenied`). An inline run
-  (:meth:`JobService.run_inline`, ``embedfleet index``) is admitted running, so it is also
+  (:func:`embedfleet.schedulers.dispatcher.run_inline`, ``embedfleet index``) is admitted running, so it is also
   refused when the user already runs as many jobs as the tier allows at once, counted over
   inline and dispatched jobs alike (:func:`running_jobs`, what a dispatcher's claim counts).
 * The estimate at submit is from file sizes, and errs high. A ``sync`` or ``append`` into a
@@ -83,8 +83,6 @@ from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier
 from embedfleet.sinks.naming import check_part
 
 if TYPE_CHECKING:
-    import threading
-
     from embedfleet.config import ChunkSpec
     from embedfleet.datasets.source import SourceSpec
     from embedfleet.pipeline.job import JobResult, JobSpec, Progress
@@ -1065,62 +1063,24 @@ class JobService:
     # ----------------------------------------------------------------------------------------
     # running jobs
 
-    def run_once(
-        self,
-        client: Any = None,
-        *,
-        runner: Callable[..., "JobResult"] | None = None,
-        max_running: int | None = None,
-    ) -> list[JobInfo]:
-        """Dispatch until no job is queued, interrupted or running; return the jobs this call ran."""
-        from embedfleet.schedulers.dispatcher import Dispatcher
-
-        return Dispatcher(self, client=client, runner=runner, max_running=max_running).run(once=True)
-
-    def run_inline(
-        self,
-        source: str,
-        *,
-        client: Any,
-        user: str | None = None,
-        priority: int | None = None,
-        options: IndexOptions | None = None,
-        runner: Callable[..., "JobResult"] | None = None,
-        on_progress: Callable[["Progress"], None] | None = None,
-        cancel: "threading.Event | None" = None,
-        **fields: Any,
-    ) -> "JobResult":
-        """Submit and run a job now, in this process, on ``client`` (what ``embedfleet index`` does).
+    def admit_inline(self, source: str, *, user: str | None, priority: int | None, options: IndexOptions,
+                     run_as: str) -> Claim:
+        """Admit a job that ``run_as`` runs at once in its own process (``embedfleet index``).
 
         The same admission as :meth:`submit` (validation, queue limit, quota estimate, allowed
-        roots); an unknown user (default ``embedfleet.user``) is created at
-        ``embedfleet.jobs.local-tier``. The job is recorded as running from the start (no
-        dispatcher can take it), its progress, exact-count quota check and charges are kept
-        like a dispatched job's, and it ends succeeded/failed/cancelled (interrupted on Ctrl-C,
-        then ``embedfleet jobs resume`` continues it). Exceptions from the runner are recorded
-        and re-raised. ``options`` and ``fields`` are :meth:`submit`'s.
+        roots, the tier's concurrency); an unknown user (default ``embedfleet.user``) is
+        created at ``embedfleet.jobs.local-tier``. The job is recorded running from the start,
+        so no dispatcher can take it. :func:`embedfleet.schedulers.dispatcher.run_inline` runs it.
         """
-        from embedfleet.schedulers.dispatcher import JobExecution, dispatcher_name, default_runner
-
-        name = dispatcher_name("inline")
         job, effective = self._admit(
             source,
             user=user or config.get("user"),
             priority=priority,
-            options=IndexOptions.merge(options, **fields),
+            options=options,
             new_user_tier=config.get("jobs.local-tier"),
-            run_as=name,
+            run_as=run_as,
         )
-        claim = Claim(id=job.id, owner=job.owner, attempt=job.attempt, spec=job.spec, priority=effective)
-        execution = JobExecution(
-            self,
-            claim,
-            client=client,
-            runner=runner or default_runner,
-            cancel=cancel,
-            on_progress=on_progress,
-        )
-        return execution.run(reraise=True)
+        return Claim(id=job.id, owner=job.owner, attempt=job.attempt, spec=job.spec, priority=effective)
 
     # -- used by the dispatcher (and JobExecution); not part of the notebook API --------------
 
