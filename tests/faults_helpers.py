@@ -205,6 +205,14 @@ def embed_partitions(job_dir: Path) -> tuple[list[Path], int]:
     return done, total
 
 
+def embedding_worker(client, job_id: str) -> str | None:
+    """The address of a worker running one of the job's embedding tasks now, if any."""
+    for address, keys in client.processing().items():
+        if any(str(k).startswith(f"embed-{job_id}-") for k in keys):
+            return address
+    return None
+
+
 def partition_rows(sidecars: list[Path]) -> int:
     return sum(json.loads(p.read_text())["rows"] for p in sidecars)
 

@@ -330,13 +330,8 @@ def test_sigkill_one_worker_during_embedding(tmp_path, corpus, reference, monkey
         fh.wait_for(lambda: list((job_dir / "embeddings").glob("*.parquet.json")) or "error" in outcome,
                     timeout=180, interval=0.02, what="a finished embedding partition")
 
-        def embedding_worker():
-            for address, keys in client.processing().items():
-                if any(str(k).startswith(f"embed-{spec.job_id}-") for k in keys):
-                    return address
-            return None
-
-        victim = fh.wait_for(embedding_worker, timeout=60, interval=0.01, what="a worker running an embedding task")
+        victim = fh.wait_for(lambda: fh.embedding_worker(client, spec.job_id), timeout=60, interval=0.01,
+                             what="a worker running an embedding task")
         pid = client.run(os.getpid, workers=[victim])[victim]
         finished_before, total = fh.embed_partitions(job_dir)
         os.kill(pid, signal.SIGKILL)

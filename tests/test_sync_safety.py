@@ -278,13 +278,8 @@ def test_killed_worker_redoes_no_finished_partition(tmp_path, fake_model, monkey
         fh.wait_for(lambda: len(list((job_dir / "embeddings").glob("*.parquet.json"))) >= 6 or not thread.is_alive(),
                     timeout=180, interval=0.02, what="six finished embedding partitions")
 
-        def embedding_worker():
-            for address, keys in client.processing().items():
-                if any(str(k).startswith(f"embed-{spec.job_id}-") for k in keys):
-                    return address
-            return None
-
-        victim = fh.wait_for(embedding_worker, timeout=60, interval=0.01, what="a worker running an embedding task")
+        victim = fh.wait_for(lambda: fh.embedding_worker(client, spec.job_id), timeout=60, interval=0.01,
+                             what="a worker running an embedding task")
         pid = client.run(os.getpid, workers=[victim])[victim]
         killed_at = time.time()
         os.kill(pid, signal.SIGKILL)
