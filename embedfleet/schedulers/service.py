@@ -67,6 +67,7 @@ from embedfleet.errors import (
     QuotaExceeded,
 )
 from embedfleet.options import IndexOptions
+from embedfleet.schedulers.lifecycle import moved, moved_from_any
 from embedfleet.schedulers.models import (
     ACTIVE_STATUSES,
     STATUSES,
@@ -771,7 +772,7 @@ class JobService:
                 mode=spec.mode,
                 spec=spec.to_json(),
                 priority=priority,
-                status="queued",
+                status=moved(None, "queued"),
                 stage="queued",
                 error=None,
                 created_at=now,
@@ -798,7 +799,7 @@ class JobService:
             )
             if run_as is not None:
                 values.update(
-                    status="running",
+                    status=moved(None, "running"),
                     stage="reading",
                     attempt=1,
                     dispatcher=run_as,
@@ -868,7 +869,7 @@ class JobService:
             now = self.clock()
             job = self._job_to_change(session, job_id, user, action="cancel")
             if job.status in WAITING_STATUSES:
-                job.status = "cancelled"
+                job.status = moved(job.status, "cancelled")
                 job.finished_at = now
                 job.error = None
                 job.dispatcher = None
@@ -922,7 +923,7 @@ class JobService:
                     remaining=remaining,
                     requested=needed,
                 )
-            job.status = "queued"
+            job.status = moved(job.status, "queued")
             job.stage = "queued"
             job.queued_at = now
             job.finished_at = None
@@ -1172,7 +1173,7 @@ class JobService:
                 update(Job)
                 .where(Job.id == row.id, Job.attempt == row.attempt, Job.status.in_(WAITING_STATUSES))
                 .values(
-                    status="running",
+                    status=moved_from_any(WAITING_STATUSES, "running"),
                     stage="reading",
                     attempt=row.attempt + 1,
                     dispatcher=dispatcher,
@@ -1222,9 +1223,9 @@ class JobService:
             # it ends failed, not interrupted: a dispatcher must not resume it afterwards and
             # commit its older view of the source over the new run's manifest.
             if job.cancel_requested:
-                job.status, job.error = "cancelled", f"cancelled; {dead}"
+                job.status, job.error = moved(job.status, "cancelled"), f"cancelled; {dead}"
             else:
-                job.status, job.error = "failed", f"{dead} before the job finished; a new run on the collection replaced it"
+                job.status, job.error = moved(job.status, "failed"), f"{dead} before the job finished; a new run on the collection replaced it"
             job.finished_at, job.dispatcher, job.reserved, job.heartbeat_at = now, None, 0, None
             session.flush()
             log.warning("job %s was recorded running on collection %r but %s; marked %s", busy, collection, dead, job.status)
@@ -1338,7 +1339,7 @@ class JobService:
     ) -> bool:
         """Record the end of a run, charging what is left to charge (:meth:`_settle`) in the same
         transaction; False if the claim was lost."""
-        assert status in ("succeeded", "failed", "cancelled", "interrupted"), status
+        moved("running", status)
         values: dict[str, Any] = dict(counts.values()) if counts else {}
         with self._write() as session:
             now = self.clock()
@@ -1375,7 +1376,7 @@ class JobService:
                     update(Job)
                     .where(Job.dispatcher == dispatcher, Job.status == "running")
                     .values(
-                        status="interrupted",
+                        status=moved("running", "interrupted"),
                         queued_at=now,
                         dispatcher=None,
                         reserved=0,
@@ -1436,9 +1437,9 @@ def _dead_run_values(cancel_requested: bool, why: str, now: dt.datetime) -> dict
     """The end of a run nobody is left to record: interrupted, to be resumed, unless its owner
     had asked to cancel it anyway."""
     if cancel_requested:
-        values: dict[str, Any] = dict(status="cancelled", finished_at=now, error=f"cancelled; {why}")
+        values: dict[str, Any] = dict(status=moved("running", "cancelled"), finished_at=now, error=f"cancelled; {why}")
     else:
-        values = dict(status="interrupted", queued_at=now, error=f"interrupted: {why}; the job will be resumed")
+        values = dict(status=moved("running", "interrupted"), queued_at=now, error=f"interrupted: {why}; the job will be resumed")
     return dict(values, dispatcher=None, reserved=0, heartbeat_at=None)
 
 
