@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from embedfleet import config
 from embedfleet.schedulers.models import ACTIVE_STATUSES, WAITING_STATUSES, Job, Meta, Usage, User, read_engine
 from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier, effective_priority, tiers
-from embedfleet.schedulers.service import HELD
+from embedfleet.schedulers.admission import HELD
 
 __all__ = [
     "JobRow",

@@ -181,7 +181,7 @@ class Job(Base):
     partitions_done: Mapped[int] = mapped_column(Integer, default=0)
     partitions_total: Mapped[int] = mapped_column(Integer, default=0)
     # Quota bookkeeping.
-    # How much of the owner's quota a job holds is service.HELD, computed from these.
+    # How much of the owner's quota a job holds is admission.HELD, computed from these.
     estimated_chunks: Mapped[int] = mapped_column(BigInteger, default=0)  # to embed, estimated at submit
     to_embed: Mapped[int | None] = mapped_column(BigInteger, default=None)  # exact, from before_embed; None until then
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)  # admitted by before_embed, not yet charged
