@@ -19,6 +19,7 @@ exit code. The tree::
     │   ├── JobCancelled            the job was cancelled while running
     │   ├── MassDeleteRefused       a sync would delete most of a collection (or the source is empty)
     │   ├── CorruptManifest         a collection's manifest cannot be read (mode full rebuilds it)
+    │   ├── IllegalTransition       a job status write the lifecycle does not allow (a bug, not a user error)
     │   └── QueueFull               the user's queue limit is reached
     ├── QuotaExceeded               the user's daily chunk quota would be exceeded
     ├── PermissionDenied            the user may not do this
@@ -45,6 +46,7 @@ __all__ = [
     "QueueFull",
     "MassDeleteRefused",
     "CorruptManifest",
+    "IllegalTransition",
     "QuotaExceeded",
     "PermissionDenied",
     "ScheduleError",
@@ -142,6 +144,10 @@ class MassDeleteRefused(JobError):
 
 class CorruptManifest(JobError):
     pass
+
+
+class IllegalTransition(JobError):
+    """A status write the lifecycle does not allow (a bug in the caller, not a user error)."""
 
 
 class QueueFull(JobError):

@@ -3,7 +3,8 @@
 import pytest
 
 from embedfleet.errors import JobError
-from embedfleet.schedulers.lifecycle import TRANSITIONS, IllegalTransition, moved, moved_from_any
+from embedfleet.errors import IllegalTransition
+from embedfleet.schedulers.lifecycle import TRANSITIONS, moved, moved_from_any
 from embedfleet.schedulers.models import FINAL_STATUSES, STATUSES, WAITING_STATUSES
 
 ALLOWED = {

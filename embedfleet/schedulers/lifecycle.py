@@ -7,7 +7,7 @@ instead of leaving a record the dispatcher and the quota accounting were never w
 
 from __future__ import annotations
 
-from embedfleet.errors import JobError
+from embedfleet.errors import IllegalTransition
 
 #: ``None`` is a job not yet recorded. A running job goes back to queued only when its owner
 #: resumes it after its run died unrecorded (a SIGKILLed ``embedfleet index``).
@@ -20,10 +20,6 @@ TRANSITIONS: dict[str | None, frozenset[str]] = {
     "cancelled": frozenset({"queued"}),
     "succeeded": frozenset(),
 }
-
-
-class IllegalTransition(JobError):
-    """A status write the lifecycle does not allow (a bug in the caller, not a user error)."""
 
 
 def moved(source: str | None, target: str) -> str:
