@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from embedfleet.cli import main
 from embedfleet.errors import ScheduleError
 from embedfleet.schedulers import models
-from embedfleet.schedulers.cron import CronScheduler, Schedule, latest_slot, load_schedules, next_slot, parse_schedules
+from embedfleet.schedulers.cron import CronScheduler
+from embedfleet.schedulers.schedules import Schedule, latest_slot, load_schedules, next_slot, parse_schedules
 from embedfleet.schedulers.dispatcher import Dispatcher
 from tests.db import FakeClock, FakeRunner, clock, db_url, estimator, fake_spec_builder, make_service, service  # noqa: F401
 

@@ -21,7 +21,8 @@ from embedfleet.errors import ConfigError, ScheduleError
 from embedfleet.options import IndexOptions
 from embedfleet.pipeline.job import JobSpec
 from embedfleet.pipeline.spec import build_job_spec
-from embedfleet.schedulers.cron import CronScheduler, load_schedules
+from embedfleet.schedulers.cron import CronScheduler
+from embedfleet.schedulers.schedules import load_schedules
 from embedfleet.schedulers.models import Job
 from embedfleet.schedulers.service import JobService
 

@@ -92,7 +92,7 @@ def check(schedules_path, as_json):
     Examples:
       embedfleet cron check --schedules schedules.yaml
     """
-    from embedfleet.schedulers.cron import load_schedules
+    from embedfleet.schedulers.schedules import load_schedules
 
     schedules = load_schedules(_schedules_path(schedules_path))
     if as_json:
