@@ -24,6 +24,8 @@ COMMANDS = {
     "cron": "embedfleet.cli.cron:cron",
     "dashboard": "embedfleet.cli.dashboard:dashboard",
     "config": "embedfleet.cli.config_cmd:config_group",
+    "tokens": "embedfleet.cli.tokens:tokens",
+    "serve": "embedfleet.cli.serve:serve",
 }
 
 

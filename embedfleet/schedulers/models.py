@@ -7,6 +7,7 @@ Tables (all prefixed ``ef_`` so they can live in a shared PostgreSQL database)::
     ef_jobs    one row per job: options, JobSpec JSON, status/stage/counts, lease, quota bookkeeping
     ef_usage   (user, UTC day) -> chunks embedded (charged) that day
     ef_cron_state  one row per cron schedule: last slot handled, last job, outcome (schema 2)
+    ef_tokens  API tokens of ``embedfleet serve``: sha256 of the secret, owner, admin scope, expiry, revocation (schema 3)
 
 Timestamps are stored as naive UTC (``UTCDateTime``) and always come back timezone-aware,
 so SQLite and PostgreSQL behave the same.
@@ -62,6 +63,7 @@ __all__ = [
     "Job",
     "Usage",
     "CronState",
+    "ApiToken",
     "JobStatus",
     "STATUSES",
     "ACTIVE_STATUSES",
@@ -78,7 +80,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when the tables change, and add a migration ``MIGRATIONS[old] = fn(conn)`` that brings
 #: a database at version ``old`` to ``old + 1``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
@@ -221,6 +223,34 @@ def _add_cron_state(conn: Connection) -> None:
 
 
 MIGRATIONS[1] = _add_cron_state
+
+
+class ApiToken(Base):
+    """A bearer token of ``embedfleet serve`` (:mod:`embedfleet.schedulers.tokens`).
+
+    Only the SHA-256 of the secret is kept: a stolen database does not hand out working
+    tokens, and the secret (32 random bytes) is too long to guess from its hash.
+    """
+
+    __tablename__ = "ef_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user: Mapped[str] = mapped_column(ForeignKey("ef_users.id"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the secret
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[str | None] = mapped_column(String(255), default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)  # None: never
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+def _add_tokens(conn: Connection) -> None:
+    # Additive only: version-2 tables are untouched.
+    ApiToken.__table__.create(conn, checkfirst=True)
+
+
+MIGRATIONS[2] = _add_tokens
 
 
 # --------------------------------------------------------------------------------------------
