@@ -1,18 +1,26 @@
-"""Fixtures for real vector-store servers: a ``chroma run`` process on a free loopback port.
+"""Fixtures for real vector-store servers on free loopback ports: ``chroma run`` and a Milvus
+standalone server.
 
 Import the fixtures into a test module (or into conftest.py) by name::
 
     from tests.sink_servers import chroma_server  # noqa: F401  (pytest fixture)
 
-``milvus_server_uri`` gives ``(milvus://host:port, options)`` from ``MILVUS_URI`` (``http://host:port``,
-``https://host:port`` or ``milvus://host:port``) and skips when it is unset: a Milvus server
-is external, so its tests carry the ``server`` marker.
+``milvus_server_uri`` gives ``(milvus://host:port, options)``. With ``MILVUS_URI``
+(``http://host:port``, ``https://host:port`` or ``milvus://host:port``) it is that server;
+otherwise the one this session starts: the PyPI package ``milvus`` (2.3.5), a real
+standalone Milvus (embedded etcd, local storage, rocksmq) behind ``milvus-server``. That
+package pins old dependencies, so it lives in a venv of its own, made once and cached under
+``~/.cache/embedfleet-tests/`` (``EMBEDFLEET_TEST_CACHE`` moves it) with its binaries
+unpacked there; each server's data dir links to them. Tests skip, saying why, only when the
+package cannot be installed or the server does not start.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +31,18 @@ from urllib.parse import urlsplit
 
 import pytest
 
-__all__ = ["chroma_server", "milvus_server_uri", "free_port", "start_chroma_server", "wait_for_heartbeat"]
+__all__ = [
+    "MilvusServer",
+    "MilvusServerUnavailable",
+    "chroma_server",
+    "free_port",
+    "milvus_server",
+    "milvus_server_install",
+    "milvus_server_uri",
+    "start_chroma_server",
+    "start_milvus_server",
+    "wait_for_heartbeat",
+]
 
 STARTUP_TIMEOUT = 60.0
 
@@ -103,16 +122,238 @@ def chroma_server(tmp_path_factory):
         stop(process)
 
 
-@pytest.fixture(scope="session")
-def milvus_server_uri():
-    """``(milvus://host:port, options)`` of the external Milvus server named by MILVUS_URI.
+# -- Milvus ------------------------------------------------------------------------------
 
-    Skips without it. Credentials, if any, come from MILVUS_TOKEN / MILVUS_USER /
+MILVUS_SERVER_VERSION = "2.3.5"
+#: 2.3.5's built-in superuser; a server started with authorization accepts it until changed.
+MILVUS_ROOT = ("root", "Milvus")
+# A cold start takes ~15 s on an idle machine and 40-60 s on a busy one; a restart on the same
+# data dir waits for the root coordinator to recover from etcd.
+MILVUS_STARTUP_TIMEOUT = 240.0
+# Every listener the server opens; milvus-server takes each as where to *start* probing for a
+# free port, so passing free ones keeps two servers (two sessions) off each other's defaults.
+_MILVUS_PORTS = (
+    "proxy-port", "etcd-port", "root-coord-port", "proxy-internal-port", "query-coord-port",
+    "query-node-port", "index-coord-port", "index-node-port", "data-coord-port", "data-node-port",
+)
+
+
+class MilvusServerUnavailable(RuntimeError):
+    """The Milvus server package could not be installed or the server did not start."""
+
+
+def _test_cache() -> Path:
+    configured = os.environ.get("EMBEDFLEET_TEST_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedfleet-tests"
+
+
+def _run(args: list[str], what: str, timeout: float) -> None:
+    try:
+        subprocess.run(args, check=True, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.CalledProcessError as exc:
+        tail = (exc.stderr or exc.stdout or "").strip().splitlines()[-3:]
+        raise MilvusServerUnavailable(f"{what} failed: {' | '.join(tail)}") from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MilvusServerUnavailable(f"{what} failed: {exc}") from exc
+
+
+def milvus_server_install() -> Path:
+    """The cached install: ``venv/`` with ``milvus==2.3.5`` and ``bin/`` with its unpacked binaries.
+
+    Made once per machine (a file lock keeps concurrent sessions from building it twice); a
+    ``ready`` file marks a complete one, so an interrupted install is redone.
+    """
+    root = _test_cache() / f"milvus-server-{MILVUS_SERVER_VERSION}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "ready").exists():
+            return root
+        shutil.rmtree(root, ignore_errors=True)
+        python = root / "venv" / "bin" / "python"
+        _run([sys.executable, "-m", "venv", str(root / "venv")], "creating the Milvus server venv", 300)
+        _run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+              f"milvus=={MILVUS_SERVER_VERSION}"], f"pip install milvus=={MILVUS_SERVER_VERSION}", 900)
+        # milvus-server unpacks ~250 MB of binaries into every data dir it is given; unpacked once
+        # here, each data dir links to them (its md5 files say they are current).
+        _run([str(python), "-c", "import sys, milvus; milvus._initialize_data_files(sys.argv[1])", str(root)],
+             "unpacking the Milvus binaries", 300)
+        (root / "ready").write_text(MILVUS_SERVER_VERSION)
+    return root
+
+
+def _free_ports(n: int) -> list[int]:
+    # All held at once, so the n ports differ.
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class MilvusServer:
+    """One ``milvus-server`` process group on loopback, over one data dir.
+
+    ``stop()`` then ``start()`` is a restart on the same data dir and the same ports (a job's
+    sink URI names the port); ``stop(crash=True)`` kills it without a shutdown.
+    """
+
+    def __init__(self, install: Path, data_dir: Path, *, authorization: bool = False):
+        self.install = install
+        self.data_dir = Path(data_dir)
+        self.authorization = authorization
+        self.ports = dict(zip(_MILVUS_PORTS, _free_ports(len(_MILVUS_PORTS))))
+        self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def port(self) -> int:
+        return self.ports["proxy-port"]
+
+    @property
+    def uri(self) -> str:
+        """The embedfleet sink URI."""
+        return f"milvus://127.0.0.1:{self.port}"
+
+    @property
+    def http_uri(self) -> str:
+        """The address pymilvus' own clients take."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def token(self) -> str | None:
+        """The superuser's ``user:password`` token when authorization is on."""
+        return ":".join(MILVUS_ROOT) if self.authorization else None
+
+    def client(self, **kwargs):
+        from pymilvus import MilvusClient
+
+        if self.token:
+            kwargs.setdefault("token", self.token)
+        return MilvusClient(uri=self.http_uri, **kwargs)
+
+    def start(self, timeout: float = MILVUS_STARTUP_TIMEOUT) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.data_dir / "bin").exists():
+            (self.data_dir / "bin").symlink_to(self.install / "bin", target_is_directory=True)
+        args = [str(self.install / "venv" / "bin" / "milvus-server"), "--data", str(self.data_dir)]
+        for flag, port in self.ports.items():
+            args += [f"--{flag}", str(port)]
+        if self.authorization:
+            args += ["--authorization-enabled", "true"]
+        with open(self.log_path, "ab") as log:
+            # A group of its own: milvus-server is a Python wrapper whose `milvus run standalone`
+            # child outlives it when only the wrapper is signalled.
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        try:
+            self._wait_ready(timeout)
+        except MilvusServerUnavailable:
+            self.stop(crash=True)
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None and not self._group_alive():
+                raise MilvusServerUnavailable(f"milvus-server exited with code {self.process.returncode} "
+                                              f"before answering (log: {self.log_path})")
+            try:
+                client = self.client(timeout=5)
+                try:
+                    # list_collections goes through the root coordinator, the last to be ready.
+                    client.list_collections(timeout=5)
+                    return
+                finally:
+                    client.close()
+            except Exception as exc:  # noqa: BLE001  (not up yet: refused, coordinator not ready)
+                last = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            time.sleep(1)
+        raise MilvusServerUnavailable(f"Milvus did not answer on {self.http_uri} within {timeout:.0f}s "
+                                      f"({last}; log: {self.log_path})")
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # pragma: no cover - a reused id owned by someone else
+            return False
+        return True
+
+    def stop(self, *, crash: bool = False, grace: float = 10.0) -> None:
+        """Stop the whole group: SIGTERM then, after ``grace`` seconds, SIGKILL; or SIGKILL at once."""
+        if self.process is None:
+            return
+        started = time.monotonic()
+        sig = signal.SIGKILL if crash else signal.SIGTERM
+        # Bounded: where init does not reap, a killed child lingers as a zombie in the group.
+        while self._group_alive() and time.monotonic() - started < grace + 15:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            if time.monotonic() - started >= (0 if crash else grace):
+                sig = signal.SIGKILL
+            time.sleep(0.2)
+            self.process.poll()  # reaps the wrapper so the group can empty
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_milvus_server(data_dir: Path, *, authorization: bool = False) -> MilvusServer:
+    """A started :class:`MilvusServer`; skips the calling test, saying why, when there can be none.
+
+    A port taken between our probe and the server's bind makes milvus-server move to another
+    one: the first start tries fresh ports a second time.
+    """
+    try:
+        install = milvus_server_install()
+        for attempt in range(2):
+            server = MilvusServer(install, Path(data_dir) / f"server-{attempt}", authorization=authorization)
+            try:
+                server.start()
+                return server
+            except MilvusServerUnavailable as exc:
+                if attempt:
+                    raise MilvusServerUnavailable(f"{exc}\n{server.log_tail()}") from exc
+    except MilvusServerUnavailable as exc:
+        pytest.skip(f"no Milvus {MILVUS_SERVER_VERSION} server: {exc}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """The Milvus 2.3.5 server this session starts once and shares (authorization off)."""
+    server = start_milvus_server(tmp_path_factory.mktemp("milvus-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri(request):
+    """``(milvus://host:port, options)``: the server named by ``MILVUS_URI``, else this session's.
+
+    Credentials for a MILVUS_URI server come from MILVUS_TOKEN / MILVUS_USER /
     MILVUS_PASSWORD, which the sink reads itself.
     """
     raw = os.environ.get("MILVUS_URI")
     if not raw:
-        pytest.skip("MILVUS_URI is not set (e.g. http://127.0.0.1:19530)")
+        return request.getfixturevalue("milvus_server").uri, {}
     parts = urlsplit(raw if "://" in raw else f"http://{raw}")
     options = {"secure": True} if parts.scheme == "https" else {}
     return f"milvus://{parts.hostname}:{parts.port or 19530}", options

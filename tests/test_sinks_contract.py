@@ -1,8 +1,9 @@
 """One contract, every store: Chroma (embedded and a real server), Milvus Lite, Parquet.
 
-The suite is parametrised over the stores; a Milvus server joins when MILVUS_URI is set
-(marker ``server``). Each store is opened once per module and each test uses its own
-collection, so the slow starts (the Chroma server, Milvus Lite) are paid once.
+The suite is parametrised over the stores, a Milvus server among them (marker ``server``:
+the 2.3.5 standalone server the session starts, or the one MILVUS_URI names). Each store is
+opened once per module and each test uses its own collection, so the slow starts (the
+servers, Milvus Lite) are paid once.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from embedfleet.sinks.base import CollectionInfo, Sink, SinkSpec
 from embedfleet.sinks.naming import physical_name
 from embedfleet.sinks.registry import known_schemes, make_spec, open_sink
 from embedfleet.frames.schemas import embeddings_schema
-from tests.sink_servers import chroma_server, milvus_server_uri  # noqa: F401  (pytest fixtures)
+from tests.sink_servers import chroma_server, milvus_server, milvus_server_uri  # noqa: F401  (pytest fixtures)
 
 DIM = 8
 INFO = CollectionInfo(model="fake-a", dimensions=DIM, metric="cosine")
