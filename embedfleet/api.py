@@ -89,7 +89,7 @@ def search(
     with open_sink(sink_spec) as store:
         opened = store.open(physical_name(user, collection))
         recorded = opened.info
-        embedder = get_embedder(config.embedder_spec(model=recorded.model, cache_dir=str(config.data_dir(data_dir) / "models")))
+        embedder = get_embedder(config.embedder_spec(model=recorded.model, cache_dir=str(config.local_dir(data_dir) / "models")))
         if embedder.dimensions != recorded.dimensions:
             raise ConfigError(
                 f"collection {collection!r} has {recorded.dimensions}-dimensional vectors but model "

@@ -28,6 +28,8 @@ __all__ = [
     "get",
     "validate",
     "data_dir",
+    "local_dir",
+    "check_database_url",
     "private_dir",
     "private_file",
     "SECRET_KEYS",
@@ -121,12 +123,49 @@ def seconds_value(key: str) -> float:
         raise ConfigError(f"embedfleet.{key}: {value!r} is not a duration (e.g. 500ms)") from exc
 
 
-def data_dir(override: str | os.PathLike | None = None) -> Path:
+def data_dir(override: str | os.PathLike | None = None) -> Path | str:
     """The data directory, absolute; created if missing, for its owner only (:func:`private_dir`).
 
     It holds every document's text (chunk frames), the job database and the default store.
+    An fsspec URL (``s3://bucket/prefix``) is returned as it is, less a trailing ``/``: an
+    object store has no folder to make, and its files are what every worker can see.
     """
-    return private_dir(Path(override if override is not None else get("data-dir")).expanduser().resolve())
+    raw = override if override is not None else get("data-dir")
+    if _is_url(raw):
+        return str(raw).rstrip("/")
+    return private_dir(Path(raw).expanduser().resolve())
+
+
+def _is_url(path: Any) -> bool:
+    if isinstance(path, os.PathLike):
+        return False
+    scheme, sep, _ = str(path).partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme != "file"
+
+
+def local_dir(data: str | os.PathLike | None = None) -> Path:
+    """Where this machine keeps what cannot live on object storage: the model cache, and the
+    default SQLite job database and embedded store. The data dir itself when it is local;
+    for an object-store data dir, a folder of ``embedfleet.storage.local-dir`` named after it.
+    """
+    root = data_dir(data)
+    if isinstance(root, Path):
+        return root
+    import hashlib
+
+    slug = hashlib.sha1(root.encode()).hexdigest()[:12]
+    return private_dir(Path(get("storage.local-dir")).expanduser().resolve() / slug)
+
+
+def check_database_url(url: str, data: str | os.PathLike | None = None) -> str:
+    """``url``, unless it is an SQLite file on object storage (SQLite needs a local file's locks)."""
+    if url.startswith("sqlite") and _is_url(url.split(":///", 1)[-1]):
+        raise ConfigError(
+            f"the job database {hide_url_password(url)} is an SQLite file on object storage, which SQLite cannot "
+            "lock: use PostgreSQL (embedfleet.jobs.database-url, --db postgresql+psycopg://...) when several "
+            "machines share the data dir, or leave it unset for a local SQLite file on this machine"
+        )
+    return url
 
 
 def private_dir(path: str | os.PathLike) -> Path:

@@ -105,7 +105,7 @@ def _print_quantization(model: str | None, data_dir: str | None) -> None:
     from embedfleet.embedders.onnx import quantization_report
 
     spec = config.model_spec(model)
-    report = quantization_report(spec.name, spec.path, str(config.data_dir(data_dir) / "models"))
+    report = quantization_report(spec.name, spec.path, str(config.local_dir(data_dir) / "models"))
     if report:
         click.echo(
             f"int8: cosine to fp32 on {report['samples']} sample texts: mean {report['mean_cosine']:.4f}, "

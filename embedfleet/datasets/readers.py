@@ -49,7 +49,7 @@ from embedfleet.config import ChunkSpec
 from embedfleet.datasets.builtin import get_builtin, known_builtins
 from embedfleet.datasets.formats import FORMATS, Format
 from embedfleet.datasets.formats.builtin import BuiltinPart
-from embedfleet.datasets.formats.common import Estimator, check_location
+from embedfleet.datasets.formats.common import Estimator, check_location, list_objects
 from embedfleet.datasets.formats.csv import CsvFile
 from embedfleet.datasets.formats.files import FileGroup
 from embedfleet.datasets.formats.jsonl import ByteRange
@@ -59,6 +59,7 @@ from embedfleet.datasets.formats.tables import DEFAULT_TEXT_COLUMN
 from embedfleet.datasets.source import SourceSpec
 from embedfleet.errors import ConfigError, SourceError
 from embedfleet.frames.schemas import DOCUMENTS
+from embedfleet.frames.storage import Remote, is_url
 
 __all__ = [
     "source_spec",
@@ -154,6 +155,8 @@ def source_spec(
     if not isinstance(raw, str) or not raw.strip():
         raise SourceError(f"no source given; {_accepted(exts)}")
 
+    if is_url(raw):
+        return _remote_source_spec(raw, text_column=text_column, id_column=id_column, options=options)
     path = Path(raw).expanduser()
     if raw.startswith("builtin:") or (raw in known_builtins() and not path.exists()):
         name = raw.removeprefix("builtin:")
@@ -189,6 +192,48 @@ def source_spec(
     )
 
 
+def _remote_source_spec(url: str, *, text_column: str | None, id_column: str | None, options: dict) -> SourceSpec:
+    """An fsspec URL as a source: a prefix ending in ``/`` is a folder (its objects read as a
+    local folder's files would be), anything else one object chosen by its suffix. Only the URL
+    is kept: credentials come from each reading process (:mod:`embedfleet.frames.storage`)."""
+    exts = options["extensions"]
+    target = Remote(url)
+    try:
+        folder = url.endswith("/") or not target.is_file()
+        if folder and not target.exists():
+            raise SourceError(f"source {url!r} does not exist; {_accepted(exts)}")
+    except OSError as exc:  # no credentials, no such bucket, no route: said once, with the URL
+        raise SourceError(f"cannot reach source {url}: {exc}") from exc
+    location = f"{target}/" if folder else str(target)
+    if folder:
+        probe = SourceSpec(kind="files", location=location, **options)
+        kind = _kind_of_suffixes([rel for rel, _, _ in list_objects(probe)], exts, location)
+    else:
+        suffix = target.suffix.lower()
+        if suffix in _BY_SUFFIX:
+            kind = _BY_SUFFIX[suffix]
+        elif suffix in exts:
+            kind = "files"
+        else:
+            raise SourceError(f"cannot read {url} (unknown file type {suffix or '(none)'!r}); {_accepted(exts)}")
+    if kind == "files":
+        _no_columns("folder or text file", text_column, id_column)
+        return SourceSpec(kind="files", location=location, **options)
+    return SourceSpec(kind=kind, location=location, text_column=text_column or DEFAULT_TEXT_COLUMN,
+                      id_column=id_column or None, **options)
+
+
+def _kind_of_suffixes(rels: Sequence[str], exts: Sequence[str], where: str) -> str:
+    parquet = any(suffix_of(r) == ".parquet" for r in rels)
+    other = any(suffix_of(r) != ".parquet" and not is_data_sidecar(r) for r in rels)
+    if parquet and not other:
+        return "parquet"
+    if any(suffix_of(r) in exts for r in rels):
+        return "files"
+    raise SourceError(f"folder {where} has no files ending in {', '.join(exts)} (hidden files and folders are "
+                      f"ignored); {_accepted(exts)}")
+
+
 def real_roots(roots: Sequence[str | os.PathLike]) -> tuple[str, ...]:
     if isinstance(roots, (str, os.PathLike)):
         raise ConfigError(f"allowed roots must be a list of folders, not one path ({os.fspath(roots)!r})")
@@ -197,7 +242,8 @@ def real_roots(roots: Sequence[str | os.PathLike]) -> tuple[str, ...]:
         text = os.fspath(root)
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"an allowed root must be a folder path, not {root!r}")
-        real.add(os.path.realpath(os.path.expanduser(text)))
+        # A URL root (s3://bucket/prefix) is a prefix: object stores have no links to resolve.
+        real.add(str(Remote(text)) if is_url(text) else os.path.realpath(os.path.expanduser(text)))
     return tuple(sorted(real))
 
 

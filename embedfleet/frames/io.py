@@ -1,8 +1,11 @@
-"""Atomic partition outputs: written under a temporary name, then renamed into place.
+"""Atomic partition outputs, on a local disk or an object store (:mod:`embedfleet.frames.storage`).
 
-A partition is done exactly when its sidecar ``.json`` exists: the sidecar is renamed into
-place after the Parquet file, so a crash at any instant leaves either a finished partition
-or one that will be redone, never a half-written one that looks finished.
+Local files are written under a temporary name, then renamed into place. An object is written
+by one PUT of its whole bytes (there is no rename, and an interrupted PUT leaves nothing).
+
+A partition is done exactly when its sidecar ``.json`` exists: the sidecar is written after the
+Parquet file, so a crash at any instant leaves either a finished partition or one that will be
+redone, never a half-written one that looks finished.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,14 +21,24 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["write_table_atomic", "write_json_atomic", "read_json", "is_done", "sidecar"]
+from embedfleet.frames.storage import Remote, is_url, location
+
+__all__ = [
+    "write_table_atomic", "write_json_atomic", "read_json", "is_done", "sidecar", "read_table", "parquet_rows",
+    "exists", "copy_file", "remove_tree", "make_dirs",
+]
 
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
-def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
+def write_table_atomic(table: pa.Table, path: str | os.PathLike | Remote) -> None:
+    if is_url(path):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        location(path).write_bytes(sink.getvalue().to_pybytes())
+        return
     path = Path(path)
     tmp = _tmp(path)
     with _naming(path, tmp):
@@ -32,7 +46,10 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+def write_json_atomic(obj: Any, path: str | os.PathLike | Remote) -> None:
+    if is_url(path):
+        location(path).write_bytes(json.dumps(obj).encode())
+        return
     path = Path(path)
     tmp = _tmp(path)
     with _naming(path, tmp), open(tmp, "w") as f:
@@ -55,14 +72,67 @@ def _naming(path: Path, tmp: Path):
         raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike | Remote) -> Any:
+    if is_url(path):
+        return json.loads(location(path).read_bytes())
     with open(path) as f:
         return json.load(f)
 
 
-def sidecar(path: str | os.PathLike) -> Path:
-    return Path(f"{path}.json")
+def read_table(path: str | os.PathLike | Remote, **kwargs: Any) -> pa.Table:
+    """``pq.read_table`` of a local file, or of an object fetched by one GET."""
+    if is_url(path):
+        return pq.read_table(pa.BufferReader(location(path).read_bytes()), **kwargs)
+    return pq.read_table(path, **kwargs)
 
 
-def is_done(path: str | os.PathLike) -> bool:
+def parquet_rows(path: str | os.PathLike | Remote) -> int:
+    """A Parquet file's row count, from its footer."""
+    if is_url(path):
+        with location(path).open("rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def sidecar(path: str | os.PathLike | Remote) -> Path | Remote:
+    return location(f"{path}.json")
+
+
+def is_done(path: str | os.PathLike | Remote) -> bool:
     return sidecar(path).exists()
+
+
+def exists(path: str | os.PathLike | Remote) -> bool:
+    return location(path).exists()
+
+
+def make_dirs(path: str | os.PathLike | Remote) -> None:
+    """The folder ``path`` (and its parents); nothing to make on an object store."""
+    if not is_url(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def copy_file(source: str | os.PathLike | Remote, target: str | os.PathLike | Remote) -> None:
+    """Copy one file, whole or not at all, between any two places."""
+    if is_url(source) and is_url(target):
+        location(source).copy_to(location(target))
+    elif not is_url(source) and not is_url(target):
+        tmp = _tmp(Path(target))
+        with _naming(Path(target), tmp):
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    elif is_url(target):
+        location(target).write_bytes(Path(source).read_bytes())
+    else:
+        tmp = _tmp(Path(target))
+        with _naming(Path(target), tmp):
+            tmp.write_bytes(location(source).read_bytes())
+        os.replace(tmp, target)
+
+
+def remove_tree(path: str | os.PathLike | Remote) -> None:
+    """Remove a folder (or every object under a prefix); nothing there is fine."""
+    if is_url(path):
+        location(path).rmtree()
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -18,15 +18,19 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import pyarrow.parquet as pq
-
 from embedfleet.errors import SinkError
+from embedfleet.frames.io import (
+    is_done,
+    parquet_rows,
+    read_json,
+    sidecar,
+    write_json_atomic,
+)
 from embedfleet.pipeline.follow import Embedded, Follower, Written
 from embedfleet.pipeline.job import JobResult, JobSpec
 from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.placement import Placement
 from embedfleet.tasks import stages
-from embedfleet.frames.io import is_done, read_json, sidecar, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,7 @@ class Embedding:
         self.started: float | None = None
         self.last_embedded: float | None = None
         self.real_tokens = self.padded_tokens = 0
+        self.tokens_sent = self.requests = 0
         self.precisions: set[str] = set()
 
     @property
@@ -103,7 +108,7 @@ class Embedding:
                                              max(1, len(self.placement.workers)))
 
     def _slices(self, path: str) -> list[tuple[str, int, int]]:
-        rows = pq.ParquetFile(path).metadata.num_rows
+        rows = parquet_rows(path)
         return [
             (str(self.job_dir.embedding_file(path, si)), start, min(rows, start + self.rows_per_slice))
             for si, start in enumerate(range(0, rows, self.rows_per_slice))
@@ -161,6 +166,8 @@ class Embedding:
         progress.tokens += value["real_tokens"]
         self.real_tokens += value["real_tokens"]
         self.padded_tokens += value["padded_tokens"]
+        self.tokens_sent += value.get("tokens_sent", 0)
+        self.requests += value.get("requests", 0)
         self.precisions.add(value["precision"])
         self.partitions_done += 1
         if progress.stage in ("embedding", "writing"):
@@ -210,6 +217,7 @@ class Embedding:
             result.embed_seconds = self.last_embedded - self.started
         result.padding_efficiency = self.real_tokens / self.padded_tokens if self.padded_tokens else None
         result.precision = ",".join(sorted(self.precisions)) or None
+        result.tokens_sent, result.requests = self.tokens_sent, self.requests
         if result.embed_seconds > 0 and progress.embedded:
             result.tokens_per_second = self.real_tokens / result.embed_seconds
             result.chunks_per_second = progress.embedded / result.embed_seconds

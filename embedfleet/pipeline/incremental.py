@@ -8,20 +8,24 @@ mass deletion), and records the outcome in the job dir so a resumed job repeats 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-import pyarrow.parquet as pq
-
 from embedfleet.errors import DuplicateDocumentError, JobError, MassDeleteRefused
+from embedfleet.frames.io import (
+    copy_file,
+    parquet_rows,
+    read_json,
+    remove_tree,
+    write_json_atomic,
+)
+from embedfleet.frames.storage import Remote, location
 from embedfleet.pipeline.embedding import TASK_RETRIES
 from embedfleet.pipeline.follow import Follower
 from embedfleet.pipeline.job import JobSpec
 from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.manifest import Manifest
 from embedfleet.tasks import stages
-from embedfleet.frames.io import read_json, write_json_atomic
 
 __all__ = ["Diff", "diff", "commit_manifest", "check_manifest_unchanged"]
 
@@ -73,7 +77,7 @@ def diff(spec: JobSpec, follower: Follower, manifest: Manifest, chunk_paths: lis
     if done.exists():
         return Diff(**read_json(done))
     if out.exists():
-        shutil.rmtree(out)  # what an interrupted diff left; its inputs may have changed since
+        remove_tree(out)  # what an interrupted diff left; its inputs may have changed since
     check_duplicates = spec.source.id_column is not None
     old = _store_ids(follower, out / "store", single_writer=store(), write_kwargs=write_kwargs) \
         if spec.mode == "full" else manifest.files()
@@ -82,7 +86,7 @@ def diff(spec: JobSpec, follower: Follower, manifest: Manifest, chunk_paths: lis
 
     client, job_id = follower.client, spec.job_id
     task = dict(priority=follower.priority, retries=TASK_RETRIES, pure=False)
-    rows = {path: pq.ParquetFile(path).metadata.num_rows for path in [*old, *chunk_paths]}
+    rows = {path: parquet_rows(path) for path in [*old, *chunk_paths]}
     buckets = diffing.bucket_count(max(sum(rows[p] for p in old), sum(rows[p] for p in chunk_paths)))
     new = list(enumerate(chunk_paths))
     if buckets == 1:
@@ -129,7 +133,7 @@ def diff(spec: JobSpec, follower: Follower, manifest: Manifest, chunk_paths: lis
         if spec.mode == "full" or sum(fresh.values()) == rows[path]:
             embed_inputs[n] = path
         elif fresh:
-            embed_inputs[n] = str(out / "todo" / Path(path).name)
+            embed_inputs[n] = str(out / "todo" / location(path).name)
             ids = [str(out / "fresh" / f"{n:05d}-b{b:04d}.parquet") for b in sorted(fresh)]
             selects[client.submit(diffing.select_stage, path, ids, out_path=embed_inputs[n],
                                   key=f"diff-select-{job_id}-{n}", **task)] = n
@@ -143,7 +147,7 @@ def diff(spec: JobSpec, follower: Follower, manifest: Manifest, chunk_paths: lis
     return result
 
 
-def _store_ids(follower: Follower, out_dir: Path, *, single_writer: bool, write_kwargs: dict) -> list[str]:
+def _store_ids(follower: Follower, out_dir: Path | Remote, *, single_writer: bool, write_kwargs: dict) -> list[str]:
     """The files of every id the job's collection holds (:func:`stages.store_ids_stage`)."""
     from embedfleet.tasks.diff import BUCKET_ROWS
 
@@ -190,7 +194,7 @@ def commit_manifest(spec: JobSpec, follower: Follower, manifest: Manifest, chunk
     version.mkdir(parents=True, exist_ok=True)
     if next_manifest is not None:
         for i, path in enumerate(next_manifest):  # the diff wrote it
-            shutil.copyfile(path, version / f"part-{i:05d}.parquet")
+            copy_file(path, version / f"part-{i:05d}.parquet")
     elif chunk_paths:
         # The new manifest is this job's chunk ids: one small task per chunk file.
         futures = {

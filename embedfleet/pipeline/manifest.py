@@ -4,17 +4,20 @@ Incremental modes compare a job's chunk ids with it (DESIGN §6). It is a Parque
 ``doc_id, chunk_id`` kept in versions: ``CURRENT`` names the live version and is replaced
 atomically when a job commits, so a crash leaves either the old manifest or the new one.
 It lives in the data dir, keyed by the sink URI and the physical collection name.
+
+On an object store ``CURRENT`` is one object, overwritten by one PUT: a reader sees the old
+version's name or the new one's, never a mix, which is all the switch needs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 import uuid
 from pathlib import Path
 
 from embedfleet.errors import CorruptManifest
-from embedfleet.frames.io import read_json, write_json_atomic
+from embedfleet.frames.io import read_json, remove_tree, write_json_atomic
+from embedfleet.frames.storage import Remote, location
 
 __all__ = ["Manifest"]
 
@@ -22,11 +25,11 @@ __all__ = ["Manifest"]
 class Manifest:
     def __init__(self, data_dir: str, sink_uri: str, physical_name: str):
         sink_key = hashlib.sha1(sink_uri.encode()).hexdigest()[:12]
-        self.root = Path(data_dir) / "manifests" / sink_key / physical_name
+        self.root = location(data_dir) / "manifests" / sink_key / physical_name
         self._pointer = self.root / "CURRENT"
 
     @property
-    def current(self) -> Path | None:
+    def current(self) -> Path | Remote | None:
         """The live version, or None for a collection no job committed to.
 
         A damaged ``CURRENT`` raises :class:`CorruptManifest` saying where it is: guessing
@@ -44,9 +47,10 @@ class Manifest:
                 "run the job with --mode full to rebuild it from the store"
             ) from None
         path = self.root / name
-        return path if path.exists() else None
+        # A prefix exists only while objects lie under it: an empty version is still the live one.
+        return path if isinstance(path, Remote) or path.exists() else None
 
-    def current_if_readable(self) -> Path | None:
+    def current_if_readable(self) -> Path | Remote | None:
         """:attr:`current`, or None where it is damaged (mode full rebuilds it)."""
         try:
             return self.current
@@ -57,7 +61,7 @@ class Manifest:
         current = self.current
         return sorted(str(p) for p in current.glob("*.parquet")) if current else []
 
-    def new_version(self, job_id: str) -> Path:
+    def new_version(self, job_id: str) -> Path | Remote:
         """A fresh directory for the job's next manifest, never an existing one.
 
         A job killed after ``CURRENT`` was switched to its version but before it recorded its
@@ -69,16 +73,16 @@ class Manifest:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def commit(self, version: Path) -> None:
+    def commit(self, version: Path | Remote) -> None:
         previous = self.current_if_readable()
         write_json_atomic({"version": version.name}, self._pointer)
         if previous is not None and previous != version:
-            shutil.rmtree(previous, ignore_errors=True)
+            remove_tree(previous)
         # What earlier, crashed commits of the same job left behind (never made current).
         job_prefix = version.name.rsplit("-", 1)[0]
         for leftover in self.root.glob(f"{job_prefix}-*"):
             if leftover != version:
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_tree(leftover)
 
     def drop(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(self.root)

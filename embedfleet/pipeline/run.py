@@ -25,10 +25,15 @@ import threading
 import time
 from typing import Any, Callable
 
-import pyarrow.parquet as pq
-
 from embedfleet.config import resolve_model_path
 from embedfleet.errors import JobCancelled, JobError
+from embedfleet.frames.io import (
+    is_done,
+    parquet_rows,
+    read_json,
+    sidecar,
+    write_json_atomic,
+)
 from embedfleet.pipeline import incremental
 from embedfleet.pipeline.embedding import TASK_RETRIES, Embedding
 from embedfleet.pipeline.follow import Chunked, Embedded, Follower, Written
@@ -41,7 +46,6 @@ from embedfleet.sinks.naming import physical_name
 from embedfleet.sinks.registry import open_sink
 from embedfleet.sinks.writer_lock import exclusive_writer
 from embedfleet.tasks import stages
-from embedfleet.frames.io import is_done, read_json, sidecar, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +241,7 @@ class _JobRun:
                 protected=[s.doc_id for s in self.result.skipped_documents], store=self.opening.result,
                 write_kwargs=self.embedding.write_kwargs,
             )
-        to_embed = sum(pq.ParquetFile(p).metadata.num_rows for p in diff.embed_inputs)
+        to_embed = sum(parquet_rows(p) for p in diff.embed_inputs)
         if self.embedding.rows_per_slice is None:
             self.embedding.plan(to_embed)
         # A resumed job asks only for what is left: the partitions an earlier run of it

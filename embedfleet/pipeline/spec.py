@@ -42,7 +42,7 @@ def build_job_spec(
         precision=options.precision,
         batch_tokens=options.batch_tokens,
         quantize=options.quantize,
-        cache_dir=str(root / "models"),
+        cache_dir=str(config.local_dir(root) / "models"),  # a model cache is local, whatever the data dir
     )
     check_backend(embedder.backend)
     return JobSpec(

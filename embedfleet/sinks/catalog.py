@@ -32,7 +32,7 @@ def default_sink_uri(data_dir: str | None = None) -> str:
     configured = config.get("sink", None)
     if configured:
         return str(configured)
-    return f"chroma://{config.data_dir(data_dir) / 'chroma'}"
+    return f"chroma://{config.local_dir(data_dir) / 'chroma'}"
 
 
 def display_uri(uri: str) -> str:

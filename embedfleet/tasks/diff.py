@@ -14,7 +14,6 @@ A bucket's two id sets are all any task holds; the driver moves only paths and c
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,9 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from embedfleet.frames.io import write_table_atomic
+from embedfleet.frames.io import make_dirs, read_table, write_table_atomic
+from embedfleet.frames.storage import Remote, location
 from embedfleet.options import Mode
 
 __all__ = ["IDS", "NEW_COLUMNS", "BUCKET_ROWS", "bucket_count", "split_stage", "diff_bucket_stage", "select_stage", "protected_mask"]
@@ -36,8 +35,8 @@ NEW_COLUMNS = ["doc_id", "chunk_id", "chunk_index"]
 BUCKET_ROWS = 1_000_000
 
 
-def _write(table: pa.Table, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+def _write(table: pa.Table, path: str | Path | Remote) -> None:
+    make_dirs(location(path).parent)
     write_table_atomic(table, path)
 
 
@@ -56,7 +55,7 @@ def split_stage(path: str, *, columns: Sequence[str], out_dir: str, tag: str, bu
     Returns bucket -> file for the buckets that got rows. Rewriting a bucket file gives the
     same rows, so a task Dask runs twice is harmless.
     """
-    table = pq.read_table(path, columns=list(columns))
+    table = read_table(path, columns=list(columns))
     if not table.num_rows:
         return {}
     of = _bucket_of(table.column("doc_id"), buckets)
@@ -66,7 +65,7 @@ def split_stage(path: str, *, columns: Sequence[str], out_dir: str, tag: str, bu
     written = {}
     for start, stop in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(of)]])):
         bucket = int(of[start])
-        out = os.path.join(out_dir, f"b{bucket:04d}-{tag}.parquet")
+        out = f"{out_dir}/b{bucket:04d}-{tag}.parquet"
         _write(table.slice(int(start), int(stop - start)), out)
         written[bucket] = out
     return written
@@ -86,7 +85,7 @@ def protected_mask(doc_ids: pa.ChunkedArray | pa.Array, protected: Sequence[str]
 
 
 def _read(paths: Sequence[str], columns: Sequence[str], schema: pa.Schema) -> pa.Table:
-    tables = [pq.read_table(p, columns=list(columns)) for p in paths]
+    tables = [read_table(p, columns=list(columns)) for p in paths]
     return pa.concat_tables(tables).select(list(columns)) if tables else schema.empty_table()
 
 
@@ -108,9 +107,9 @@ def diff_bucket_stage(
     ``manifest/b<bucket>.parquet`` (this bucket of the collection's next manifest). Returns
     the counts the driver decides on.
     """
-    out = Path(out_dir)
+    out = location(out_dir)
     old_t = _read(old, IDS.names, IDS).cast(IDS)  # the chunk frames' ids are non-nullable, a manifest's not
-    parts = [(origin, pq.read_table(path, columns=NEW_COLUMNS)) for origin, path in new]
+    parts = [(origin, read_table(path, columns=NEW_COLUMNS)) for origin, path in new]
     new_t = (pa.concat_tables([t for _, t in parts]) if parts
              else pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string()), ("chunk_index", pa.int32())]).empty_table())
     origin = np.concatenate([np.full(t.num_rows, o, dtype=np.int64) for o, t in parts]) if parts else np.empty(0, np.int64)
@@ -167,7 +166,7 @@ def select_stage(chunks_path: str, fresh: Sequence[str], *, out_path: str) -> in
     from embedfleet.frames.schemas import CHUNKS
 
     ids = _read(fresh, ["chunk_id"], pa.schema([("chunk_id", pa.string())])).column("chunk_id")
-    table = pq.read_table(chunks_path, schema=CHUNKS)
+    table = read_table(chunks_path, schema=CHUNKS)
     table = table.filter(pc.is_in(table.column("chunk_id"), value_set=ids.combine_chunks()))
     _write(table, out_path)
     return table.num_rows

@@ -7,6 +7,8 @@ partition is skipped when a job resumes and the driver never holds the data.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import random
@@ -17,13 +19,23 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from embedfleet.config import ChunkSpec, EmbedderSpec, RetrySpec
 from embedfleet.errors import CollectionMismatch, DocumentError, SinkError
-from embedfleet.sinks.base import CollectionInfo, SinkSpec
-from embedfleet.frames.io import is_done, read_json, sidecar, write_json_atomic, write_table_atomic
+from embedfleet.frames.io import (
+    copy_file,
+    exists,
+    is_done,
+    make_dirs,
+    read_json,
+    read_table,
+    sidecar,
+    write_json_atomic,
+    write_table_atomic,
+)
 from embedfleet.frames.schemas import CHUNKS, DOCUMENTS, check_schema, embeddings_schema
+from embedfleet.frames.storage import is_url, location
+from embedfleet.sinks.base import CollectionInfo, SinkSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +88,40 @@ def read_chunk_stage(source: Any, descriptor: Any, *, out_path: str, **chunk_opt
         return read_json(sidecar(out_path))
     from embedfleet.datasets.readers import read_partition
 
-    return chunk_stage(read_partition(source, descriptor), out_path=out_path, **chunk_options)
+    cached = _source_cache(source, descriptor, out_path, chunk_options)
+    if cached is not None and is_done(cached):
+        # The same objects (sizes and ETags), chunked the same way, by an earlier job: not read again.
+        copy_file(cached, out_path)
+        stats = read_json(sidecar(cached))
+        write_json_atomic(stats, sidecar(out_path))
+        return stats
+    stats = chunk_stage(read_partition(source, descriptor), out_path=out_path, **chunk_options)
+    if cached is not None:
+        make_dirs(cached.parent)
+        copy_file(out_path, cached)
+        write_json_atomic(stats, sidecar(cached))
+    return stats
+
+
+#: Under the data dir: chunk files of object-store partitions, by what they were made from.
+SOURCE_CACHE = "source-cache"
+
+
+def _source_cache(source: Any, descriptor: Any, out_path: str, chunk_options: dict[str, Any]) -> Any:
+    """Where the chunks of ``descriptor`` are kept for later jobs, for an object-store source.
+
+    The key is everything the chunks depend on: the source's options, the partition with each
+    object's size and version (ETag), the chunking and the tokenizer; a rewritten object has a
+    new ETag, so a new key. Local sources are read again (a stat is no proof of sameness
+    there, and reading a local disk is cheap). Stale entries are never read; the folder may be
+    deleted at any time.
+    """
+    if not is_url(getattr(source, "location", "")):
+        return None
+    key = hashlib.sha256(repr((source, dataclasses.astuple(descriptor), sorted(chunk_options.items()))).encode())
+    digest = key.hexdigest()
+    data_dir = location(out_path).parent.parent.parent.parent  # <data-dir>/jobs/<job>/chunks/<file>
+    return data_dir / SOURCE_CACHE / digest[:2] / f"{digest}.parquet"
 
 
 def _vectors_column(vectors: np.ndarray, dimensions: int) -> pa.FixedSizeListArray:
@@ -98,7 +143,7 @@ def embed_stage(
     if is_done(out_path):
         # Dask runs a task again whose result was lost with its worker: the vectors are on disk.
         return read_json(sidecar(out_path))
-    table = pq.read_table(in_path, schema=CHUNKS).slice(row_start, row_stop - row_start)
+    table = read_table(in_path, schema=CHUNKS).slice(row_start, row_stop - row_start)
     table = check_schema(table, CHUNKS, stage="embed input")
     model = get_embedder(embedder)
     vectors, stats = model.embed_with_stats(
@@ -115,6 +160,8 @@ def embed_stage(
         "seconds": stats.seconds,
         "precision": model.precision,
         "pid": os.getpid(),
+        "requests": stats.requests,
+        "tokens_sent": stats.tokens_sent,
     }
     write_json_atomic(result, sidecar(out_path))
     del table, out, vectors  # dropped first, so their pages are among those handed back
@@ -127,7 +174,7 @@ MANIFEST = pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string())])
 
 def manifest_stage(chunks_path: str, *, out_path: str) -> int:
     """One file of a collection's next manifest: the doc and chunk ids of one chunk file."""
-    table = check_schema(pq.read_table(chunks_path, columns=["doc_id", "chunk_id"]), MANIFEST, stage="manifest")
+    table = check_schema(read_table(chunks_path, columns=["doc_id", "chunk_id"]), MANIFEST, stage="manifest")
     write_table_atomic(table, out_path)
     return table.num_rows
 
@@ -179,9 +226,9 @@ def forget_collections() -> None:
 def write_stage(
     embeddings_path: str, *, sink: SinkSpec, collection: str, info: CollectionInfo, retry: RetrySpec, marker: str
 ) -> int:
-    if os.path.exists(marker):
+    if exists(marker):
         return read_json(marker)["written"]
-    table = pq.read_table(embeddings_path)
+    table = read_table(embeddings_path)
 
     def upsert() -> int:
         try:
@@ -210,7 +257,7 @@ def store_ids_stage(
         batches: list[pa.Table] = []
 
         def flush() -> None:
-            path = os.path.join(out_dir, f"store-{len(paths):05d}.parquet")
+            path = f"{out_dir}/store-{len(paths):05d}.parquet"
             write_table_atomic(pa.concat_tables(batches).cast(IDS), path)
             paths.append(path)
             batches.clear()
@@ -227,16 +274,16 @@ def store_ids_stage(
             flush()
         return paths
 
-    os.makedirs(out_dir, exist_ok=True)
+    make_dirs(out_dir)
     return with_retries(listing, retry=retry, what=f"listing the ids of {sink.uri}")
 
 
 def delete_stage(
     ids_path: str, *, sink: SinkSpec, collection: str, info: CollectionInfo, retry: RetrySpec, marker: str
 ) -> int:
-    if os.path.exists(marker):
+    if exists(marker):
         return read_json(marker)["deleted"]
-    ids = pq.read_table(ids_path, columns=["chunk_id"]).column("chunk_id").to_pylist()
+    ids = read_table(ids_path, columns=["chunk_id"]).column("chunk_id").to_pylist()
 
     def delete() -> int:
         try:

@@ -32,6 +32,7 @@ from embedfleet.config import ChunkSpec
 from embedfleet.datasets.source import SourceSpec
 from embedfleet.errors import SourceError
 from embedfleet.frames.schemas import DOCUMENTS, check_schema
+from embedfleet.frames.storage import Remote, filesystem, is_url, object_version
 
 __all__ = [
     "Format",
@@ -42,6 +43,11 @@ __all__ = [
     "open_checked",
     "source_root",
     "single_file",
+    "single_object",
+    "list_objects",
+    "read_range",
+    "file_size",
+    "is_remote",
     "too_big",
     "check_text",
     "check_metadata",
@@ -115,13 +121,71 @@ class Estimator:
 # --------------------------------------------------------------------------- locations
 
 
-def source_root(spec: SourceSpec) -> Path:
+def is_remote(spec: SourceSpec) -> bool:
+    """Whether the source is an fsspec URL; its location then ends in ``/`` exactly when it is a folder."""
+    return is_url(spec.location)
+
+
+def source_root(spec: SourceSpec) -> Path | Remote:
     """The folder a source's relative paths are relative to."""
+    if is_remote(spec):
+        location = Remote(spec.location)
+        return location if spec.location.endswith("/") else location.parent
     location = Path(spec.location)
     return location if location.is_dir() else location.parent
 
 
+def single_object(spec: SourceSpec) -> tuple[str, int, str]:
+    """A single-object source's name, size and version (:func:`~embedfleet.frames.storage.object_version`)."""
+    location = Remote(spec.location)
+    try:
+        info = location.info()
+    except FileNotFoundError:
+        raise SourceError(f"source {spec.location} does not exist any more") from None
+    return location.name, int(info.get("size") or 0), object_version(info)
+
+
+def list_objects(spec: SourceSpec) -> list[tuple[str, int, str]]:
+    """(relative path, size, version) of the objects under a folder URL, sorted; hidden ones left out.
+
+    One listing gives every object's size and ETag, so a re-run knows an unchanged object
+    without reading it. An object store has no symlinks and no unreadable folders.
+    """
+    root = Remote(spec.location)
+    fs_root = str(root).split("://", 1)[1]
+    try:
+        found = filesystem(str(root)).find(fs_root, detail=True)
+    except FileNotFoundError:
+        found = {}
+    except OSError as exc:
+        raise SourceError(f"cannot list the source folder {spec.location}: {exc}") from exc
+    out = []
+    for name, info in found.items():
+        rel = name[len(fs_root):].lstrip("/")
+        if not rel or info.get("type") == "directory" or any(p.startswith(".") for p in rel.split("/")):
+            continue
+        out.append((rel, int(info.get("size") or 0), object_version(info)))
+    return sorted(out)
+
+
+def read_range(spec: SourceSpec, rel: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a remote source's object, by one ranged GET."""
+    target = str(source_root(spec) / rel)
+    return filesystem(target).cat_file(target.split("://", 1)[1], start=start, end=end)
+
+
+def file_size(f: Any) -> int:
+    """The size of an open file: a local one's fstat, an fsspec file's listed size."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError):
+        return int(f.size)
+
+
 def single_file(spec: SourceSpec) -> list[tuple[str, int]]:
+    if is_remote(spec):
+        name, size, _ = single_object(spec)
+        return [(name, size)]
     location = Path(spec.location)
     try:
         return [(location.name, location.stat().st_size)]
@@ -135,6 +199,11 @@ def check_location(spec: SourceSpec) -> None:
     The readers check each file again when they open it; this keeps a swapped source folder
     from even being listed (its file names would be the job's doc ids).
     """
+    if is_remote(spec):
+        problem = _outside_roots(spec, spec.location)
+        if problem:
+            raise SourceError(f"source {spec.location} {problem}")
+        return
     real = os.path.realpath(spec.location)
     if os.path.isdir(spec.location) and real != spec.location:
         raise SourceError(
@@ -153,14 +222,19 @@ class Refused(Exception):
     """A file that is there (or a symlink that is) but cannot or may not be read; str() says why."""
 
 
-def open_checked(spec: SourceSpec, path: Path) -> BinaryIO:
+def open_checked(spec: SourceSpec, path: Path | Remote) -> BinaryIO:
     """``path`` open for reading, if the file it really is may be read for ``spec``.
 
     Raises FileNotFoundError (or NotADirectoryError) for a file that is not there, and
     :class:`Refused` for one that cannot or may not be read: a symlink loop, a dangling
     symlink, no permission, not a regular file, or a real path outside the source folder or the
-    allowed roots.
+    allowed roots. An object (a :class:`Remote`) is checked against the roots by its URL.
     """
+    if isinstance(path, Remote):
+        problem = _outside_roots(spec, str(path))
+        if problem:
+            raise Refused(problem)
+        return path.open("rb")
     try:
         # Non-blocking: a FIFO swapped in for a file must not hang the worker (it is refused below).
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)

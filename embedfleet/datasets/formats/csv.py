@@ -17,13 +17,25 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import pyarrow as pa
 
-from embedfleet.datasets.formats.common import Estimator, Format, Rows, single_file
-from embedfleet.datasets.formats.tables import METADATA_COLUMN, check_columns, open_table_file, record_row
+from embedfleet.datasets.formats.common import (
+    Estimator,
+    Format,
+    Rows,
+    is_remote,
+    single_file,
+    single_object,
+)
+from embedfleet.datasets.formats.tables import (
+    METADATA_COLUMN,
+    check_columns,
+    open_table_file,
+    record_row,
+)
 from embedfleet.datasets.source import SourceSpec
 
 __all__ = ["CsvFile", "CSV"]
@@ -41,9 +53,14 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 class CsvFile:
     path: str
     bytes: int
+    # An object's ETag (object-store sources): what an unchanged object is known by on a re-run.
+    version: str = field(default="", repr=False)
 
 
 def _plan(spec: SourceSpec) -> list[CsvFile]:
+    if is_remote(spec):
+        rel, size, version = single_object(spec)
+        return [CsvFile(path=rel, bytes=size, version=version)]
     files = single_file(spec)
     for rel, size in files:
         if size > 4 * spec.partition_bytes:

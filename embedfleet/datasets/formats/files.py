@@ -29,8 +29,12 @@ from embedfleet.datasets.formats.common import (
     check_metadata,
     check_text,
     dumps,
+    file_size,
+    is_remote,
+    list_objects,
     open_checked,
     single_file,
+    single_object,
     source_root,
     too_big,
 )
@@ -48,12 +52,46 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 @dataclass(frozen=True)
 class FileGroup:
-    """Files of a folder source, by path relative to its root, with their planned sizes."""
+    """Files of a folder source, by path relative to its root, with their planned sizes.
 
-    files: tuple[tuple[str, int], ...]
+    An object-store source's entries also hold each object's version (ETag), so a plan shows
+    when an object was rewritten, and an unchanged partition is recognised without reading it.
+    """
+
+    files: tuple[tuple[str, int] | tuple[str, int, str], ...]
 
 
 def _plan(spec: SourceSpec) -> list[FileGroup]:
+    if is_remote(spec):
+        files: list = _remote_files(spec)
+    else:
+        files = _local_files(spec)
+    groups: list[FileGroup] = []
+    current: list = []
+    weight = 0
+    for entry in files:
+        # A file over the limit is not read (it becomes an error row), so it weighs little.
+        w = min(entry[1], spec.max_document_bytes + 1) + _FILE_WEIGHT
+        if current and weight + w > spec.partition_bytes:
+            groups.append(FileGroup(files=tuple(current)))
+            current, weight = [], 0
+        current.append(entry)
+        weight += w
+    if current:
+        groups.append(FileGroup(files=tuple(current)))
+    return groups
+
+
+def _remote_files(spec: SourceSpec) -> list[tuple[str, int, str]]:
+    if not spec.location.endswith("/"):
+        return [single_object(spec)]
+    files = [entry for entry in list_objects(spec) if suffix_of(entry[0]) in spec.extensions]
+    if not files:
+        raise SourceError(f"folder {spec.location} has no files ending in {', '.join(spec.extensions)}")
+    return files
+
+
+def _local_files(spec: SourceSpec) -> list[tuple[str, int]]:
     location = Path(spec.location)
     if location.is_dir():
         files = [
@@ -63,31 +101,18 @@ def _plan(spec: SourceSpec) -> list[FileGroup]:
             raise SourceError(f"folder {location} has no files ending in {', '.join(spec.extensions)}")
     else:
         files = single_file(spec)
-    groups: list[FileGroup] = []
-    current: list[tuple[str, int]] = []
-    weight = 0
-    for rel, size in files:
-        # A file over the limit is not read (it becomes an error row), so it weighs little.
-        w = min(size, spec.max_document_bytes + 1) + _FILE_WEIGHT
-        if current and weight + w > spec.partition_bytes:
-            groups.append(FileGroup(files=tuple(current)))
-            current, weight = [], 0
-        current.append((rel, size))
-        weight += w
-    if current:
-        groups.append(FileGroup(files=tuple(current)))
-    return groups
+    return files
 
 
 def _read(spec: SourceSpec, part: FileGroup) -> pa.Table:
     root = source_root(spec)
     rows = Rows()
-    for rel, _ in part.files:
+    for rel, *_ in part.files:
         _read_file(rows, root / rel, rel, spec)
     return rows.table()
 
 
-def _read_file(rows: Rows, path: Path, rel: str, spec: SourceSpec) -> None:
+def _read_file(rows: Rows, path: Path | Any, rel: str, spec: SourceSpec) -> None:
     if is_unlisted(rel):
         rows.fail(rel, _unlisted_reason(path))
         return
@@ -103,7 +128,7 @@ def _read_file(rows: Rows, path: Path, rel: str, spec: SourceSpec) -> None:
         rows.fail(rel, str(exc), dumps(meta))
         return
     with f:
-        size = os.fstat(f.fileno()).st_size
+        size = file_size(f)
         meta["bytes"] = size
         if size > limit:
             rows.fail(rel, too_big(size, limit), dumps(meta))
@@ -244,7 +269,7 @@ def _html_to_text(markup: str) -> tuple[str, str | None]:
 
 def _estimate(spec: SourceSpec, parts: Sequence[FileGroup], chunks: Estimator) -> int:
     # Files over the size limit are never read: they give no chunks.
-    return sum(chunks.document(n) for part in parts for _, n in part.files if n <= spec.max_document_bytes)
+    return sum(chunks.document(n) for part in parts for _, n, *_ in part.files if n <= spec.max_document_bytes)
 
 
 FILES = Format(partition=FileGroup, plan=_plan, read=_read, estimate=_estimate)

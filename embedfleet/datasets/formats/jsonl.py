@@ -18,12 +18,21 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from embedfleet.datasets.formats.common import Estimator, Format, Rows, json_type, single_file
+from embedfleet.datasets.formats.common import (
+    Estimator,
+    Format,
+    Rows,
+    is_remote,
+    json_type,
+    read_range,
+    single_file,
+    single_object,
+)
 from embedfleet.datasets.formats.tables import open_table_file, record_row
 from embedfleet.datasets.source import SourceSpec
 
@@ -37,14 +46,21 @@ class ByteRange:
     path: str
     start: int
     length: int
+    # An object's ETag (object-store sources): what an unchanged object is known by on a re-run.
+    version: str = field(default="", repr=False)
 
 
 def _plan(spec: SourceSpec) -> list[ByteRange]:
-    [(rel, size)] = single_file(spec)
+    if is_remote(spec):
+        rel, size, version = single_object(spec)
+    else:
+        [(rel, size)] = single_file(spec)
+        version = ""
     if size == 0:
-        return [ByteRange(path=rel, start=0, length=0)]
+        return [ByteRange(path=rel, start=0, length=0, version=version)]
     step = spec.partition_bytes
-    return [ByteRange(path=rel, start=start, length=min(step, size - start)) for start in range(0, size, step)]
+    return [ByteRange(path=rel, start=start, length=min(step, size - start), version=version)
+            for start in range(0, size, step)]
 
 
 def _read(spec: SourceSpec, part: ByteRange) -> pa.Table:
@@ -56,7 +72,10 @@ def _read(spec: SourceSpec, part: ByteRange) -> pa.Table:
             f.seek(part.start - 1)
             f.readline()
         pos = f.tell()
-        lines = _LineNumbers(f.fileno(), pos)
+        if is_remote(spec):
+            lines = _LineNumbers(functools.partial(read_range, spec, part.path), pos)
+        else:
+            lines = _LineNumbers(functools.partial(_pread, f.fileno()), pos)
         index = 0
         while pos < end:
             line = f.readline()
@@ -72,12 +91,12 @@ def _read(spec: SourceSpec, part: ByteRange) -> pa.Table:
 class _LineNumbers:
     """Line numbers of a byte range's lines, counting the newlines before it only if asked."""
 
-    def __init__(self, fd: int, offset: int):
-        self.fd, self.offset, self.base = fd, offset, None
+    def __init__(self, read_at: Callable[[int, int], bytes], offset: int):
+        self.read_at, self.offset, self.base = read_at, offset, None
 
     def number(self, index: int) -> int:
         if self.base is None:
-            self.base = _newlines_before(self.fd, self.offset)
+            self.base = _newlines_before(self.read_at, self.offset)
         return self.base + index
 
 
@@ -105,11 +124,16 @@ def _jsonl_line(rows: Rows, line: bytes, *, line_start: int, spec: SourceSpec, l
     record_row(rows, record, location=location, spec=spec)
 
 
-def _newlines_before(fd: int, offset: int) -> int:
-    """Newlines in the first ``offset`` bytes of the open file ``fd`` (its position unmoved)."""
+def _pread(fd: int, start: int, end: int) -> bytes:
+    return os.pread(fd, end - start, start)
+
+
+def _newlines_before(read_at: Callable[[int, int], bytes], offset: int) -> int:
+    """Newlines in the first ``offset`` bytes of a file, read by ``read_at(start, end)`` (no
+    file position moves: a local file's pread, an object's ranged GET)."""
     count = position = 0
     while position < offset:
-        block = os.pread(fd, min(offset - position, 8 * 2**20), position)
+        block = read_at(position, position + min(offset - position, 8 * 2**20))
         if not block:
             break
         count += block.count(b"\n")

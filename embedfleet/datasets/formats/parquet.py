@@ -15,16 +15,33 @@ number in its file.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 
-from embedfleet.datasets.formats.common import Estimator, Format, Rows, single_file
+from embedfleet.datasets.formats.common import (
+    Estimator,
+    Format,
+    Rows,
+    is_remote,
+    list_objects,
+    single_file,
+    single_object,
+)
 from embedfleet.datasets.formats.files import FileGroup
-from embedfleet.datasets.formats.listing import is_data_sidecar, is_unlisted, list_files, suffix_of
-from embedfleet.datasets.formats.tables import check_columns, open_table_file, record_row
+from embedfleet.datasets.formats.listing import (
+    is_data_sidecar,
+    is_unlisted,
+    list_files,
+    suffix_of,
+)
+from embedfleet.datasets.formats.tables import (
+    check_columns,
+    open_table_file,
+    record_row,
+)
 from embedfleet.datasets.source import SourceSpec
 from embedfleet.errors import SourceError
 
@@ -37,6 +54,8 @@ class ParquetPiece:
     row_group: int
     first_row: int  # 0-based index of the row group's first row in its file
     rows: int
+    # Its object's ETag (object-store sources): what an unchanged object is known by on a re-run.
+    version: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -46,7 +65,14 @@ class ParquetPieces:
     text_bytes: int  # uncompressed bytes of the text column
 
 
-def _parquet_files(spec: SourceSpec) -> list[tuple[str, int]]:
+def _parquet_files(spec: SourceSpec) -> list[tuple[str, int]] | list[tuple[str, int, str]]:
+    if is_remote(spec):
+        if not spec.location.endswith("/"):
+            return [single_object(spec)]
+        objects = [o for o in list_objects(spec) if suffix_of(o[0]) == ".parquet" and not is_data_sidecar(o[0])]
+        if not objects:
+            raise SourceError(f"folder {spec.location} has no .parquet files")
+        return objects
     location = Path(spec.location)
     if not location.is_dir():
         return single_file(spec)
@@ -77,7 +103,7 @@ def _plan(spec: SourceSpec) -> list[ParquetPieces | FileGroup]:
     # partition counts the whole file too, and one still open when the next file starts reports
     # that file's size. Kept: the grouping and sizes are in every Parquet plan, and a plan's
     # repr is the fingerprint a job resumes by (tests/test_formats.py pins it).
-    for rel, size in _parquet_files(spec):
+    for rel, size, *version in _parquet_files(spec):
         if is_unlisted(rel):
             unlisted.append((rel, size))
             continue
@@ -98,7 +124,8 @@ def _plan(spec: SourceSpec) -> list[ParquetPieces | FileGroup]:
                     text += column.total_uncompressed_size
             if current and size + compressed > spec.partition_bytes:
                 flush()
-            current.append(ParquetPiece(path=rel, row_group=index, first_row=first_row, rows=group.num_rows))
+            current.append(ParquetPiece(path=rel, row_group=index, first_row=first_row, rows=group.num_rows,
+                                        version=version[0] if version else ""))
             size += compressed
             text_size += text
             first_row += group.num_rows
