@@ -1,22 +1,17 @@
 """Chunking properties, with the real MiniLM tokenizer (fast: no model weights are loaded).
 
 Units are the document's own tokens (its whole-text tokenisation), ``\\S+`` words or
-characters, counted by where they start. For consecutive chunks k and k+1, with ``m_k`` the
-units of chunk k and ``shared`` the units starting in ``[start[k+1], end[k])``, the tests
-assert:
+characters, counted by where they start. For every chunking the tests assert:
 
-* always: ``text[start:end]`` is the chunk, ``n_tokens`` is its real token count and at most
+* ``text[start:end]`` is the chunk, ``n_tokens`` is its real token count and at most
   ``max_tokens``, no chunk is blank, starts and ends strictly increase, ``start[k+1] <=
-  end[k]``, the first chunk starts at 0 and the last ends at ``len(text)`` (full coverage),
-  and ``shared <= overlap``;
-* without a token limit: ``shared == max(0, min(overlap, m_k - 1))`` (the configured overlap,
-  or all but one unit of a chunk that has no more than ``overlap`` units);
-* with a token limit: the same equality whenever the limit did not force a later start, i.e.
-  whenever the text from the unit before ``start[k+1]`` to the unit after ``end[k]`` (one more
-  unit of overlap plus the least possible new text) fits in ``max_tokens``. Shrinking the
-  *end* of a window to the limit keeps the overlap exact. Excluded from the equality: the
-  pieces of a single unit too long for the limit (they do not overlap), and chunk 0 when it
-  absorbed leading units that have no tokens.
+  end[k]``, the first chunk starts at 0 and the last ends at ``len(text)`` (full coverage);
+* no chunk holds more than ``size`` units, consecutive chunks share at most ``overlap`` units;
+* no chunk starts or ends inside a word (an ``\\S+`` run) unless that word (with the
+  whitespace after it) alone is over the budget: more than ``size`` units or ``max_tokens``
+  tokens.
+
+Boundary ranks and structure are tested over real text in ``test_chunk_boundaries.py``.
 """
 
 from __future__ import annotations
@@ -123,27 +118,40 @@ def check_chunks(text: str, chunks, *, max_tokens: int | None = None, tokenized:
             assert c == -(-(e - s) // 4)  # the documented estimate
 
 
-def check_overlap(text: str, chunks, starts: list[int], overlap: int, *, max_tokens: int | None = None) -> None:
-    """The overlap rules of the module docstring."""
-    bounds = [0, *starts[1:], len(text)] if starts else [0, len(text)]
-    exact_units = len(set(bounds)) == len(bounds)  # tokens that share a start make units ambiguous
-    first_unit_blank = max_tokens is not None and bool(starts) and n_tokens(text[: bounds[1]]) == 0
-    for k, ((s0, e0, _), (s1, _, _)) in enumerate(pairwise(chunks)):
-        shared = units_in(starts, s1, e0)
-        expected = max(0, min(overlap, units_in(starts, s0, e0) - 1))
-        assert shared <= overlap
-        if max_tokens is None:
-            assert shared == expected
-            continue
-        if not exact_units or (k == 0 and first_unit_blank):
-            continue
-        if s0 not in bounds or s1 not in bounds:  # pieces of a unit over the limit
-            continue
-        before = bounds[bisect.bisect_left(bounds, s1) - 1]
-        after_index = bisect.bisect_left(bounds, e0) + 1
-        after = bounds[after_index] if after_index < len(bounds) else len(text)
-        if n_tokens(text[before:after]) <= max_tokens:
-            assert shared == expected
+def word_around(text: str, p: int) -> tuple[int, int] | None:
+    """The word (``\\S+`` run, with the whitespace after it) that position ``p`` cuts, or None if
+    ``p`` is no cut inside a word."""
+    if p <= 0 or p >= len(text) or text[p - 1].isspace() or text[p].isspace():
+        return None
+    a = p
+    while a > 0 and not text[a - 1].isspace():
+        a -= 1
+    z = p
+    while z < len(text) and not text[z].isspace():
+        z += 1
+    while z < len(text) and text[z].isspace():
+        z += 1
+    return a, z
+
+
+def check_boundaries(text: str, chunks, too_long, overlap: int, starts: list[int] | None = None) -> None:
+    """No chunk starts or ends inside a word unless ``too_long(a, z)`` says that word alone is
+    over the budget; consecutive chunks share at most ``overlap`` units."""
+    for s, e, _ in chunks:
+        for p in (s, e):
+            word = word_around(text, p)
+            assert word is None or too_long(*word), (p, text, chunks)
+    if starts is not None:
+        for (_, e0, _), (s1, _, _) in pairwise(chunks):
+            assert units_in(starts, s1, e0) <= overlap
+
+
+def over(text: str, starts: list[int] | None, size: int, max_tokens: int | None):
+    """``too_long`` for :func:`check_boundaries`: more than ``size`` units or ``max_tokens`` tokens."""
+    def too_long(a: int, z: int) -> bool:
+        units = len(text[a:z].split()) if starts is None else units_in(starts, a, z)
+        return units > size or (max_tokens is not None and n_tokens(text[a:z]) > max_tokens)
+    return too_long
 
 
 # --------------------------------------------------------------------------- properties
@@ -160,7 +168,7 @@ def test_tokens_properties(text, size, data):
     assert bool(chunks) == bool(starts)
     for s, e, _ in chunks:
         assert units_in(starts, s, e) <= size
-    check_overlap(text, chunks, starts, overlap, max_tokens=max_tokens)
+    check_boundaries(text, chunks, over(text, starts, size, max_tokens), overlap, starts)
 
 
 @PROPERTY
@@ -170,7 +178,7 @@ def test_words_properties(text, size, data):
     max_tokens = data.draw(st.integers(4, 40))
     chunks = chunk_text(text, unit="words", size=size, overlap=overlap, tokenizer=TOK(), max_tokens=max_tokens)
     check_chunks(text, chunks, max_tokens=max_tokens)
-    check_overlap(text, chunks, word_starts(text), overlap, max_tokens=max_tokens)
+    check_boundaries(text, chunks, over(text, None, size, max_tokens), overlap, word_starts(text))
 
 
 @PROPERTY
@@ -182,25 +190,22 @@ def test_words_without_tokenizer(text, size, data):
     starts = word_starts(text)
     for s, e, _ in chunks:
         assert units_in(starts, s, e) <= size
-    check_overlap(text, chunks, starts, overlap)
+    check_boundaries(text, chunks, over(text, None, size, None), overlap, starts)
 
 
 @PROPERTY
 @given(text=short_texts, size=st.integers(2, 60), data=st.data())
 def test_chars_properties(text, size, data):
     overlap = data.draw(st.integers(0, size - 1))
-    # Without a tokenizer, and with a limit no window can reach (a character is at most one
-    # token), windows never shrink: consecutive chunks share exactly `overlap` characters,
-    # also where blank windows were merged into a chunk.
+    chars = list(range(len(text)))
     for tokenized, kwargs in ((False, {}), (True, {"tokenizer": TOK(), "max_tokens": size + 1})):
         chunks = chunk_text(text, unit="chars", size=size, overlap=overlap, **kwargs)
         check_chunks(text, chunks, tokenized=tokenized, max_tokens=kwargs.get("max_tokens"))
-        for (_, e0, _), (s1, _, _) in pairwise(chunks):
-            assert e0 - s1 == overlap
+        check_boundaries(text, chunks, over(text, chars, size, kwargs.get("max_tokens")), overlap, chars)
     max_tokens = data.draw(st.integers(3, 12))
     chunks = chunk_text(text, unit="chars", size=size, overlap=overlap, tokenizer=TOK(), max_tokens=max_tokens)
     check_chunks(text, chunks, max_tokens=max_tokens)
-    check_overlap(text, chunks, list(range(len(text))), overlap, max_tokens=max_tokens)
+    check_boundaries(text, chunks, over(text, chars, size, max_tokens), overlap, chars)
 
 
 @PROPERTY
@@ -326,7 +331,8 @@ def test_whitespace_is_covered_not_chunked(tok):
     chars = chunk_text(text, unit="chars", size=10, overlap=2)
     pieces = [text[s:e] for s, e, _ in chars]
     assert pieces[0] == "\n\n  alpha "
-    assert pieces[1].startswith("a beta  ") and pieces[1].endswith(" " * 90) and pieces[1].strip() == "a beta"
+    # The overlap (2 characters) would start inside "alpha": it starts at the next word instead.
+    assert pieces[1].startswith("beta  ") and pieces[1].endswith(" " * 90) and pieces[1].strip() == "beta"
     assert not any(p.isspace() for p in pieces)
     assert chunk_text(" \n\t ", unit="chars", size=2, overlap=0) == []
     assert chunk_text(" \n\t ", unit="tokens", size=2, overlap=0, tokenizer=tok) == []
@@ -348,7 +354,7 @@ def test_shrinking_keeps_limit_for_words(tok):
     chunks = chunk_text(text, unit="words", size=50, overlap=5, tokenizer=tok, max_tokens=40)
     check_chunks(text, chunks)
     assert all(c <= 40 for _, _, c in chunks)
-    check_overlap(text, chunks, word_starts(text), 5, max_tokens=40)
+    check_boundaries(text, chunks, over(text, None, 50, 40), 5, word_starts(text))
     assert all(e0 - s1 > 0 for (_, e0, _), (s1, _, _) in pairwise(chunks))
 
 

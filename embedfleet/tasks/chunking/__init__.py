@@ -6,20 +6,31 @@ The algorithm (:func:`chunk_text`)
 ----------------------------------
 1. The document is cut into *units*: the model tokenizer's tokens (``tokens``), ``\\S+`` runs
    (``words``) or characters (``chars``, by arithmetic: no per-character objects).
-2. Windows of ``size`` units; the next window starts ``overlap`` units before the previous
-   window's end, and always at least one unit after the previous window's start.
-3. A window's characters run from the start of its first unit (the first chunk starts at 0)
-   to the start of the first unit after it (the last chunk ends at ``len(text)``), so the
-   chunks cover every character, whitespace included, and ``text[start:end]`` is the chunk.
+2. Windows of at most ``size`` units (and, with a tokenizer, about ``max_tokens`` tokens of
+   the document's own tokenisation). A window ends at the best *boundary* inside that: a word
+   start after a paragraph break (a blank line), then after a line break, then after a sentence
+   end (``.!?…`` and the CJK stops, maybe closed by a quote or bracket), then after any
+   whitespace. A higher-ranked boundary is taken if it keeps at least 80% (paragraph), 92%
+   (line) or 90% (sentence) of the full window (``windows._MIN_SHARE``), so chunks stay close
+   to the requested size; among equals the later one. A window is cut inside a word only when
+   it holds no word start at all, i.e. one word alone is over the budget.
+3. The next window starts ``overlap`` units before the previous window's end, moved forward
+   to the next word start (so the overlap is at most ``overlap`` units and never starts inside
+   a word), and always at least one unit after the previous window's start. A window's
+   characters run from the start of its first unit (the first chunk starts at 0) to the start
+   of the first unit after it (the last chunk ends at ``len(text)``), so the chunks cover every
+   character, whitespace included, and ``text[start:end]`` is the chunk. Token starts are moved
+   back over characters the tokenizer drops (control, zero-width) to where their word starts.
 4. With a tokenizer, ``n_tokens`` is the token count of the chunk text itself (re-tokenised,
-   no special tokens). If it exceeds ``max_tokens`` the window shrinks by one unit and is
-   tried again. Re-tokenising a substring can differ from the document's tokenisation at
-   word-piece boundaries, so the count that is checked is the one the model will see: no chunk
-   is ever longer than ``max_tokens``. A window always ends at least one unit past the previous
-   window (a chunk inside its predecessor would add nothing): if the limit leaves no room for
-   the full overlap plus a new unit, the window starts one unit later (less overlap, down to
-   none). A single unit that is alone too long (a 5,000-character "word") is cut at character
-   positions into pieces that fit; consecutive pieces do not overlap. For ``words``/``chars``
+   no special tokens). If it exceeds ``max_tokens`` the window ends at the best boundary before
+   the one tried, and is counted again. Re-tokenising a substring can differ from the
+   document's tokenisation at word-piece boundaries, so the count that is checked is the one
+   the model will see: no chunk is ever longer than ``max_tokens``. A window always ends at
+   least one unit past the previous window (a chunk inside its predecessor would add nothing):
+   if no boundary fits beside the overlap, the window starts at the next word start instead
+   (less overlap, down to none), before any word is cut. A word that is alone over the budget
+   is cut at the last unit that fits (with ``words`` units: at character positions, into
+   pieces that fit; consecutive pieces do not overlap). For ``words``/``chars``
    the first window is sized from the document's own tokenisation, so shrinking is the
    exception, not a search.
    Re-tokenising is skipped only where it provably changes nothing: for BERT-style

@@ -105,7 +105,7 @@ def validate_for_model(
 class _DocTokens:
     """What the window planner needs from a document's own tokenisation."""
 
-    __slots__ = ("continues", "ends", "starts")
+    __slots__ = ("arrays", "continues", "ends", "starts")
 
     def __init__(self, encoding: Any, length: int, *, words: bool):
         import numpy as np
@@ -113,11 +113,13 @@ class _DocTokens:
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         # Normalisers can emit non-monotonic offsets in corner cases; boundaries must never go
         # backwards, and never past the text.
-        self.starts: list[int] = np.minimum(np.maximum.accumulate(offsets[:, 0]), length).tolist() if len(offsets) else []
-        self.ends: list[int] | None = None
+        starts = np.minimum(np.maximum.accumulate(offsets[:, 0]), length) if len(offsets) else offsets[:, 0]
+        ends = np.maximum.accumulate(offsets[:, 1]) if len(offsets) else offsets[:, 1]
+        self.arrays = (starts, ends)
+        self.starts: list[int] = starts.tolist()
+        self.ends: list[int] = ends.tolist()
         self.continues: list[bool] | None = None
         if words and len(offsets):
-            self.ends = np.maximum.accumulate(offsets[:, 1]).tolist()
             ids = np.array(encoding.word_ids, dtype=float)  # None (a token outside words) -> nan
             continues = np.zeros(len(ids), dtype=bool)
             continues[1:] = ids[1:] == ids[:-1]  # nan never equals: such tokens start a word
