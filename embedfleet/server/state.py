@@ -1,0 +1,124 @@
+"""What one ``embedfleet serve`` process holds: the job service, tokens, sinks by name, caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from embedfleet import config
+from embedfleet.errors import ConfigError, PermissionDenied
+
+__all__ = ["ServerState", "named_sinks"]
+
+
+def named_sinks(data_dir: str | None = None) -> dict[str, str]:
+    """``embedfleet.sinks.named``: name -> URI (a null URI is the default sink)."""
+    from embedfleet.sinks.catalog import default_sink_uri
+
+    named = dict(config.get("sinks.named", None) or {})
+    named.setdefault("default", None)
+    out = {}
+    for name, uri in named.items():
+        out[str(name)] = str(uri) if uri else default_sink_uri(data_dir)
+    return out
+
+
+class ServerState:
+    """The server's objects; :func:`embedfleet.server.app.create_app` serves them.
+
+    :param service: the :class:`JobService` (its database and data dir).
+    :param registry: the Prometheus registry ``/metrics`` exposes (the dispatcher's, when it runs here).
+    """
+
+    def __init__(self, service, *, registry: CollectorRegistry | None = None, dispatcher=None):
+        from embedfleet.schedulers.tokens import TokenStore
+        from embedfleet.server.limits import RateLimiter
+        from embedfleet.server.search import SearchService
+
+        self.service = service
+        self.tokens = TokenStore(service)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.dispatcher = dispatcher
+        self.sinks = named_sinks(service.data_dir)
+        self.search = SearchService(service, self.sinks, self.registry)
+        self.max_inline_bytes = config.bytes_value("server.max-inline-bytes")
+        self.max_request_bytes = config.bytes_value("server.max-request-bytes")
+        self.max_inputs = int(config.get("server.embeddings.max-inputs"))
+        self.rate = RateLimiter(dict(config.get("server.rate-limits") or {}), self._tier_of)
+        self.inline_dir = (Path(service.data_dir) / "inline").resolve()
+        roots = list(config.get("jobs.allowed-roots", None) or [])
+        if roots and str(self.inline_dir) not in roots:
+            import dask.config
+
+            # Inline documents are this server's own files: the service's check at submit and the
+            # dispatcher's on the workers must let them through; check_source keeps users out.
+            dask.config.set({"embedfleet.jobs.allowed-roots": [*roots, str(self.inline_dir)]})
+        self._batchers: dict[str, Any] = {}
+        self._batch_guard = threading.Lock()
+        self.started = False
+
+    def _tier_of(self, user: str) -> str:
+        info = self.service.get_user(user)
+        return info.tier if info is not None else str(config.get("jobs.default-tier"))
+
+    # -- sources -----------------------------------------------------------------------------
+
+    def check_source(self, source: str) -> str:
+        """A ``source`` path as a submitter may give it: under the allowed roots, not a URL,
+        and never another user's inline documents (kept in the data dir)."""
+        roots = config.get("jobs.allowed-roots", None) or []
+        if not roots:
+            raise PermissionDenied("this server takes no source paths (embedfleet.jobs.allowed-roots is empty); "
+                                   "send the documents inline")
+        if "://" in source:
+            raise PermissionDenied("a source over the API is a path under the allowed roots, not a URL")
+        path = Path(source).expanduser().resolve()
+        if path == self.inline_dir or path.is_relative_to(self.inline_dir) or path.is_relative_to(
+                Path(self.service.data_dir).resolve()):
+            raise PermissionDenied("a source may not lie in the server's data dir")
+        return str(path)
+
+    def write_inline(self, user: str, documents) -> str:
+        """Inline documents as a JSONL file of the user's in the data dir: the job's source."""
+        from embedfleet.config import private_dir, private_file
+
+        seen: set[str] = set()
+        for doc in documents:
+            if doc.id in seen:
+                raise ConfigError(f"document id {doc.id!r} appears twice")
+            seen.add(doc.id)
+        private_dir(self.inline_dir)
+        folder = private_dir(self.inline_dir / user)
+        path = folder / f"{uuid.uuid4().hex}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        private_file(tmp)
+        with open(tmp, "w", encoding="utf-8") as out:
+            for doc in documents:
+                out.write(json.dumps({"id": doc.id, "text": doc.text, "metadata": doc.metadata or {}}, ensure_ascii=False))
+                out.write("\n")
+        os.replace(tmp, path)
+        return str(path)
+
+    # -- embeddings --------------------------------------------------------------------------
+
+    def batcher(self, model: str):
+        from embedfleet.embedders.cache import get_embedder
+        from embedfleet.server.embeddings import Batcher
+
+        with self._batch_guard:
+            found = self._batchers.get(model)
+            if found is None:
+                spec = config.embedder_spec(model=model, cache_dir=str(Path(self.service.data_dir) / "models"))
+                found = self._batchers[model] = Batcher(get_embedder(spec), registry=self.registry, model=model)
+            return found
+
+    def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
+        self.search.close()
