@@ -53,6 +53,7 @@ def test_snapshot_shows_jobs_usage_and_priorities(service, clock):  # noqa: F811
     try:
         wait_for(lambda: (info := service.status(running.id, user="pat")).to_embed == 20 and info.stage == "chunking")
         snap = take_snapshot(service)
+        quotas = {name: service.quota(name) for name in ("fred", "pat")}  # while the running job is held
     finally:
         gate.set()
         dispatcher.stop()
@@ -66,7 +67,11 @@ def test_snapshot_shows_jobs_usage_and_priorities(service, clock):  # noqa: F811
     assert rows[later.id].progress is None
     usage = {u.user: u for u in snap.usage}
     assert (usage["pat"].reserved, usage["pat"].daily_limit, usage["pat"].running, usage["pat"].concurrent_limit) == (20, 10000, 1, 5)
-    assert (usage["fred"].waiting, usage["fred"].remaining) == (1, 1000)
+    # fred's waiting job holds its estimate (10), as admission counts it: the dashboard shows
+    # what `embedfleet quota` says.
+    assert (usage["fred"].waiting, usage["fred"].reserved, usage["fred"].remaining) == (1, 10, 990)
+    for name, quota in quotas.items():
+        assert (usage[name].reserved, usage[name].remaining) == (quota.reserved, quota.remaining)
     assert snap.counts == {"running": 1, "queued": 1, "cancelled": 1}
     only_fred = take_snapshot(service, user="fred")
     assert {j.user for j in only_fred.jobs} == {"fred"} and [u.user for u in only_fred.usage] == ["fred"]

@@ -40,7 +40,7 @@ def test_priority_order_with_age_bonus_and_usage_penalty(service, clock):  # noq
     a2 = service.submit("/srv", user="alice", collection="kb", priority=50)
     c1 = service.submit("/srv", user="carol", collection="kb", priority=30)  # premium: 60
     d1 = service.submit("/srv", user="dave", collection="kb", priority=49)
-    ranked = [(c.id, c.effective) for c in service.rank()]
+    ranked = [(c.id, c.effective) for c in service.ledger.rank()]
     assert ranked == [(c1.id, 60), (bob.id, 55), (a1.id, 51), (a2.id, 50), (d1.id, 49)]
     assert service.status(bob.id, user="bob").effective_priority == 55
 
@@ -83,7 +83,7 @@ def test_premium_outranks_free_at_equal_base_priority(service, clock):  # noqa: 
     free = service.submit("/srv", user="fred", collection="kb", priority=50)
     clock.advance(minutes=3)
     premium = service.submit("/srv", user="pat", collection="kb", priority=50)
-    assert [(c.id, c.effective) for c in service.rank()] == [(premium.id, 100), (free.id, 56)]
+    assert [(c.id, c.effective) for c in service.ledger.rank()] == [(premium.id, 100), (free.id, 56)]
     runner = FakeRunner()
     dispatcher(service, runner, max_running=1).run(once=True)
     assert runner.order == [premium.id, free.id]
@@ -160,7 +160,7 @@ def test_running_jobs_reserve_what_they_were_admitted_for(service):  # noqa: F81
     second = service.submit("/srv", user="alice", collection="kb2")
     # Run the second job next to the first: its exact count no longer fits.
     other = dispatcher(service, runner, max_running=1)
-    claim = service.claim(next(c for c in service.rank() if c.id == second.id), dispatcher=other.name)
+    claim = service.ledger.claim(next(c for c in service.ledger.rank() if c.id == second.id), dispatcher=other.name)
     JobExecution(service, claim, client=None, runner=FakeRunner(chunks=600), tick=0.02).run()
     info = service.status(second.id, user="alice")
     assert info.status == "failed" and "has only 400 of today's 1000" in info.error
@@ -209,17 +209,17 @@ def test_runner_errors_fail_the_job(service):  # noqa: F811
 
 def test_lease_expiry_marks_the_job_interrupted_and_it_is_resumed(service, clock):  # noqa: F811
     job = service.submit("/srv", user="alice", collection="kb")
-    dead = service.claim(service.rank()[0], dispatcher="dispatcher:gone:1:abc")  # then the process died
+    dead = service.ledger.claim(service.ledger.rank()[0], dispatcher="dispatcher:gone:1:abc")  # then the process died
     clock.advance(30)
-    assert service.expire_leases(60) == []  # still within the lease
+    assert service.ledger.expire_leases(60) == []  # still within the lease
     clock.advance(31)
-    assert service.expire_leases(60) == [job.id]
+    assert service.ledger.expire_leases(60) == [job.id]
     info = service.status(job.id, user="alice")
     assert info.status == "interrupted" and "stopped renewing its lease" in info.error
     assert service.quota("alice").queued == 1  # it waits to be resumed, not restarted
     # the dead dispatcher, should it wake up, can no longer write to the job
-    assert service.heartbeat(dead) is None
-    assert service.finish(dead, status="succeeded") is False
+    assert service.ledger.heartbeat(dead) is None
+    assert service.ledger.finish(dead, status="succeeded") is False
 
     runner = FakeRunner()
     dispatcher(service, runner, lease_seconds=60).run(once=True)
@@ -230,18 +230,18 @@ def test_lease_expiry_marks_the_job_interrupted_and_it_is_resumed(service, clock
 
 def test_an_expired_job_whose_cancel_was_requested_ends_cancelled(service, clock):  # noqa: F811
     job = service.submit("/srv", user="alice", collection="kb")
-    service.claim(service.rank()[0], dispatcher="dispatcher:gone:1:abc")
+    service.ledger.claim(service.ledger.rank()[0], dispatcher="dispatcher:gone:1:abc")
     service.cancel(job.id, user="alice")
     clock.advance(120)
-    assert service.expire_leases(60) == [job.id]
+    assert service.ledger.expire_leases(60) == [job.id]
     info = service.status(job.id, user="alice")
     assert info.status == "cancelled" and info.finished_at is not None
-    assert service.has_active() is False
+    assert service.ledger.has_active() is False
 
 
 def test_a_dispatcher_that_lost_its_lease_stops_the_run(service, clock):  # noqa: F811
     job = service.submit("/srv", user="alice", collection="kb")
-    claim = service.claim(service.rank()[0], dispatcher="slow")
+    claim = service.ledger.claim(service.ledger.rank()[0], dispatcher="slow")
     gate = threading.Event()
     runner = FakeRunner(gate=gate)
     execution = JobExecution(service, claim, client=None, runner=runner, tick=0.02, heartbeat_seconds=3600)
@@ -251,7 +251,7 @@ def test_a_dispatcher_that_lost_its_lease_stops_the_run(service, clock):  # noqa
         # progress flushed; from now on the run only polls (its next heartbeat is an hour away)
         wait_for(lambda: service.status(job.id, user="alice").chunks == 10)
         clock.advance(120)
-        assert service.expire_leases(60) == [job.id]
+        assert service.ledger.expire_leases(60) == [job.id]
         thread.join(10)
     finally:
         gate.set()

@@ -31,8 +31,8 @@ from tests.db import FakeEstimator, FakeRunner, clock, db_url, estimator, make_s
 def _charge(service, user, chunks, *, collection="used"):  # noqa: F811
     """Charge ``chunks`` to ``user`` today as a finished run that embedded them does."""
     job = service.submit("/srv/used", user=user, collection=collection)
-    claim = service.claim(next(c for c in service.rank() if c.id == job.id), dispatcher="test")
-    assert service.finish(claim, status="succeeded", counts=Counts(embedded=chunks), embedded=chunks)
+    claim = service.ledger.claim(next(c for c in service.ledger.rank() if c.id == job.id), dispatcher="test")
+    assert service.ledger.finish(claim, status="succeeded", counts=Counts(embedded=chunks), embedded=chunks)
 
 
 def _race(n, target):
@@ -101,11 +101,11 @@ def test_the_exact_check_counts_what_queued_jobs_hold(service, estimator):  # no
     first = service.submit("/srv", user="fr", collection="kb")
     estimator.value = 700
     service.submit("/srv", user="fr", collection="kb2")  # holds 700 while it waits
-    claim = service.claim(next(c for c in service.rank() if c.id == first.id), dispatcher="d")
+    claim = service.ledger.claim(next(c for c in service.ledger.rank() if c.id == first.id), dispatcher="d")
     with pytest.raises(QuotaExceeded, match=r"has 301 chunks to embed but user 'fr' has only 300 of today's 1000 "
                                             r"chunks left \(tier free: 0 charged today, 700 held by its other jobs\)"):
-        service.reserve(claim, 301)
-    service.reserve(claim, 300)
+        service.ledger.reserve(claim, 301)
+    service.ledger.reserve(claim, 300)
     assert service.quota("fr").remaining == 0
 
 
@@ -187,10 +187,10 @@ def test_inline_and_dispatched_jobs_share_the_limit(service, clock):  # noqa: F8
         with pytest.raises(JobError, match=r"already has 2 jobs running, the most tier free runs at once \(2\)"):
             run_inline(service, "/srv", client="c", user="fr2", collection="d", runner=runner)
         # Dispatchers see the user at the limit too: the waiting job is neither offered nor claimable.
-        assert service.rank() == []
+        assert service.ledger.rank() == []
         info = service.status(waiting.id, user="fr2")
         candidate = Candidate(info.id, "fr2", "free", info.priority, 50.0, info.queued_at, info.created_at)
-        assert service.claim(candidate, dispatcher="other") is None
+        assert service.ledger.claim(candidate, dispatcher="other") is None
         assert service.status(waiting.id, user="fr2").status == "queued"
     finally:
         gate.set()
@@ -210,7 +210,7 @@ def test_a_dead_inline_run_does_not_hold_a_slot(service):  # noqa: F811
     dead = []
     for collection in ("a", "b"):
         job = service.submit("/srv", user="fr2", collection=collection)
-        service.claim(next(c for c in service.rank() if c.id == job.id),
+        service.ledger.claim(next(c for c in service.ledger.rank() if c.id == job.id),
                       dispatcher=f"inline:{socket.gethostname()}:{dead_pid}:abc")
         dead.append(job.id)
     result = run_inline(service, "/srv", client="c", user="fr2", collection="c", runner=FakeRunner())

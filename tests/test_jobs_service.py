@@ -18,9 +18,9 @@ STATUS_KEYS = {
 def _charge(service, user, chunks):
     """Charge ``chunks`` to ``user`` today the way a finished run does."""
     job = service.submit("/srv/x", user=user, collection="kb")
-    cand = next(c for c in service.rank() if c.id == job.id)
-    claim = service.claim(cand, dispatcher="test")
-    assert service.finish(claim, status="succeeded", counts=Counts(embedded=chunks), embedded=chunks)
+    cand = next(c for c in service.ledger.rank() if c.id == job.id)
+    claim = service.ledger.claim(cand, dispatcher="test")
+    assert service.ledger.finish(claim, status="succeeded", counts=Counts(embedded=chunks), embedded=chunks)
     return job.id
 
 
@@ -161,32 +161,32 @@ def test_cancel_queued_and_running(service):  # noqa: F811
     assert service.cancel(queued.id, user="alice").status == "cancelled"  # idempotent
 
     running = service.submit("/srv", user="alice", collection="kb")
-    claim = service.claim(service.rank()[0], dispatcher="d1")
+    claim = service.ledger.claim(service.ledger.rank()[0], dispatcher="d1")
     assert claim.id == running.id
     info = service.cancel(running.id, user="alice")
     assert info.status == "running" and info.cancel_requested
-    assert service.heartbeat(claim) is True  # the dispatcher's watcher sees it
-    service.finish(claim, status="cancelled")
+    assert service.ledger.heartbeat(claim) is True  # the dispatcher's watcher sees it
+    service.ledger.finish(claim, status="cancelled")
     assert service.status(running.id, user="alice").status == "cancelled"
 
     done = service.submit("/srv", user="alice", collection="kb")
-    claim = service.claim(service.rank()[0], dispatcher="d1")
-    service.finish(claim, status="succeeded")
+    claim = service.ledger.claim(service.ledger.rank()[0], dispatcher="d1")
+    service.ledger.finish(claim, status="succeeded")
     with pytest.raises(JobError, match="already succeeded"):
         service.cancel(done.id, user="alice")
 
 
 def test_resume_keeps_the_id(service, clock):  # noqa: F811
     job = service.submit("/srv", user="alice", collection="kb")
-    claim = service.claim(service.rank()[0], dispatcher="d1")
-    service.finish(claim, status="failed", error="SinkError: down")
+    claim = service.ledger.claim(service.ledger.rank()[0], dispatcher="d1")
+    service.ledger.finish(claim, status="failed", error="SinkError: down")
     with pytest.raises(JobError, match="only interrupted, failed or cancelled"):
         service.resume(service.submit("/srv", user="alice", collection="kb").id, user="alice")
     clock.advance(60)
     info = service.resume(job.id, user="alice")
     assert (info.id, info.status, info.error, info.finished_at) == (job.id, "queued", None, None)
     assert info.queued_at == clock()
-    claim2 = service.claim(next(c for c in service.rank() if c.id == job.id), dispatcher="d2")
+    claim2 = service.ledger.claim(next(c for c in service.ledger.rank() if c.id == job.id), dispatcher="d2")
     assert claim2.attempt == claim.attempt + 1
 
 

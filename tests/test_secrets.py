@@ -71,8 +71,8 @@ def test_a_queued_job_keeps_no_credential_and_its_runner_brings_its_own(tmp_path
         status = CliRunner().invoke(main, ["jobs", "status", job.id, "--user", "alice", "--json",
                                            "--data-dir", str(data_dir)])
         listed = CliRunner().invoke(main, ["jobs", "list", "--user", "alice", "--json", "--data-dir", str(data_dir)])
-        [candidate] = service.rank()
-        claim = service.claim(candidate, dispatcher="test")
+        [candidate] = service.ledger.rank()
+        claim = service.ledger.claim(candidate, dispatcher="test")
     assert status.exit_code == 0 and listed.exit_code == 0, status.output + listed.output
     _assert_no_secret(status.output, "jobs status --json")
     _assert_no_secret(listed.output, "jobs list --json")

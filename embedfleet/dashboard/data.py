@@ -17,14 +17,11 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from embedfleet import config
-from embedfleet.schedulers.models import ACTIVE_STATUSES, WAITING_STATUSES, Job, Meta, Usage, User, read_engine
-from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier, effective_priority, tiers
-from embedfleet.schedulers.admission import HELD
+from embedfleet.schedulers.models import WAITING_STATUSES, Job, Meta
+from embedfleet.schedulers.store import tier_of
 
 __all__ = [
     "JobRow",
@@ -52,7 +49,7 @@ def record_dask_dashboard(service: Any, link: str | None) -> None:
         return
     for _ in range(2):  # two dispatchers inserting the key at once: the loser updates
         try:
-            with Session(service.engine) as session, session.begin():
+            with service.store.write() as session:
                 row = session.get(Meta, DASK_DASHBOARD_KEY, with_for_update=True)
                 if row is None:
                     session.add(Meta(key=DASK_DASHBOARD_KEY, value=link))
@@ -64,8 +61,8 @@ def record_dask_dashboard(service: Any, link: str | None) -> None:
 
 
 def dask_dashboard_link(service: Any) -> str | None:
-    with read_engine(service.engine).connect() as conn:
-        return conn.execute(select(Meta.value).where(Meta.key == DASK_DASHBOARD_KEY)).scalar_one_or_none()
+    with service.reads.session(single=True) as session:
+        return session.execute(select(Meta.value).where(Meta.key == DASK_DASHBOARD_KEY)).scalar_one_or_none()
 
 
 @dataclass(frozen=True)
@@ -139,81 +136,43 @@ def take_snapshot(
     finished_within: dt.timedelta = dt.timedelta(days=1),
     limit: int = 200,
 ) -> Snapshot:
-    """Everything the dashboard shows, read in one transaction. ``user``: only that user's jobs and usage."""
+    """Everything the dashboard shows, read in one transaction. ``user``: only that user's jobs and usage.
+
+    Effective priorities and quotas are the service's own (:mod:`embedfleet.schedulers.reads`):
+    what a user sees here is what ``jobs status`` and ``quota`` say, and what admission decides on.
+    """
+    reads = service.reads
     now = now or service.clock()
-    today = now.astimezone(dt.timezone.utc).date()
-    known = tiers()
-    default_tier = config.get("jobs.default-tier")
-    settings = PrioritySettings.from_config()
-
-    def tier_of(name: str | None) -> Tier:
-        return known.get(name or default_tier) or known[default_tier]
-
-    with Session(read_engine(service.engine), expire_on_commit=False) as session, session.begin():
-        stmt = (
-            select(Job, User.tier)
-            .outerjoin(User, User.id == Job.owner)
-            .where(or_(Job.status.in_(ACTIVE_STATUSES), Job.finished_at >= now - finished_within))
-        )
-        if user is not None:
-            stmt = stmt.where(Job.owner == user)
-        rows = session.execute(stmt.order_by(Job.created_at.desc()).limit(limit)).all()
-        recent = dict(
-            session.execute(
-                select(Job.owner, func.count()).where(Job.started_at >= now - RECENT_WINDOW).group_by(Job.owner)
-            ).all()
-        )
-        users_stmt = select(User.id, User.tier).order_by(User.id)
-        if user is not None:
-            users_stmt = users_stmt.where(User.id == user)
-        users = session.execute(users_stmt.limit(limit)).all()
-        used = dict(session.execute(select(Usage.user, Usage.chunks).where(Usage.day == today)).all())
-        active = session.execute(
-            select(Job.owner, Job.status, func.count(), func.coalesce(func.sum(HELD), 0))  # what the quota counts
-            .where(Job.status.in_(ACTIVE_STATUSES))
-            .group_by(Job.owner, Job.status)
-        ).all()
-        counts_stmt = select(Job.status, func.count()).group_by(Job.status)
-        if user is not None:
-            counts_stmt = counts_stmt.where(Job.owner == user)
-        counts = {s: int(n) for s, n in session.execute(counts_stmt).all()}
+    with reads.session() as session:
+        rows = reads.shown_jobs(session, now, user=user, finished_within=finished_within, limit=limit)
+        priorities = reads.priorities(session, [job for job, _ in rows], now)
+        quotas = reads.user_quotas(session, now, user=user, limit=limit)
+        counts = reads.counts_by_status(session, user=user)
         link = session.execute(select(Meta.value).where(Meta.key == DASK_DASHBOARD_KEY)).scalar_one_or_none()
 
-    jobs = []
-    for job, tier_name in rows:
-        t = tier_of(tier_name)
-        if job.status in WAITING_STATUSES:
-            eff = effective_priority(
-                job.priority,
-                multiplier=t.multiplier,
-                recent_jobs=int(recent.get(job.owner, 0)),
-                waiting=now - job.queued_at,
-                settings=settings,
-            )
-        else:
-            eff = job.dispatch_priority
-        jobs.append(
-            JobRow(
-                id=job.id,
-                user=job.owner,
-                tier=t.name,
-                status=job.status,
-                stage=job.stage,
-                priority=job.priority,
-                effective_priority=eff,
-                progress=_progress(job),
-                documents=job.documents,
-                chunks=job.chunks,
-                embedded=job.embedded,
-                to_embed=job.to_embed,
-                source=job.source,
-                collection=job.collection,
-                created_at=job.created_at,
-                started_at=job.started_at,
-                finished_at=job.finished_at,
-                error=job.error,
-            )
+    jobs = [
+        JobRow(
+            id=job.id,
+            user=job.owner,
+            tier=tier_of(tier_name).name,
+            status=job.status,
+            stage=job.stage,
+            priority=job.priority,
+            effective_priority=eff,
+            progress=_progress(job),
+            documents=job.documents,
+            chunks=job.chunks,
+            embedded=job.embedded,
+            to_embed=job.to_embed,
+            source=job.source,
+            collection=job.collection,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            error=job.error,
         )
+        for (job, tier_name), eff in zip(rows, priorities)
+    ]
     # Running first, then waiting jobs in the order a dispatcher would pick them, then the rest newest first.
     jobs.sort(
         key=lambda j: (
@@ -222,32 +181,20 @@ def take_snapshot(
             -(j.finished_at or j.started_at or j.created_at).timestamp(),
         )
     )
-
-    per_user: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"running": 0, "waiting": 0, "reserved": 0})
-    for owner, status, n, reserved in active:
-        if status == "running":
-            per_user[owner]["running"] += int(n)
-            per_user[owner]["reserved"] += int(reserved)
-        else:
-            per_user[owner]["waiting"] += int(n)
-    usage = []
-    for uid, tier_name in users:
-        t = tier_of(tier_name)
-        u = int(used.get(uid, 0) or 0)
-        reserved = per_user[uid]["reserved"]
-        usage.append(
-            UsageRow(
-                user=uid,
-                tier=t.name,
-                used_today=u,
-                reserved=reserved,
-                daily_limit=t.daily_chunks,
-                remaining=None if t.daily_chunks is None else max(0, t.daily_chunks - u - reserved),
-                running=per_user[uid]["running"],
-                concurrent_limit=t.concurrent_jobs,
-                waiting=per_user[uid]["waiting"],
-            )
+    usage = [
+        UsageRow(
+            user=q.user,
+            tier=q.tier,
+            used_today=q.used_today,
+            reserved=q.reserved,
+            daily_limit=q.daily_limit,
+            remaining=q.remaining,
+            running=q.running,
+            concurrent_limit=q.concurrent_limit,
+            waiting=q.queued,
         )
+        for q in quotas
+    ]
     return Snapshot(taken_at=now, jobs=jobs, usage=usage, counts=counts, dask_dashboard=link)
 
 

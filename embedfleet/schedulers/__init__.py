@@ -4,9 +4,15 @@ Public API (also re-exported from :mod:`embedfleet`)::
 
     from embedfleet.schedulers import JobService, Dispatcher
 
-:class:`JobService` lives in :mod:`embedfleet.schedulers.service`, the tables in
-:mod:`embedfleet.schedulers.models`, tiers and effective priority in
-:mod:`embedfleet.schedulers.priority`, the dispatcher in :mod:`embedfleet.schedulers.dispatcher`.
+:class:`JobService` (:mod:`~embedfleet.schedulers.service`) is the owner/notebook API; beside
+it, admission (:mod:`~embedfleet.schedulers.admission`), the dispatcher's ledger
+(:mod:`~embedfleet.schedulers.ledger`) and the one read model for the service, dashboard,
+metrics and cron (:mod:`~embedfleet.schedulers.reads`), over one store
+(:mod:`~embedfleet.schedulers.store`) with the record types in
+:mod:`~embedfleet.schedulers.records` and the status moves in
+:mod:`~embedfleet.schedulers.lifecycle`. The tables are in :mod:`~embedfleet.schedulers.models`,
+tiers and effective priority in :mod:`~embedfleet.schedulers.priority`, the dispatcher in
+:mod:`~embedfleet.schedulers.dispatcher` (a job's run in :mod:`~embedfleet.schedulers.execution`).
 Importing this package does not import Dask's distributed, torch or the pipeline.
 """
 

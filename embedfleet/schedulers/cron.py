@@ -37,8 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from embedfleet import config
-from embedfleet.errors import EmbedfleetError, JobNotFound, PermissionDenied, QueueFull, QuotaExceeded, ScheduleError
-from embedfleet.schedulers.models import ACTIVE_STATUSES, CronState, read_engine
+from embedfleet.errors import EmbedfleetError, PermissionDenied, QueueFull, QuotaExceeded, ScheduleError
+from embedfleet.schedulers.models import ACTIVE_STATUSES, CronState
 from embedfleet.schedulers.schedules import Schedule, count_slots, load_schedules
 
 __all__ = ["Firing", "ScheduleStatus", "CronScheduler"]
@@ -181,12 +181,7 @@ class CronScheduler:
         return session.get(CronState, name)
 
     def _job_status(self, job_id: str | None) -> str | None:
-        if not job_id:
-            return None
-        try:
-            return self.service.job(job_id).status
-        except JobNotFound:
-            return None
+        return self.service.reads.job_status(job_id)
 
     # -- one tick -------------------------------------------------------------------------
 
@@ -206,8 +201,7 @@ class CronScheduler:
         slot = schedule.latest_slot(now)
         if slot is None:
             return None
-        engine = self.service.engine
-        with Session(read_engine(engine)) as session, session.begin():
+        with self.service.store.read() as session:
             state = self._state(session, schedule.name)
             previous = None if state is None else (
                 state.cron, state.timezone, state.last_slot, state.last_outcome, state.last_run_at, state.last_job_id
@@ -221,7 +215,7 @@ class CronScheduler:
 
         coalesced = count_slots(schedule.cron, schedule.timezone, last_slot, slot) - 1 if last_slot is not None else 0
         # Claim the slot: only the process whose compare-and-set succeeds fires it.
-        with Session(engine) as session, session.begin():
+        with self.service.store.write() as session:
             claimed = session.execute(
                 update(CronState)
                 .where(
@@ -270,7 +264,7 @@ class CronScheduler:
 
     def _baseline(self, schedule: Schedule, slot: dt.datetime, now: dt.datetime, *, exists: bool) -> None:
         """First sight (or a changed expression): remember the current slot so only later ones fire."""
-        with Session(self.service.engine) as session, session.begin():
+        with self.service.store.write() as session:
             state = session.get(CronState, schedule.name, with_for_update=True)
             if state is None:
                 session.add(
@@ -312,7 +306,7 @@ class CronScheduler:
             values["runs"] = CronState.runs + runs
         if skips:
             values["skips"] = CronState.skips + skips
-        with Session(self.service.engine) as session, session.begin():
+        with self.service.store.write() as session:
             session.execute(
                 update(CronState)
                 .where(CronState.name == schedule.name, CronState.last_slot == slot)
@@ -326,7 +320,7 @@ class CronScheduler:
         """Every schedule with its next run and its last run (read-only)."""
         now = now or self.clock()
         names = [s.name for s in self.schedules]
-        with Session(read_engine(self.service.engine)) as session, session.begin():
+        with self.service.store.read() as session:
             rows = {r.name: r for r in session.execute(select(CronState).where(CronState.name.in_(names))).scalars()} if names else {}
             session.expunge_all()
         out = []

@@ -6,39 +6,28 @@ One :class:`Dispatcher` (``embedfleet jobs run``) loops:
    dispatcher does this; an interrupted job waits like a queued one and is resumed under the
    same id (the pipeline skips the partitions that were finished);
 2. while fewer than ``max_running`` of its jobs run, it ranks the waiting jobs by effective
-   priority (recomputed at every pick, :func:`embedfleet.schedulers.priority.effective_priority`),
+   priority (recomputed at every pick, :func:`embedfleet.schedulers.reads.live_priority`),
    skips users at their tier's concurrency limit (counted over every dispatcher) and claims the
-   best one atomically (:meth:`JobService.claim`);
-3. each claimed job runs in its own thread, a :class:`JobExecution`, which calls the runner
-   (:func:`embedfleet.pipeline.run.run_job`) with the shared ``distributed.Client`` and
-   ``priority=int(effective priority)`` as the Dask priority of the job's tasks;
+   best one atomically (:meth:`Ledger.claim <embedfleet.schedulers.ledger.Ledger.claim>`);
+3. each claimed job runs in its own thread, a :class:`~embedfleet.schedulers.execution.JobExecution`,
+   which calls the runner (:func:`embedfleet.pipeline.run.run_job`) with the shared
+   ``distributed.Client`` and ``priority=int(effective priority)`` as the Dask priority of the
+   job's tasks, and keeps the job's record through the service's ledger;
 4. it sleeps until the database changes (PostgreSQL ``LISTEN``; SQLite ``PRAGMA data_version``),
    a job ends, or ``poll-seconds`` pass.
 
-A :class:`JobExecution` has a monitor thread that every ``tick`` (0.5 s) writes the latest
-progress (stage, counts) with the lease heartbeat and the charge for newly embedded chunks in
-one transaction, and reads ``cancel_requested``; a requested cancel sets the ``cancel`` Event
-the runner watches, which cancels the job's futures. Every write of a run is fenced by the
-claim's ``attempt``: a dispatcher that lost its lease can no longer touch the job. What a job
-is charged for is what its embedding partitions on disk hold (:class:`EmbeddedOnDisk`), over
-all its runs, so an embedding task that finished after its run was stopped is charged by
-the run that resumes the job, once.
-
 Stopping (Ctrl-C, SIGTERM, :meth:`Dispatcher.stop`): no new claims; running jobs are cancelled
 on the cluster and recorded ``interrupted`` (resumed by the next dispatcher) unless they finish
-first. A second SIGTERM or SIGINT (:class:`StopSignals`) stops the process at once, even with a
-job thread stuck for good: this dispatcher's jobs are recorded ``interrupted`` first.
+first. A second SIGTERM or SIGINT (:class:`~embedfleet.schedulers.signals.StopSignals`) stops the
+process at once, even with a job thread stuck for good: this dispatcher's jobs are recorded
+``interrupted`` first.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -47,18 +36,21 @@ from typing import TYPE_CHECKING, Any, Callable
 from sqlalchemy.exc import DBAPIError
 
 from embedfleet import config
-from embedfleet.errors import EmbedfleetError, JobCancelled, QuotaExceeded
+from embedfleet.errors import EmbedfleetError
 from embedfleet.options import IndexOptions
-from embedfleet.schedulers.service import NOTIFY_CHANNEL, Claim, Counts, JobInfo, JobService
+from embedfleet.schedulers.execution import ChangeWatcher, EmbeddedOnDisk, JobExecution, Runner
+from embedfleet.schedulers.records import Claim, JobInfo
+from embedfleet.schedulers.service import JobService
+from embedfleet.schedulers.signals import StopSignals
 
 if TYPE_CHECKING:
     from embedfleet.pipeline.job import JobResult, Progress
 
+# JobExecution, EmbeddedOnDisk and StopSignals live in their own modules; they stay importable
+# from here, where `embedfleet jobs run`, tests and notebooks have always found them.
 __all__ = ["Dispatcher", "EmbeddedOnDisk", "JobExecution", "Runner", "StopSignals", "default_runner", "dispatcher_name"]
 
 log = logging.getLogger(__name__)
-
-Runner = Callable[..., "JobResult"]
 
 
 def default_runner(spec, **kwargs) -> "JobResult":
@@ -70,60 +62,6 @@ def default_runner(spec, **kwargs) -> "JobResult":
 
 def dispatcher_name(kind: str = "dispatcher") -> str:
     return f"{kind}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, EmbedfleetError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _with_current_roots(spec):
-    """The job's spec under the allowed roots of this dispatcher's config, where it has any:
-    narrowing them binds the jobs already queued too. Workers check every file against them."""
-    import dataclasses
-
-    from embedfleet.datasets.readers import real_roots
-
-    roots = config.get("jobs.allowed-roots", None)
-    if not roots:
-        return spec
-    return dataclasses.replace(spec, source=dataclasses.replace(spec.source, allowed_roots=real_roots(roots)))
-
-
-class EmbeddedOnDisk:
-    """Chunks a job embedded over all its runs: the rows of its embedding partitions on disk.
-
-    Every finished embedding task leaves ``<job_dir>/embeddings/<partition>.parquet.json``
-    (renamed into place after its Parquet file) with its ``rows``, whichever run submitted it
-    and whether or not that run was still there to see it finish; a resumed job reuses it and
-    never embeds it again. A runner that does not embed through these files is charged
-    nothing. Sidecars once read are remembered, so a monitor tick reads only new ones.
-    """
-
-    SUFFIX = ".parquet.json"
-
-    def __init__(self, job_dir: str | os.PathLike):
-        from embedfleet.pipeline.jobdir import JobDir
-
-        self.dir = JobDir(job_dir).embeddings
-        self._rows: dict[str, int] = {}
-        self._lock = threading.Lock()  # the monitor and the runner's before_embed both count
-
-    def total(self) -> int:
-        with self._lock:
-            try:
-                names = os.listdir(self.dir)
-            except FileNotFoundError:
-                names = []
-            for name in names:
-                if name.endswith(self.SUFFIX) and not name.startswith(".") and name not in self._rows:
-                    try:
-                        with open(self.dir / name) as f:
-                            self._rows[name] = int(json.load(f)["rows"])
-                    except (OSError, ValueError, KeyError, TypeError):  # counted at the next look
-                        log.warning("embedding partition %s unreadable; not counted yet", self.dir / name)
-            return sum(self._rows.values())
 
 
 def run_once(service: JobService, client: Any = None, *, runner: Runner | None = None,
@@ -147,326 +85,18 @@ def run_inline(
 ) -> "JobResult":
     """Submit and run a job now, in this process, on ``client`` (what ``embedfleet index`` does).
 
-    Admitted like a submitted job (:meth:`JobService.admit_inline`), then run like a dispatched
+    Admitted like a submitted job (:meth:`Admission.admit_inline <embedfleet.schedulers.admission.Admission.admit_inline>`), then run like a dispatched
     one: its progress, exact-count quota check and charges are kept the same way, and it ends
     succeeded/failed/cancelled (interrupted on Ctrl-C, then ``embedfleet jobs resume``
     continues it). Exceptions from the runner are recorded and re-raised. ``options`` and
     ``fields`` are :meth:`JobService.submit`'s.
     """
     name = dispatcher_name("inline")
-    claim = service.admit_inline(source, user=user, priority=priority, options=IndexOptions.merge(options, **fields),
+    claim = service.admission.admit_inline(source, user=user, priority=priority, options=IndexOptions.merge(options, **fields),
                                  run_as=name)
     execution = JobExecution(service, claim, client=client, runner=runner or default_runner, cancel=cancel,
                              on_progress=on_progress)
     return execution.run(reraise=True)
-
-
-class JobExecution:
-    """One run of one claimed job: the runner call, its monitor thread and the final record."""
-
-    def __init__(
-        self,
-        service: JobService,
-        claim: Claim,
-        *,
-        client: Any,
-        runner: Runner,
-        cancel: threading.Event | None = None,
-        on_progress: Callable[["Progress"], None] | None = None,
-        tick: float = 0.5,
-        heartbeat_seconds: float | None = None,
-    ):
-        self.service = service
-        self.claim = claim
-        self.client = client
-        self.runner = runner
-        self.cancel_event = cancel if cancel is not None else threading.Event()
-        self.tick = tick
-        if heartbeat_seconds is None:
-            heartbeat_seconds = min(15.0, max(0.05, config.seconds_value("jobs.lease-seconds") / 4))
-        self.heartbeat_seconds = heartbeat_seconds
-        self._user_on_progress = on_progress
-        self._lock = threading.Lock()
-        self._latest: Progress | None = None
-        self._dirty = False
-        self._embedded: EmbeddedOnDisk | None = None  # once the spec is read
-        self._reported: int | None = None  # the embedded total the job record last took
-        self._stop = threading.Event()
-        self.user_cancelled = False
-        self.lost = False
-        self.shutting_down = False
-        self.result: JobResult | None = None
-        self.status: str | None = None
-
-    @property
-    def job_id(self) -> str:
-        return self.claim.id
-
-    def interrupt(self) -> None:
-        """Stop the run because the dispatcher stops: the job will be recorded interrupted."""
-        self.shutting_down = True
-        self.cancel_event.set()
-
-    # -- callbacks handed to the runner ------------------------------------------------------
-
-    def _on_progress(self, progress: "Progress") -> None:
-        with self._lock:
-            self._latest = dataclasses.replace(progress)
-            self._dirty = True
-        if self._user_on_progress is not None:
-            self._user_on_progress(progress)
-
-    def _before_embed(self, chunks: int) -> None:
-        self.service.reserve(self.claim, int(chunks), embedded=self._embedded.total())
-
-    # -- monitor --------------------------------------------------------------------------
-
-    def _monitor(self) -> None:
-        last_beat = time.monotonic()
-        while not self._stop.wait(self.tick):
-            try:
-                due = time.monotonic() - last_beat >= self.heartbeat_seconds
-                if self._sync(heartbeat=due):
-                    last_beat = time.monotonic()
-            except Exception:  # a database hiccup must not kill the job; the lease tolerates some
-                log.exception("job %s: could not update the job record", self.job_id)
-
-    def _sync(self, *, heartbeat: bool) -> bool:
-        """Flush progress/heartbeat/charge or poll for a cancel; True if the lease was renewed."""
-        with self._lock:
-            progress, dirty = self._latest, self._dirty
-            self._dirty = False
-        embedded = self._embedded.total()
-        new_embedded = embedded if embedded != self._reported else None
-        wrote = dirty or heartbeat or new_embedded is not None
-        try:
-            if wrote:
-                counts = Counts.from_progress(progress) if dirty and progress is not None else None
-                cancel = self.service.heartbeat(self.claim, counts=counts, embedded=new_embedded)
-                if cancel is not None and new_embedded is not None:
-                    self._reported = new_embedded
-            else:
-                cancel = self.service.poll(self.claim)
-        except Exception:
-            if dirty:
-                with self._lock:
-                    self._dirty = True
-            raise
-        if cancel is None:
-            if not self.lost:
-                log.warning("job %s: this dispatcher lost the job (lease expired); stopping its run", self.job_id)
-            self.lost = True
-            self.cancel_event.set()
-        elif cancel and not self.cancel_event.is_set():
-            log.info("job %s: cancel requested; cancelling its tasks", self.job_id)
-            self.user_cancelled = True
-            self.cancel_event.set()
-        return wrote and cancel is not None
-
-    # -- the run --------------------------------------------------------------------------
-
-    def run(self, *, reraise: bool = False) -> "JobResult | None":
-        """Run the job to its end and record it; the runner's exception is re-raised if asked."""
-        from embedfleet.pipeline.job import JobSpec
-
-        try:
-            spec = JobSpec.from_json(self.claim.spec)
-        except Exception as exc:
-            log.error("job %s: unreadable job spec: %s", self.job_id, exc)
-            self._finish("failed", error=f"unreadable job spec: {_error_text(exc)}")
-            if reraise:
-                raise
-            return None
-
-        spec = _with_current_roots(spec)
-        self._embedded = EmbeddedOnDisk(spec.job_dir)
-        monitor = threading.Thread(target=self._monitor, name=f"embedfleet-monitor-{self.job_id}", daemon=True)
-        monitor.start()
-        result = None
-        error: BaseException | None = None
-        try:
-            result = self.runner(
-                spec,
-                client=self.client,
-                priority=int(self.claim.priority),
-                on_progress=self._on_progress,
-                before_embed=self._before_embed,
-                cancel=self.cancel_event,
-                # Without a daily quota, nothing needs the exact chunk count before embedding
-                # starts, so the run may embed while it chunks.
-                stream=self.service.quota(self.claim.owner).daily_limit is None,
-            )
-        except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised or logged
-            error = exc
-        finally:
-            self._stop.set()
-            monitor.join()
-        self.result = result
-
-        if self.cancel_event.is_set() and not self.shutting_down and not self.lost and not self.user_cancelled:
-            # Cancelled through the caller's own Event (run_inline(cancel=...)): a user cancel.
-            self.user_cancelled = True
-        if isinstance(error, (KeyboardInterrupt, SystemExit)):
-            # Only a run in the main thread (run_inline) sees these: the user stopped it on
-            # purpose, so no dispatcher should pick it up again by itself.
-            status, message = "cancelled", (
-                f"stopped by the user ({type(error).__name__}); `embedfleet jobs resume {self.job_id}` continues it"
-            )
-        elif isinstance(error, JobCancelled) or (result is not None and result.status == "cancelled"):
-            if self.shutting_down and not self.user_cancelled:
-                status, message = "interrupted", "interrupted: its dispatcher stopped; the job will be resumed"
-            else:
-                status, message = "cancelled", None
-        elif error is not None:
-            status, message = "failed", _error_text(error)
-            if not reraise:  # a re-raised error is its caller's to report (the CLI's `Error:` line)
-                # The exception itself: out of its except clause, exc_info=True logs "NoneType: None".
-                log.error("job %s failed: %s", self.job_id, message,
-                          exc_info=None if isinstance(error, EmbedfleetError) else error)
-        else:
-            assert result is not None
-            status, message = result.status, result.error
-
-        with self._lock:
-            progress = self._latest
-        if isinstance(error, QuotaExceeded):
-            # Refused by the exact check after chunking: nothing was written, but the store was
-            # opened (creating the collection) beside chunking.
-            _drop_collection_left_empty(spec)
-        if result is not None:
-            counts = Counts(
-                stage=progress.stage if progress is not None and status != "succeeded" else None,
-                documents=result.documents,
-                chunks=result.chunks,
-                embedded=result.embedded,
-                skipped=result.skipped,
-                deleted=result.deleted,
-                skipped_documents=len(result.skipped_documents),
-                partitions_done=progress.partitions_done if progress else None,
-                partitions_total=progress.partitions_total if progress else None,
-            )
-        else:
-            counts = Counts.from_progress(progress) if progress is not None else None
-        self._finish(status, counts=counts, embedded=self._embedded.total(), error=message)
-        if error is not None and reraise:
-            raise error
-        return result
-
-    def _finish(self, status: str, *, counts: Counts | None = None, embedded: int | None = None,
-                error: str | None = None) -> None:
-        if self.lost:
-            log.warning("job %s ended %s after this dispatcher lost it; not recorded", self.job_id, status)
-            return
-        for attempt in range(3):
-            try:
-                recorded = self.service.finish(self.claim, status=status, counts=counts, embedded=embedded, error=error)
-                break
-            except Exception:
-                if attempt == 2:
-                    log.exception("job %s: could not record its end (%s); its lease will expire", self.job_id, status)
-                    return
-                time.sleep(0.2 * (attempt + 1))
-        if recorded:
-            self.status = status
-            log.info("job %s %s", self.job_id, status)
-        else:
-            self.lost = True
-            log.warning("job %s ended %s but is no longer this run's (lease expired); not recorded", self.job_id, status)
-
-
-def _drop_collection_left_empty(spec) -> None:
-    """Drop the job's collection if it holds nothing and no job ever committed to it.
-
-    A job refused by the exact quota check has written nothing, but its store was opened with
-    ``create`` beside chunking; the collection it leaves is then empty and has no manifest.
-    One with a manifest, or with any row in it, is not this job's to drop. Jobs of one
-    collection run one at a time, and an embedded store is dropped under its writer lock.
-    """
-    from embedfleet.pipeline.manifest import Manifest
-    from embedfleet.sinks.naming import physical_name
-    from embedfleet.sinks.registry import open_sink
-    from embedfleet.sinks.writer_lock import exclusive_writer, lock_path
-
-    name = physical_name(spec.user, spec.collection)
-    try:
-        if Manifest(spec.data_dir, spec.sink.uri, name).files():
-            return
-        lock = lock_path(spec.sink.uri)
-        if lock is not None and not lock.parent.exists():
-            return  # an embedded store that was never created
-        with exclusive_writer(spec.sink.uri), open_sink(spec.sink) as sink:
-            if name in sink.list_collections() and sink.open(name).count() == 0:
-                sink.drop(name)
-                log.info("job %s: dropped the empty collection %r it created", spec.job_id, spec.collection)
-    except Exception as exc:  # noqa: BLE001 - the job's own failure is what its record must say
-        log.warning("job %s: could not drop its empty collection %r: %s", spec.job_id, spec.collection, exc)
-
-
-class _ChangeWatcher:
-    """Tells the idle dispatcher that the job database changed, without polling the tables.
-
-    PostgreSQL: a dedicated connection LISTENs on :data:`NOTIFY_CHANNEL` (submit, resume, the
-    end of a job and lease expiry notify). SQLite: ``PRAGMA data_version`` on a dedicated
-    connection changes whenever another connection commits.
-    """
-
-    def __init__(self, service: JobService):
-        self.kind = service.dialect
-        self._engine = service.engine
-        self._conn = None
-        self._version = None
-        try:
-            self._connect()
-        except Exception as exc:  # noqa: BLE001 - fall back to polling; retried at the next wait
-            log.warning("cannot watch the job database for changes (%s); polling", exc)
-
-    def _connect(self) -> None:
-        raw = self._engine.raw_connection()
-        conn = raw.driver_connection
-        raw.detach()
-        if self.kind == "postgresql":
-            conn.autocommit = True
-            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-            self._conn = conn
-        else:
-            self._conn = conn
-            self._version = self._data_version()
-
-    def _data_version(self) -> int:
-        return self._conn.execute("PRAGMA data_version").fetchone()[0]
-
-    def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True if the database (may have) changed."""
-        try:
-            if self._conn is None:
-                self._connect()
-                return True
-            if self.kind == "postgresql":
-                changed = False
-                for _ in self._conn.notifies(timeout=timeout, stop_after=1):
-                    changed = True
-                if changed:
-                    for _ in self._conn.notifies(timeout=0):  # drain the burst
-                        pass
-                return changed
-            version = self._data_version()
-            if version != self._version:
-                self._version = version
-                return True
-        except Exception as exc:  # noqa: BLE001 - a lost listener connection: reconnect next time
-            log.warning("lost the job database watcher connection (%s); reconnecting", exc)
-            self.close()
-            self._conn = None
-        time.sleep(timeout)
-        return False
-
-    def close(self) -> None:
-        if self._conn is None:
-            return
-        try:
-            self._conn.close()
-        except Exception:  # pragma: no cover - closing a broken connection
-            pass
 
 
 class Dispatcher:
@@ -537,7 +167,7 @@ class Dispatcher:
         and then re-raises KeyboardInterrupt.
         """
         log.info("dispatcher %s started (max %d running, %s)", self.name, self.max_running, self.service.url)
-        watcher = _ChangeWatcher(self.service)
+        watcher = ChangeWatcher(self.service.store)
         interrupted = False
         next_lease_check = 0.0
         try:
@@ -545,10 +175,10 @@ class Dispatcher:
                 self._reap()
                 try:
                     if time.monotonic() >= next_lease_check:
-                        self.service.expire_leases(self.lease_seconds)
+                        self.service.ledger.expire_leases(self.lease_seconds)
                         next_lease_check = time.monotonic() + min(self.poll_seconds, max(0.05, self.lease_seconds / 4))
                     self._fill()
-                    if once and not self._executions and not self.service.has_active():
+                    if once and not self._executions and not self.service.ledger.has_active():
                         break
                 except DBAPIError as exc:
                     # The database restarted or is unreachable for a moment: running jobs keep
@@ -566,14 +196,14 @@ class Dispatcher:
         ran = []
         for job_id in self._ran:
             try:
-                ran.append(self.service.job(job_id))
+                ran.append(self.service.reads.job(job_id))
             except EmbedfleetError:  # pragma: no cover - deleted meanwhile
                 pass
         if interrupted:
             raise KeyboardInterrupt
         return ran
 
-    def _idle(self, watcher: _ChangeWatcher, timeout: float) -> None:
+    def _idle(self, watcher: ChangeWatcher, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self._wake.is_set():
             left = deadline - time.monotonic()
@@ -592,8 +222,8 @@ class Dispatcher:
     def _fill(self) -> None:
         while not self._stop.is_set() and len(self._executions) < self.max_running:
             claim = None
-            for candidate in self.service.rank():
-                claim = self.service.claim(candidate, dispatcher=self.name)
+            for candidate in self.service.ledger.rank():
+                claim = self.service.ledger.claim(candidate, dispatcher=self.name)
                 if claim is not None:
                     break
             if claim is None:
@@ -632,7 +262,7 @@ class Dispatcher:
                 thread.join(max(0.0, deadline - time.monotonic()))
         except KeyboardInterrupt:
             log.warning("dispatcher %s: not waiting for its jobs any longer", self.name)
-        left = self.service.interrupt_dispatcher(self.name)
+        left = self.service.ledger.interrupt_dispatcher(self.name)
         if left:
             log.warning("dispatcher %s: marked %s interrupted", self.name, ", ".join(left))
         self._reap()
@@ -650,7 +280,7 @@ class Dispatcher:
 
         def mark() -> None:
             try:
-                marked.extend(self.service.interrupt_dispatcher(self.name, why=why))
+                marked.extend(self.service.ledger.interrupt_dispatcher(self.name, why=why))
             except Exception:  # noqa: BLE001 - the process ends either way
                 log.exception("dispatcher %s: could not mark its jobs interrupted", self.name)
 
@@ -665,73 +295,3 @@ class Dispatcher:
             log.warning("dispatcher %s: %s; marked %s interrupted (resumed by the next dispatcher)",
                         self.name, why, ", ".join(marked))
         return marked
-
-
-class StopSignals:
-    """SIGTERM and SIGINT for a dispatcher process (``embedfleet jobs run``), as a context manager.
-
-    The first signal asks for the clean stop: SIGTERM calls :meth:`Dispatcher.stop`, SIGINT
-    raises KeyboardInterrupt as Ctrl-C always did (:meth:`Dispatcher.run` stops the same way).
-    That stop waits for the job threads, which a job stuck for good (two threads deadlocked
-    building a graph, say) never ends, and closing the cluster can hang on such a thread too.
-    The second signal, of either kind, marks this dispatcher's running jobs interrupted
-    (:meth:`Dispatcher.abort`), flushes the logs and ends the process at once with exit status
-    ``128 + signal``. A first SIGTERM that comes while the cluster is still starting stops the
-    dispatcher as soon as it is attached. Outside the main thread nothing is installed:
-    signals only reach that thread.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.dispatcher: Dispatcher | None = None
-        self.received: list[int] = []
-        self._previous: dict[int, Any] = {}
-
-    def attach(self, dispatcher: "Dispatcher") -> None:
-        self.dispatcher = dispatcher
-        if self.received:
-            dispatcher.stop()
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame) -> None:
-        self.received.append(signum)
-        name = signal.Signals(signum).name
-        if len(self.received) > 1:
-            self._exit_now(name, 128 + signum)
-        log.warning("%s: stopping; running jobs that do not finish are marked interrupted (%s again: stop at once)",
-                    name, name)
-        if self.dispatcher is not None:
-            self.dispatcher.stop()
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-
-    def _exit_now(self, name: str, status: int) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.abort(f"stopped at once by a second {name}")
-        _flush_logs()
-        os._exit(status)
-
-
-def _flush_logs() -> None:
-    """What the logging handlers and standard streams hold, written out before an ``os._exit``."""
-    for handler in logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001
-            pass

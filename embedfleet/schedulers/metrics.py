@@ -39,7 +39,6 @@ Usage::
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
@@ -48,11 +47,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
 
 from embedfleet import config
 from embedfleet.errors import JobCancelled, SinkError
-from embedfleet.schedulers.models import STATUSES, WAITING_STATUSES, Job, Usage, User, read_engine
+from embedfleet.schedulers.models import STATUSES, WAITING_STATUSES
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -125,24 +123,7 @@ class _DatabaseCollector:
         yield used
 
     def _query(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
-        default = config.get("jobs.default-tier")
-        tier = func.coalesce(User.tier, default)
-        today = self.service.clock().astimezone(dt.timezone.utc).date()
-        with read_engine(self.service.engine).connect() as conn:
-            rows = conn.execute(
-                select(Job.status, tier, func.count())
-                .select_from(Job)
-                .outerjoin(User, User.id == Job.owner)
-                .group_by(Job.status, tier)
-            ).all()
-            usage_rows = conn.execute(
-                select(tier, func.sum(Usage.chunks))
-                .select_from(Usage)
-                .outerjoin(User, User.id == Usage.user)
-                .where(Usage.day == today)
-                .group_by(tier)
-            ).all()
-        return {(s, t): int(n) for s, t, n in rows}, {t: int(n or 0) for t, n in usage_rows}
+        return self.service.reads.totals_by_tier()
 
 
 class DispatcherMetrics:
