@@ -12,11 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-__all__ = ["MotoServer", "moto_server", "s3_env", "free_port"]
+__all__ = ["MotoServer", "free_port", "moto_server", "s3_env"]
 
 
 def free_port() -> int:

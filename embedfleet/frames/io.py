@@ -24,8 +24,17 @@ import pyarrow.parquet as pq
 from embedfleet.frames.storage import Remote, is_url, location
 
 __all__ = [
-    "write_table_atomic", "write_json_atomic", "read_json", "is_done", "sidecar", "read_table", "parquet_rows",
-    "exists", "copy_file", "remove_tree", "make_dirs",
+    "copy_file",
+    "exists",
+    "is_done",
+    "make_dirs",
+    "parquet_rows",
+    "read_json",
+    "read_table",
+    "remove_tree",
+    "sidecar",
+    "write_json_atomic",
+    "write_table_atomic",
 ]
 
 

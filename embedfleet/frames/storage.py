@@ -22,11 +22,18 @@ import fnmatch
 import functools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = [
-    "is_url", "location", "Remote", "filesystem", "storage_options", "object_version", "protocol_of",
+    "Remote",
+    "filesystem",
+    "is_url",
+    "location",
+    "object_version",
+    "protocol_of",
+    "storage_options",
 ]
 
 def is_url(path: Any) -> bool:

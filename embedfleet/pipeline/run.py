@@ -41,6 +41,7 @@ from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocumen
 from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.manifest import Manifest
 from embedfleet.pipeline.placement import Placement
+from embedfleet.pipeline.visibility import check_workers_see
 from embedfleet.sinks.base import CollectionInfo
 from embedfleet.sinks.naming import physical_name
 from embedfleet.sinks.registry import open_sink
@@ -154,6 +155,9 @@ class _JobRun:
         warm = placement.preload(priority=self.follower.priority)
         self.job_dir.make()
         write_json_atomic(json.loads(spec.to_json()), self.job_dir.spec)
+        # Every worker must see the job dir and the source, or the job stops now with one line.
+        check_workers_see(client, token_path=self.job_dir.visible, priority=self.follower.priority,
+                          source=spec.source.location if spec.source.kind != "builtin" else None)
         info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
                               precision=warm.precision())
         self.plan = plan_partitions(spec.source)
