@@ -54,11 +54,23 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# --backend fake is the tests' embedder (tests/fake_embedder.py), registered through the
+# embedfleet.backends config key for this process, its CLI runs and their workers.
+_REPO = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH", "")) if p)
+os.environ.setdefault("DASK_EMBEDFLEET__BACKENDS", json.dumps({"fake": "tests.fake_embedder:FakeEmbedder"}))
+if _REPO not in sys.path:
+    sys.path.append(_REPO)
 
 import numpy as np  # noqa: E402
 
 import embedfleet  # noqa: E402,F401  (config defaults)
 from embedfleet import config  # noqa: E402
+
+if "fake" not in (config.get("backends", None) or {}):  # dask read its config before the line above set it
+    import dask.config  # noqa: E402
+
+    dask.config.set({"embedfleet.backends.fake": "tests.fake_embedder:FakeEmbedder"})
 
 logger = logging.getLogger("benchmarks.throughput")
 

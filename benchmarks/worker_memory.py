@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Also registers --backend fake (tests/fake_embedder.py) through embedfleet.backends, before dask reads its config.
 from throughput import _synthetic_corpus, emit_json  # noqa: E402
 
 import embedfleet  # noqa: E402

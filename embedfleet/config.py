@@ -37,6 +37,7 @@ __all__ = [
     "hide_url_password",
     "ChunkSpec",
     "ModelSpec",
+    "RemoteSpec",
     "EmbedderSpec",
     "RetrySpec",
     "model_spec",
@@ -58,6 +59,7 @@ with open(_DEFAULTS_FILE) as _f:
 dask.config.update_defaults(_DEFAULTS)
 
 ChunkUnit = Literal["tokens", "words", "chars"]
+ChunkStructure = Literal["auto", "none"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Device = Literal["cpu", "cuda", "auto"]
 # Open: backends come from a registry (and entry points), not a closed list.
@@ -100,6 +102,7 @@ def validate() -> None:
     config["embedfleet"]["models"] = {
         name: _canonical(model) for name, model in config["embedfleet"]["models"].items()
     }
+    config["embedfleet"]["backends"] = dict(dask.config.get("embedfleet.backends", None) or {})
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=str)
     if errors:
         first = errors[0]
@@ -242,6 +245,8 @@ class ChunkSpec:
     unit: ChunkUnit = "tokens"
     size: int = 200
     overlap: int = 32
+    structure: ChunkStructure = "auto"  # headings of Markdown, RST and HTML documents start chunks
+    heading_context: bool = False  # the model embeds each chunk's section path before its text
 
     def __post_init__(self) -> None:
         from embedfleet.errors import ChunkingError
@@ -254,11 +259,57 @@ class ChunkSpec:
             raise ChunkingError(
                 f"chunk overlap must be at least 0 and smaller than the size ({self.size}), not {self.overlap}"
             )
+        if self.structure not in ("auto", "none"):
+            raise ChunkingError(f"chunk structure must be auto or none, not {self.structure!r}")
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    """How to call a model served over an OpenAI-compatible embeddings API (backend ``openai``).
+
+    Only the *name* of the environment variable holding the key is kept: the key is read on
+    the worker when a request is made, so it is in no spec, job record or log.
+    """
+
+    url: str  # requests go to {url}/embeddings
+    model: str  # the provider's model name ("model" in each request)
+    api_key_env: str | None = None
+    send_dimensions: bool = False  # "dimensions" in each request, for models that shorten (text-embedding-3-*)
+    max_inputs: int = 128  # texts per request
+    max_request_bytes: int = 1 << 20  # UTF-8 bytes of the texts of one request
+    concurrency: int = 4  # requests in flight per embedding task
+    requests_per_minute: int | None = None  # for the whole job, all its tasks together
+    tokens_per_minute: int | None = None
+    timeout: float = 60.0
+    retries: int = 6  # attempts per request on 429, 5xx, timeouts and connection errors
+    retry_delay: float = 0.5  # first backoff; doubles per attempt, with jitter; Retry-After wins
+    retry_max_delay: float = 30.0
+    breaker_failures: int = 5  # consecutive failed attempts that open the provider's circuit
+    breaker_cooldown: float = 30.0  # seconds open before one probe request is let through
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"remote model url must be http(s)://..., not {self.url!r}")
+        for name in ("max_inputs", "max_request_bytes", "concurrency", "retries", "breaker_failures"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"remote model {name.replace('_', '-')} must be at least 1")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"remote model {name.replace('_', '-')} must be positive or null")
+
+    @property
+    def endpoint(self) -> str:
+        return self.url.rstrip("/") + "/embeddings"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to load one named model. Hashable: it keys the per-worker model cache."""
+    """How to load one named model. Hashable: it keys the per-worker model cache.
+
+    For a remote model (``remote`` set) ``path`` is its tokenizer (config key ``tokenizer``),
+    which chunking and token counting use; there are no weights to load.
+    """
 
     name: str
     path: str
@@ -269,6 +320,11 @@ class ModelSpec:
     metric: Literal["cosine", "ip", "l2"] = "cosine"
     query_prefix: str = ""
     document_prefix: str = ""
+    remote: RemoteSpec | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remote, Mapping):  # from a stored job spec's JSON
+            object.__setattr__(self, "remote", RemoteSpec(**self.remote))
 
 
 @dataclass(frozen=True)
@@ -285,6 +341,11 @@ class EmbedderSpec:
     # because workers never read dask.config.
     cache_max_models: int = 2
     cache_max_bytes: int = 4 * 2**30
+    # "module:Class" of a backend named in embedfleet.backends, for workers that have no config.
+    backend_path: str | None = None
+    # The part of a remote model's job-wide request and token limits that one worker process
+    # may use (set where the job's tasks are placed; 1.0 = all of it).
+    rate_share: float = 1.0
 
     @property
     def cache_key(self) -> tuple:
@@ -335,9 +396,13 @@ def model_spec(name: str | None = None) -> ModelSpec:
     if name not in models:
         raise ConfigError(f"unknown model {name!r}; configured models: {', '.join(sorted(models))}")
     raw = _canonical(models[name])
+    remote = _remote_spec(name, raw)
+    path = raw.get("tokenizer") if remote is not None else raw.get("path")
+    if path is None:
+        raise ConfigError(f"model {name!r} needs a {'tokenizer' if remote is not None else 'path'}")
     return ModelSpec(
         name=name,
-        path=str(raw["path"]),
+        path=str(path),
         dimensions=int(raw["dimensions"]),
         backend=raw.get("backend", "sentence-transformers"),
         max_seq_length=int(raw.get("max-seq-length", 256)),
@@ -345,7 +410,50 @@ def model_spec(name: str | None = None) -> ModelSpec:
         metric=raw.get("metric", "cosine"),
         query_prefix=raw.get("query-prefix", "") or "",
         document_prefix=raw.get("document-prefix", "") or "",
+        remote=remote,
     )
+
+
+#: Config keys of a remote model -> RemoteSpec fields (besides url and remote-model).
+_REMOTE_KEYS = {
+    "api-key-env": ("api_key_env", str),
+    "send-dimensions": ("send_dimensions", bool),
+    "max-inputs-per-request": ("max_inputs", int),
+    "max-request-bytes": ("max_request_bytes", parse_bytes),
+    "concurrent-requests": ("concurrency", int),
+    "requests-per-minute": ("requests_per_minute", int),
+    "tokens-per-minute": ("tokens_per_minute", int),
+    "timeout": ("timeout", lambda v: float(parse_timedelta(v, default="seconds"))),
+    "retries": ("retries", int),
+    "retry-delay": ("retry_delay", lambda v: float(parse_timedelta(v, default="seconds"))),
+    "retry-max-delay": ("retry_max_delay", lambda v: float(parse_timedelta(v, default="seconds"))),
+    "breaker-failures": ("breaker_failures", int),
+    "breaker-cooldown": ("breaker_cooldown", lambda v: float(parse_timedelta(v, default="seconds"))),
+}
+_TIKTOKEN_PREFIX = "tiktoken:"
+
+
+def _remote_spec(name: str, raw: Mapping[str, Any]) -> RemoteSpec | None:
+    if raw.get("url") is None:
+        if raw.get("backend") == "openai":
+            raise ConfigError(f"model {name!r} (backend openai) needs a url")
+        return None
+    tokenizer = str(raw.get("tokenizer") or "")
+    if tokenizer.startswith(_TIKTOKEN_PREFIX):
+        # Chunking needs character offsets from a tokenizers.Tokenizer; a tiktoken encoding is
+        # downloaded on first use, which a machine without internet cannot do.
+        raise ConfigError(
+            f"model {name!r}: tokenizer {tokenizer!r} is not supported; give a local tokenizer "
+            "(package:MODULE or a directory with tokenizer.json) that counts close to the provider's"
+        )
+    fields: dict[str, Any] = {}
+    for key, (field_name, convert) in _REMOTE_KEYS.items():
+        if raw.get(key) is not None:
+            try:
+                fields[field_name] = convert(raw[key])
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"model {name!r}: {key} {raw[key]!r} is not valid ({exc})") from exc
+    return RemoteSpec(url=str(raw["url"]), model=str(raw.get("remote-model") or name), **fields)
 
 
 def embedder_spec(
@@ -363,7 +471,13 @@ def embedder_spec(
     # Whether a backend of that name is installed is the embedders registry's to say
     # (embedfleet.embedders.registry.check_backend, called where a job spec is built).
     chosen_backend = backend or get("embed.backend") or spec.backend
-    chosen_precision = precision or get("embed.precision")
+    if (chosen_backend == "openai") != (spec.remote is not None):
+        raise ConfigError(
+            f"model {spec.name!r} is served remotely: its backend is openai, not {chosen_backend!r}" if spec.remote
+            else f"backend openai needs a remote model (one with a url); {spec.name!r} has none"
+        )
+    # A remote model's precision is the provider's; what it returns is float32 here.
+    chosen_precision = "fp32" if spec.remote else precision or get("embed.precision")
     if chosen_precision not in ("fp32", "bf16", "fp16", "auto"):
         raise ConfigError(f"precision must be fp32, bf16, fp16 or auto, not {chosen_precision!r}")
     if quantize not in (None, "int8"):
@@ -388,14 +502,25 @@ def embedder_spec(
         cache_dir=cache_dir,
         cache_max_models=int(get("embed.cache.max-models")),
         cache_max_bytes=bytes_value("embed.cache.max-memory"),
+        backend_path=(get("backends", None) or {}).get(chosen_backend),
     )
 
 
-def chunk_spec(*, unit: str | None = None, size: int | None = None, overlap: int | None = None) -> ChunkSpec:
+def chunk_spec(
+    *,
+    unit: str | None = None,
+    size: int | None = None,
+    overlap: int | None = None,
+    structure: str | None = None,
+    heading_context: bool = False,
+) -> ChunkSpec:
+    """The chunking of a job; ``heading_context=True`` turns it on, False leaves it to config."""
     return ChunkSpec(
         unit=unit or get("chunk.unit"),
         size=int(size if size is not None else get("chunk.size")),
         overlap=int(overlap if overlap is not None else get("chunk.overlap")),
+        structure=structure or get("chunk.structure", "auto"),
+        heading_context=bool(heading_context or get("chunk.heading-context", False)),
     )
 
 

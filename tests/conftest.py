@@ -1,16 +1,29 @@
-"""Shared fixtures: an isolated data dir, the fake embedder model, a real local Dask cluster."""
+"""Shared fixtures: an isolated data dir, the fake embedder (backend and model), a real local Dask cluster."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+
+from tests.fake_embedder import BACKEND as FAKE_BACKEND
+from tests.fake_embedder import NAME as FAKE_BACKEND_NAME
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Backend "fake" lives in tests/: registered through the embedfleet.backends config key, for
+# this process and every subprocess (CLI runs, dispatchers, dask workers, which import it from
+# the repository root).
+_REPO = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH", "")) if p)
+os.environ["DASK_EMBEDFLEET__BACKENDS"] = json.dumps({FAKE_BACKEND_NAME: FAKE_BACKEND})
 
 import dask.config  # noqa: E402
 import pytest  # noqa: E402
 
 import embedfleet  # noqa: E402,F401  (loads the embedfleet.* defaults)
+
+dask.config.set({f"embedfleet.backends.{FAKE_BACKEND_NAME}": FAKE_BACKEND})
 
 FAKE_DIMENSIONS = 32
 

@@ -71,7 +71,9 @@ def make_corpus(root: Path, *, documents: int, words: int, seed: int = 0, prefix
 def write_dask_config(directory: Path, extra: dict[str, Any] | None = None) -> Path:
     """A DASK_CONFIG directory defining ``embedfleet.models.fake`` (and ``extra`` embedfleet keys)."""
     directory.mkdir(parents=True, exist_ok=True)
-    body: dict[str, Any] = {"embedfleet": {"models": {"fake": dict(FAKE_MODEL)}}}
+    from tests.fake_embedder import BACKEND, NAME
+
+    body: dict[str, Any] = {"embedfleet": {"models": {"fake": dict(FAKE_MODEL)}, "backends": {NAME: BACKEND}}}
     for key, value in (extra or {}).items():
         body["embedfleet"][key] = value
     # JSON is YAML: no yaml dependency needed to write it.
@@ -264,7 +266,7 @@ def assert_same_collection(got: dict[str, dict[str, Any]], expected: dict[str, d
 
 
 def _slow_fake_factory(spec):
-    from embedfleet.embedders.fake import FakeEmbedder
+    from tests.fake_embedder import FakeEmbedder
 
     class SlowFakeEmbedder(FakeEmbedder):
         """The fake embedder's vectors, ``EMBEDFLEET_TEST_EMBED_DELAY`` seconds per text later."""

@@ -16,7 +16,7 @@ from embedfleet import config
 from embedfleet.config import EmbedderSpec, ModelSpec
 from embedfleet.embedders import hardware
 from embedfleet.embedders.base import SPECIAL_TOKENS, BatchStats, plan_batches
-from embedfleet.embedders.fake import FakeEmbedder, fake_vector
+from tests.fake_embedder import FakeEmbedder, fake_vector
 from embedfleet.errors import ConfigError, EmbeddingError
 from embedfleet.sinks.base import CollectionInfo
 from tests.conftest import help_topic_chunks

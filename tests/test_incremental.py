@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from embedfleet.cli import main
-from embedfleet.embedders.fake import fake_vector
+from tests.fake_embedder import fake_vector
 from tests import faults_helpers as fh
 from tests.conftest import FAKE_DIMENSIONS
 

@@ -10,7 +10,7 @@ import pytest
 
 from embedfleet.config import EmbedderSpec, ModelSpec
 from embedfleet.embedders import cache
-from embedfleet.embedders.fake import FakeEmbedder
+from tests.fake_embedder import FakeEmbedder
 from embedfleet.embedders.registry import register
 from embedfleet.pipeline.cluster import EMBED_SLOT
 from embedfleet.pipeline.run import run_job

@@ -8,7 +8,7 @@ import chromadb
 import numpy as np
 import pytest
 
-from embedfleet.embedders.fake import fake_vector
+from tests.fake_embedder import fake_vector
 from embedfleet.errors import CollectionMismatch
 from embedfleet.pipeline.run import run_job
 from embedfleet.pipeline.spec import build_job_spec

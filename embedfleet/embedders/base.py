@@ -61,6 +61,8 @@ class BatchStats:
     seconds: float = 0.0
     oom_retries: int = 0  # batches re-planned after the device ran out of memory
     batch_tokens: int = 0  # the budget actually used (after GPU growth / OOM halving)
+    requests: int = 0  # HTTP requests made, retries included (remote backends)
+    tokens_sent: int = 0  # tokens a remote provider embedded (its own count where it reports one)
 
     @property
     def padding_efficiency(self) -> float | None:
@@ -74,6 +76,8 @@ class BatchStats:
         self.seconds += other.seconds
         self.oom_retries += other.oom_retries
         self.batch_tokens = other.batch_tokens or self.batch_tokens
+        self.requests += other.requests
+        self.tokens_sent += other.tokens_sent
 
 
 def plan_batches(n_tokens: Sequence[int], batch_tokens: int) -> list[np.ndarray]:

@@ -63,7 +63,7 @@ def get_embedder(spec: EmbedderSpec) -> Embedder:
         # holds max-models + 1 models at once.
         _evict(room_for=1)
         # Loading under the lock: two threads of one worker must not load the same model twice.
-        embedder = backend_factory(spec.backend)(spec)
+        embedder = backend_factory(spec.backend, getattr(spec, "backend_path", None))(spec)
         _loads += 1
         _load_counts[spec.model.name] = _load_counts.get(spec.model.name, 0) + 1
         _models[key] = embedder

@@ -1,4 +1,12 @@
-"""Embedder backends by name: a dict of built-ins with an ``embedfleet.embedders`` entry-point fallback."""
+"""Embedder backends by name.
+
+A name is looked up, in order, among the backends :func:`register`-ed in this process (the
+built-ins are registered here), the ``embedfleet.backends`` config key (name ->
+``"module:Class"``), and the ``embedfleet.embedders`` entry-point group. The config key is
+the way to add a backend without packaging it: the client puts the name's ``"module:Class"``
+in the job's spec (``EmbedderSpec.backend_path``, :func:`embedfleet.config.embedder_spec`),
+so workers only need the module to be importable; they never read config. A ``Class`` is called with the :class:`~embedfleet.config.EmbedderSpec`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,10 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Callable
 
+from embedfleet import config
 from embedfleet.config import EmbedderSpec
 from embedfleet.embedders.base import Embedder
-from embedfleet.errors import UnknownBackendError
+from embedfleet.errors import ConfigError, UnknownBackendError
 
 __all__ = ["register", "known_backends", "check_backend", "backend_factory"]
 
@@ -17,12 +26,12 @@ __all__ = ["register", "known_backends", "check_backend", "backend_factory"]
 _BACKENDS: dict[str, str | Callable[[EmbedderSpec], Embedder]] = {
     "sentence-transformers": "embedfleet.embedders.sentence_transformers:SentenceTransformerEmbedder",
     "onnx": "embedfleet.embedders.onnx:OnnxEmbedder",
-    "fake": "embedfleet.embedders.fake:FakeEmbedder",
+    "openai": "embedfleet.embedders.openai:OpenAIEmbedder",
 }
 
 
 def register(name: str, factory: str | Callable[[EmbedderSpec], Embedder]) -> None:
-    """Add a backend. Workers need it too: register it in a module the workers import, or via entry point."""
+    """Add a backend to this process only (its workers need it too: prefer ``embedfleet.backends``)."""
     _BACKENDS[name] = factory
 
 
@@ -32,8 +41,12 @@ def _entry_point_names() -> frozenset[str]:
     return frozenset(ep.name for ep in entry_points(group="embedfleet.embedders"))
 
 
+def _configured() -> dict[str, str]:
+    return dict(config.get("backends", None) or {})
+
+
 def known_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | _entry_point_names())
+    return sorted(set(_BACKENDS) | set(_configured()) | _entry_point_names())
 
 
 def check_backend(name: str) -> None:
@@ -42,8 +55,13 @@ def check_backend(name: str) -> None:
         raise UnknownBackendError("embedder backend", name, known_backends())
 
 
-def backend_factory(name: str) -> Callable[[EmbedderSpec], Embedder]:
-    factory = _BACKENDS.get(name)
+def backend_factory(name: str, path: str | None = None) -> Callable[[EmbedderSpec], Embedder]:
+    """The factory of backend ``name``; ``path`` is the spec's ``"module:Class"`` for it, if any.
+
+    A backend registered in this process wins over ``path``, so a worker preload can replace
+    one (tests slow the fake embedder down that way).
+    """
+    factory = _BACKENDS.get(name) or path or _configured().get(name)
     if factory is None:
         for ep in entry_points(group="embedfleet.embedders"):
             if ep.name == name:
@@ -53,5 +71,8 @@ def backend_factory(name: str) -> Callable[[EmbedderSpec], Embedder]:
         raise UnknownBackendError("embedder backend", name, known_backends())
     if isinstance(factory, str):
         module_name, _, attr = factory.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"embedder backend {name!r}: cannot load {factory!r} ({exc})") from exc
     return factory

@@ -23,14 +23,24 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WarmImports", "warm_imports", "BACKEND_MODULES"]
+__all__ = ["WarmImports", "warm_imports", "backend_modules", "BACKEND_MODULES"]
 
-#: What each built-in backend imports when it loads a model.
+#: What each built-in backend imports when it loads a model. Any other backend (registered,
+#: configured in ``embedfleet.backends`` or an entry point) says so itself in a
+#: ``warm_modules`` attribute of its factory; none means nothing to warm.
 BACKEND_MODULES: dict[str, tuple[str, ...]] = {
     "sentence-transformers": ("torch", "transformers", "sentence_transformers"),
     "onnx": ("onnxruntime", "tokenizers"),
-    "fake": (),
+    "openai": ("httpx",),
 }
+
+
+def backend_modules(backend: str) -> tuple[str, ...]:
+    if backend in BACKEND_MODULES:
+        return BACKEND_MODULES[backend]
+    from embedfleet.embedders.registry import backend_factory
+
+    return tuple(getattr(backend_factory(backend), "warm_modules", ()))
 
 
 class WarmImports(WorkerPlugin):
@@ -64,7 +74,7 @@ def warm_imports(*, backend: str | None = None, model: str | None = None) -> War
 
     try:
         backend = backend or config.get("embed.backend") or config.model_spec(model).backend
-    except Exception:  # noqa: BLE001 - a bad model name is the job's error to report, not the cluster's
+        modules = backend_modules(backend)
+    except Exception:  # noqa: BLE001 - an unknown or broken backend is the job's error to report
         return None
-    modules = BACKEND_MODULES.get(backend, ())
     return WarmImports(modules) if modules else None

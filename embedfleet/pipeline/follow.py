@@ -85,6 +85,7 @@ class Follower:
         """
         alongside = self._alongside
         other, on_other = alongside if alongside is not None and alongside[0] is not futures else ({}, None)
+        future = None
         try:
             while futures and not (until is not None and until()):
                 self.check_cancel()
@@ -104,6 +105,11 @@ class Follower:
             # A cancelled or failed job must not keep the cluster busy, and nothing half-done
             # is left looking finished (outputs are atomic).
             self.cancel_all(futures)
+            if future is not None:
+                # The failed task's future, already out of ``futures``: released too, or a
+                # resume in this process (the error still held by a traceback) submitting the
+                # same key would be handed this error again.
+                self.client.cancel([future], force=True)
             raise
 
     def result_of(self, future) -> Any:

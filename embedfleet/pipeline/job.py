@@ -128,6 +128,10 @@ class JobResult:
     padding_efficiency: float | None = None
     precision: str | None = None
     error: str | None = None
+    # A remote model's bill: tokens the provider embedded (its count where it reports one) and
+    # HTTP requests made, retries included. 0 for in-process models.
+    tokens_sent: int = 0
+    requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -7,6 +7,12 @@ would starve the job's other work: the scheduler holds back tasks without depend
 embed slot. Each task goes to the worker with the fewest unfinished ones (a loose restriction:
 if that worker dies the task runs elsewhere); left to itself the scheduler placed both queued
 tasks on one worker while the other sat idle.
+
+A remote model (backend ``openai``) loads nothing and needs no device: its tasks ask for no
+resource and no embed slot, run on the CPU workers (every worker if all have GPUs), and each
+worker process gets an equal share of the job's request and token limits
+(``EmbedderSpec.rate_share``). Those workers are the ones the job saw first; workers that
+join later get no tasks, which would take shares the others already use.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ class Placement:
     def __init__(self, client, embedder: EmbedderSpec):
         self.client = client
         self._configured = embedder
-        self.resources = embed_resources(client)
+        self.remote = embedder.model.remote is not None
+        self._remote_workers: list[str] | None = None
+        self.resources = None if self.remote else embed_resources(client)
         self.embedder = self._with_threads(embedder)
         self.workers: list[str] = []
         self.assigned: dict[str | None, int] = {}
@@ -55,7 +63,7 @@ class Placement:
         self.refresh()
 
     def _with_threads(self, embedder: EmbedderSpec) -> EmbedderSpec:
-        if self._configured.threads is not None:
+        if self._configured.threads is not None or self.remote:
             return embedder
         return dataclasses.replace(embedder, threads=worker_threads(self.client, self.resources))
 
@@ -70,11 +78,12 @@ class Placement:
         if self._unresolved is None:
             self._unresolved = not workers
         if self._unresolved and workers:
-            self.resources = embed_resources(self.client)
+            self.resources = None if self.remote else embed_resources(self.client)
             self.embedder = self._with_threads(self._configured)
             self._unresolved = False
-        eligible = embed_workers(self.client, self.resources, workers=workers)
-        current = set(eligible) if eligible and len(eligible) == len(workers) else {None}
+        eligible = self._remote_eligible(workers) if self.remote else embed_workers(self.client, self.resources,
+                                                                                     workers=workers)
+        current = set(eligible) if eligible and (self.remote or len(eligible) == len(workers)) else {None}
         gone = set(self.assigned) - current
         self.assigned = {w: self.assigned.get(w, 0) for w in current}
         for slot, worker in self._assigned_to.items():
@@ -82,6 +91,13 @@ class Placement:
                 self._assigned_to[slot] = _GONE  # finishing elsewhere now: frees no slot of a current worker
         self.workers = eligible
         self._seen = time.monotonic()
+
+    def _remote_eligible(self, workers: dict[str, dict]) -> list[str]:
+        if self._remote_workers is None and workers:
+            cpu = sorted(a for a, w in workers.items() if not (w.get("resources") or {}).get("GPU"))
+            self._remote_workers = cpu or sorted(workers)
+            self.embedder = dataclasses.replace(self.embedder, rate_share=1.0 / len(self._remote_workers))
+        return [a for a in self._remote_workers or () if a in workers]
 
     def refresh_if_stale(self) -> None:
         if time.monotonic() - self._seen > WORKERS_REFRESH_SECONDS:
@@ -117,8 +133,11 @@ class Placement:
         fresh worker; started when a job starts, it overlaps with opening the sink, reading and
         chunking instead of delaying the first embedding partition. The tasks take no resource
         slot (they only fill the cache the embed tasks then find warm) and are pinned one per
-        eligible worker. Errors surface in the embed tasks (or in :meth:`Preload.precision`).
+        eligible worker. Errors surface in the embed tasks (or in :meth:`Preload.precision`). A
+        remote model has nothing to load.
         """
+        if self.remote:
+            return Preload(spec=self.embedder, futures=[])
         token = uuid.uuid4().hex[:8]
         futures = [
             self.client.submit(_preload_task, self.embedder, key=f"preload-model-{token}-{i}", workers=[address],

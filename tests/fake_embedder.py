@@ -1,7 +1,10 @@
 """A deterministic embedder with no model: vectors derived from a hash of the text.
 
 For tests and for measuring the pipeline's own overhead (``--backend fake``): the vectors
-carry no meaning. It is a real registry backend, so Dask workers load it like any other.
+carry no meaning. Not shipped with the package: it is added through the registry's
+``embedfleet.backends`` config key (:data:`BACKEND`), which tests/conftest.py sets for the test
+session and its subprocesses and the benchmarks set for their runs, so workers load it like
+any other backend (they need the repository root on their path).
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ import numpy as np
 from embedfleet.config import EmbedderSpec
 from embedfleet.embedders.base import Embedder
 
-__all__ = ["FakeEmbedder", "fake_vector"]
+__all__ = ["BACKEND", "NAME", "FakeEmbedder", "fake_vector"]
+
+#: The registry entry: embedfleet.backends.fake.
+NAME = "fake"
+BACKEND = "tests.fake_embedder:FakeEmbedder"
 
 
 def fake_vector(text: str, dimensions: int) -> np.ndarray:
