@@ -367,3 +367,53 @@ def test_listens_on_loopback_only(server):
         with socket.socket() as sock:
             sock.settimeout(1)
             assert sock.connect_ex((address, port)) != 0
+
+
+# --------------------------------------------------------------------------------- CLI client
+
+
+def _cli(server, who: str, *args: str):
+    env = {**server.env, "EMBEDFLEET_SERVER": server.url, "EMBEDFLEET_TOKEN": server.tokens[who]}
+    return fh.run_cli(*args, env=env, cwd=server.data_dir.parent, timeout=120)
+
+
+def test_the_cli_as_a_client(server, alice_kb):
+    corpus = server.roots / "cli-corpus"
+    fh.make_corpus(corpus, documents=2, words=40)
+    submitted = _cli(server, "alice", "jobs", "submit", str(corpus), "--collection", "clikb", "--model", "fake", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    job = fh.last_json(submitted.stdout)
+    assert job["user"] == "alice" and job["status"] == "queued"
+    assert server.wait_job("alice", job["id"])["status"] == "succeeded"
+    status = _cli(server, "alice", "jobs", "status", job["id"])
+    assert status.returncode == 0 and "succeeded" in status.stdout and "clikb" in status.stdout
+    listed = _cli(server, "alice", "jobs", "list", "--json")
+    assert job["id"] in [j["id"] for j in fh.last_json(listed.stdout)]
+    table = _cli(server, "alice", "jobs", "list")
+    assert table.stdout.startswith("JOB") and job["id"] in table.stdout
+    # Another user's job is not found, with the local command's message and exit status.
+    other = _cli(server, "bob", "jobs", "status", job["id"])
+    assert other.returncode != 0 and other.stderr.startswith("Error:") and "no job" in other.stderr
+    cancel = _cli(server, "alice", "jobs", "cancel", job["id"])
+    assert cancel.returncode != 0 and "already succeeded" in cancel.stderr
+    docs, _ = alice_kb
+    found = _cli(server, "alice", "search", docs[1]["text"], "--collection", "kb", "-k", "2", "--json")
+    assert found.returncode == 0, found.stderr
+    assert fh.last_json(found.stdout)[0]["doc_id"] == "kb-1"
+    text = _cli(server, "alice", "search", docs[1]["text"], "--collection", "kb", "-k", "1")
+    assert text.stdout.startswith("1. ") and "kb-1" in text.stdout
+    collections = _cli(server, "alice", "collections", "list", "--json")
+    assert {"kb", "clikb"} <= {c["name"] for c in fh.last_json(collections.stdout)["collections"]}
+    info = _cli(server, "alice", "collections", "info", "clikb")
+    assert "model:" in info.stdout and "fake" in info.stdout
+    quota = _cli(server, "alice", "quota", "show", "--json")
+    assert fh.last_json(quota.stdout)["user"] == "alice"
+    assert "used today:" in _cli(server, "alice", "quota", "show").stdout
+    dropped = _cli(server, "alice", "collections", "drop", "clikb", "--yes")
+    assert dropped.returncode == 0, dropped.stderr
+    assert _cli(server, "alice", "collections", "info", "clikb").returncode != 0
+    refused = _cli(server, "alice", "jobs", "list", "--user", "bob")
+    assert refused.returncode != 0 and "--user does not apply with --server" in refused.stderr
+    env = {**server.env, "EMBEDFLEET_SERVER": server.url, "EMBEDFLEET_TOKEN": "ef_wrong"}
+    bad = fh.run_cli("jobs", "list", env=env, cwd=server.data_dir.parent)
+    assert bad.returncode != 0 and "refused the token" in bad.stderr

@@ -6,7 +6,14 @@ import sys
 
 import click
 
-from embedfleet.cli.common import EmbedfleetGroup, data_dir_option, emit_json, handle_errors, user_option
+from embedfleet.cli.client import remote, server_option
+from embedfleet.cli.common import (
+    EmbedfleetGroup,
+    data_dir_option,
+    emit_json,
+    handle_errors,
+    user_option,
+)
 from embedfleet.errors import ConfigError, SinkError
 
 __all__ = ["collections"]
@@ -59,9 +66,10 @@ def collections() -> None:
 @user_option
 @sink_option
 @data_dir_option
+@server_option
 @json_option
 @handle_errors
-def list_cmd(user: str | None, sink_uri: str | None, data_dir: str | None, as_json: bool) -> None:
+def list_cmd(user: str | None, sink_uri: str | None, data_dir: str | None, server: str | None, as_json: bool) -> None:
     """List the user's collections with their model and size.
 
     \b
@@ -69,7 +77,17 @@ def list_cmd(user: str | None, sink_uri: str | None, data_dir: str | None, as_js
       embedfleet collections list --user alice
       embedfleet collections list --user alice --sink parquet:///data/export --json
     """
-    from embedfleet.sinks.catalog import describe_user_collection, display_uri, list_user_collections
+    client = remote(server, refused={"--user": user, "--data-dir": data_dir})
+    if client is not None:
+        with client:
+            body = client.call("GET", "/v1/collections", params={"sink": sink_uri or "default"}, what="collection")
+        _print_list(body, body["user"], body["sink"], as_json)
+        return
+    from embedfleet.sinks.catalog import (
+        describe_user_collection,
+        display_uri,
+        list_user_collections,
+    )
 
     user = _user(user)
     with _open(sink_uri, data_dir) as sink:
@@ -80,18 +98,23 @@ def list_cmd(user: str | None, sink_uri: str | None, data_dir: str | None, as_js
             except SinkError as exc:
                 # One unreadable collection must not hide the others.
                 rows.append({"name": name, "user": user, "error": str(exc)})
-        if as_json:
-            emit_json({"user": user, "sink": display_uri(sink.uri), "collections": rows})
-            return
-        if not rows:
-            click.echo(f"No collections for user {user!r} in {display_uri(sink.uri)}.", err=True)
-            return
-        width = max(len(r["name"]) for r in rows)
-        for r in rows:
-            if "error" in r:
-                click.echo(f"{r['name']:<{width}}  error: {r['error']}")
-            else:
-                click.echo(f"{r['name']:<{width}}  {r['count']:>9} chunks  {r['model']} ({r['dimensions']}d, {r['metric']})")
+        _print_list({"user": user, "sink": display_uri(sink.uri), "collections": rows}, user, display_uri(sink.uri), as_json)
+
+
+def _print_list(body: dict, user: str, where: str, as_json: bool) -> None:
+    rows = body["collections"]
+    if as_json:
+        emit_json(body)
+        return
+    if not rows:
+        click.echo(f"No collections for user {user!r} in {where}.", err=True)
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        if "error" in r:
+            click.echo(f"{r['name']:<{width}}  error: {r['error']}")
+        else:
+            click.echo(f"{r['name']:<{width}}  {r['count']:>9} chunks  {r['model']} ({r['dimensions']}d, {r['metric']})")
 
 
 @collections.command("info")
@@ -99,9 +122,11 @@ def list_cmd(user: str | None, sink_uri: str | None, data_dir: str | None, as_js
 @user_option
 @sink_option
 @data_dir_option
+@server_option
 @json_option
 @handle_errors
-def info_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | None, as_json: bool) -> None:
+def info_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | None, server: str | None,
+             as_json: bool) -> None:
     """Show a collection: model, dimensions, metric, chunk count, physical name and store.
 
     \b
@@ -109,11 +134,17 @@ def info_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | 
       embedfleet collections info kb --user alice
       embedfleet collections info kb --user alice --sink chroma://localhost:8000 --json
     """
-    from embedfleet.sinks.catalog import describe_user_collection
+    client = remote(server, refused={"--user": user, "--data-dir": data_dir})
+    if client is not None:
+        with client:
+            described = client.call("GET", f"/v1/collections/{name}", params={"sink": sink_uri or "default"},
+                                    what="collection")
+    else:
+        from embedfleet.sinks.catalog import describe_user_collection
 
-    user = _user(user)
-    with _open(sink_uri, data_dir) as sink:
-        described = describe_user_collection(sink, user, name)
+        user = _user(user)
+        with _open(sink_uri, data_dir) as sink:
+            described = describe_user_collection(sink, user, name)
     if as_json:
         emit_json(described)
         return
@@ -128,8 +159,9 @@ def info_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | 
 @sink_option
 @data_dir_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask; required when stdin is not a terminal.")
+@server_option
 @handle_errors
-def drop_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | None, yes: bool) -> None:
+def drop_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | None, yes: bool, server: str | None) -> None:
     """Drop a collection and every vector in it. This cannot be undone.
 
     Asks for confirmation on a terminal; elsewhere (scripts, cron) --yes is required.
@@ -139,7 +171,23 @@ def drop_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | 
       embedfleet collections drop kb --user alice
       embedfleet collections drop kb --user alice --sink milvus://milvus:19530 --yes
     """
-    from embedfleet.sinks.catalog import display_uri, drop_user_collection, open_user_collection
+    client = remote(server, refused={"--user": user, "--data-dir": data_dir})
+    if client is not None:
+        sink_name = sink_uri or "default"
+        with client:
+            if not yes:
+                if not _interactive():
+                    raise ConfigError(f"refusing to drop collection {name!r} without --yes (stdin is not a terminal)")
+                count = client.call("GET", f"/v1/collections/{name}", params={"sink": sink_name}, what="collection")["count"]
+                click.confirm(f"Drop collection {name!r} ({count} chunks) from sink {sink_name} of {server}?", abort=True)
+            client.call("DELETE", f"/v1/collections/{name}", params={"sink": sink_name}, what="collection")
+        click.echo(f"Dropped collection {name!r} from sink {sink_name} of {server}.", err=True)
+        return
+    from embedfleet.sinks.catalog import (
+        display_uri,
+        drop_user_collection,
+        open_user_collection,
+    )
 
     user = _user(user)
     with _open(sink_uri, data_dir) as sink:

@@ -6,7 +6,15 @@ import sys
 
 import click
 
-from embedfleet.cli.common import EmbedfleetGroup, data_dir_option, db_option, emit_json, handle_errors, user_option
+from embedfleet.cli.client import as_info, remote, server_option
+from embedfleet.cli.common import (
+    EmbedfleetGroup,
+    data_dir_option,
+    db_option,
+    emit_json,
+    handle_errors,
+    user_option,
+)
 from embedfleet.cli.options import index_options
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -29,6 +37,20 @@ def _connect(**kwargs):
     from embedfleet.pipeline.cluster import connect
 
     return connect(**kwargs)
+
+
+def _remote_job(source: str, priority, options) -> dict:
+    """The POST /v1/jobs body of a submit: the options set, ``--sink`` as one of the server's sink names."""
+    import os
+
+    body = {k: v for k, v in options.to_dict().items() if v is not None and v is not False}
+    if "sink" in body:
+        body["sink"] = str(body["sink"])
+    # The server resolves paths on its own machine: send a local path absolute.
+    body["source"] = os.path.abspath(source) if os.path.exists(source) else source
+    if priority is not None:
+        body["priority"] = priority
+    return body
 
 
 def _fmt_time(value) -> str:
@@ -99,9 +121,10 @@ def jobs():
 @index_options
 @db_option
 @data_dir_option
+@server_option
 @click.option("--json", "as_json", is_flag=True, help="Print the queued job as one JSON object.")
 @handle_errors
-def submit(source, user, priority, options, database_url, data_dir, as_json):
+def submit(source, user, priority, options, database_url, data_dir, server, as_json):
     """Queue SOURCE (a folder, a .jsonl/.csv/.parquet file, or a built-in dataset) for indexing.
 
     The job is refused if its estimated chunks exceed what is left of the user's daily quota
@@ -115,9 +138,15 @@ def submit(source, user, priority, options, database_url, data_dir, as_json):
       embedfleet jobs submit ./docs --user alice --collection kb
       embedfleet jobs submit corpus.jsonl --user alice --collection kb --priority 70 --text-column body --json
       embedfleet jobs submit ./docs --user bob --collection wiki --mode full --chunk-size 128
+      EMBEDFLEET_TOKEN=... embedfleet jobs submit /srv/corpus/handbook --server http://127.0.0.1:8000 --collection kb
     """
-    with _service(database_url, data_dir) as service:
-        info = service.submit(source, user=_user(user), priority=priority, options=options)
+    client = remote(server, refused={"--user": user, "--db": database_url, "--data-dir": data_dir})
+    if client is not None:
+        with client:
+            info = as_info(client.call("POST", "/v1/jobs", json=_remote_job(source, priority, options)))
+    else:
+        with _service(database_url, data_dir) as service:
+            info = service.submit(source, user=_user(user), priority=priority, options=options)
     if as_json:
         emit_json(info.to_dict())
     else:
@@ -202,9 +231,10 @@ def run(once, max_running, scheduler, workers, gpu, metrics_port, metrics_host, 
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many jobs, newest first.")
 @db_option
 @data_dir_option
+@server_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
 @handle_errors
-def list_jobs(user, statuses, limit, database_url, data_dir, as_json):
+def list_jobs(user, statuses, limit, database_url, data_dir, server, as_json):
     """List a user's jobs, newest first.
 
     \b
@@ -212,8 +242,14 @@ def list_jobs(user, statuses, limit, database_url, data_dir, as_json):
       embedfleet jobs list --user alice
       embedfleet jobs list --user alice --status queued --status running --json
     """
-    with _service(database_url, data_dir) as service:
-        infos = service.list(user=_user(user), status=list(statuses) or None, limit=limit)
+    client = remote(server, refused={"--user": user, "--db": database_url, "--data-dir": data_dir})
+    if client is not None:
+        with client:
+            params = {"limit": limit, **({"status": list(statuses)} if statuses else {})}
+            infos = [as_info(b) for b in client.call("GET", "/v1/jobs", params=params)]
+    else:
+        with _service(database_url, data_dir) as service:
+            infos = service.list(user=_user(user), status=list(statuses) or None, limit=limit)
     if as_json:
         emit_json([i.to_dict() for i in infos])
     elif not infos:
@@ -227,9 +263,10 @@ def list_jobs(user, statuses, limit, database_url, data_dir, as_json):
 @user_option
 @db_option
 @data_dir_option
+@server_option
 @click.option("--json", "as_json", is_flag=True, help="Print the job as one JSON object.")
 @handle_errors
-def status(job_id, user, database_url, data_dir, as_json):
+def status(job_id, user, database_url, data_dir, server, as_json):
     """Show one of your jobs: status, stage, counts, priority, times, error.
 
     \b
@@ -237,8 +274,13 @@ def status(job_id, user, database_url, data_dir, as_json):
       embedfleet jobs status 3f2a9c1b7d4e --user alice
       embedfleet jobs status 3f2a9c1b7d4e --user alice --json
     """
-    with _service(database_url, data_dir) as service:
-        info = service.status(job_id, user=_user(user))
+    client = remote(server, refused={"--user": user, "--db": database_url, "--data-dir": data_dir})
+    if client is not None:
+        with client:
+            info = as_info(client.call("GET", f"/v1/jobs/{job_id}"))
+    else:
+        with _service(database_url, data_dir) as service:
+            info = service.status(job_id, user=_user(user))
     if as_json:
         emit_json(info.to_dict())
     else:
@@ -250,17 +292,23 @@ def status(job_id, user, database_url, data_dir, as_json):
 @user_option
 @db_option
 @data_dir_option
+@server_option
 @click.option("--json", "as_json", is_flag=True, help="Print the job as one JSON object.")
 @handle_errors
-def cancel(job_id, user, database_url, data_dir, as_json):
+def cancel(job_id, user, database_url, data_dir, server, as_json):
     """Cancel one of your jobs: a queued job at once, a running one as soon as its dispatcher sees it.
 
     \b
     Examples:
       embedfleet jobs cancel 3f2a9c1b7d4e --user alice
     """
-    with _service(database_url, data_dir) as service:
-        info = service.cancel(job_id, user=_user(user))
+    client = remote(server, refused={"--user": user, "--db": database_url, "--data-dir": data_dir})
+    if client is not None:
+        with client:
+            info = as_info(client.call("DELETE", f"/v1/jobs/{job_id}"))
+    else:
+        with _service(database_url, data_dir) as service:
+            info = service.cancel(job_id, user=_user(user))
     if as_json:
         emit_json(info.to_dict())
     elif info.status == "running":
@@ -274,9 +322,10 @@ def cancel(job_id, user, database_url, data_dir, as_json):
 @user_option
 @db_option
 @data_dir_option
+@server_option
 @click.option("--json", "as_json", is_flag=True, help="Print the job as one JSON object.")
 @handle_errors
-def resume(job_id, user, database_url, data_dir, as_json):
+def resume(job_id, user, database_url, data_dir, server, as_json):
     """Queue an interrupted, failed or cancelled job again under the same id.
 
     The pipeline skips the partitions the earlier run finished, so the job continues
@@ -286,8 +335,13 @@ def resume(job_id, user, database_url, data_dir, as_json):
     Examples:
       embedfleet jobs resume 3f2a9c1b7d4e --user alice
     """
-    with _service(database_url, data_dir) as service:
-        info = service.resume(job_id, user=_user(user))
+    client = remote(server, refused={"--user": user, "--db": database_url, "--data-dir": data_dir})
+    if client is not None:
+        with client:
+            info = as_info(client.call("POST", f"/v1/jobs/{job_id}/resume"))
+    else:
+        with _service(database_url, data_dir) as service:
+            info = service.resume(job_id, user=_user(user))
     if as_json:
         emit_json(info.to_dict())
     else:

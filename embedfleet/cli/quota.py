@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from embedfleet.cli.common import EmbedfleetGroup, data_dir_option, db_option, emit_json, handle_errors, user_option
+from embedfleet.cli.client import remote, server_option
+from embedfleet.cli.common import (
+    EmbedfleetGroup,
+    data_dir_option,
+    db_option,
+    emit_json,
+    handle_errors,
+    user_option,
+)
 
 
 @click.group(cls=EmbedfleetGroup)
@@ -22,9 +30,10 @@ def quota():
 @user_option
 @db_option
 @data_dir_option
+@server_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def show(user, database_url, data_dir, as_json):
+def show(user, database_url, data_dir, server, as_json):
     """Show a user's tier, daily limit, chunks used today, remaining, and running jobs.
 
     Only embedded chunks are charged; unchanged chunks skipped by an incremental run are
@@ -36,11 +45,21 @@ def show(user, database_url, data_dir, as_json):
       embedfleet quota show --user alice
       embedfleet quota show --user alice --json
     """
-    from embedfleet import config
-    from embedfleet.schedulers.service import JobService
+    client = remote(server, refused={"--user": user, "--db": database_url, "--data-dir": data_dir})
+    if client is not None:
+        import datetime as dt
+        from types import SimpleNamespace
 
-    with JobService(database_url, data_dir=data_dir) as service:
-        info = service.quota(user or config.get("user"))
+        with client:
+            body = client.call("GET", "/v1/quota")
+        info = SimpleNamespace(**{**body, "day": dt.date.fromisoformat(body["day"])})
+        info.to_dict = lambda: body
+    else:
+        from embedfleet import config
+        from embedfleet.schedulers.service import JobService
+
+        with JobService(database_url, data_dir=data_dir) as service:
+            info = service.quota(user or config.get("user"))
     if as_json:
         emit_json(info.to_dict())
         return

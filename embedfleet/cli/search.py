@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from embedfleet.cli.client import remote, server_option
 from embedfleet.cli.common import data_dir_option, emit_json, handle_errors, user_option
 
 
@@ -14,19 +15,35 @@ from embedfleet.cli.common import data_dir_option, emit_json, handle_errors, use
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="How many chunks.")
 @user_option
 @data_dir_option
+@server_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {doc_id, chunk_id, chunk_index, score, text}.")
 @handle_errors
-def search(query, collection, sink, k, user, data_dir, as_json):
+def search(query, collection, sink, k, user, data_dir, server, as_json):
     """Find the K chunks nearest to QUERY, embedded with the collection's own model.
 
     \b
     Examples:
       embedfleet search "how do I rotate a log file" --collection kb -k 5
       embedfleet search "context managers" --collection pydocs --json
-    """
-    import embedfleet
+      embedfleet search "rotate logs" --collection kb --server http://127.0.0.1:8000   # token in EMBEDFLEET_TOKEN
 
-    hits = embedfleet.search(query, collection=collection, sink=sink, user=user, k=k, data_dir=data_dir)
+    With --server the query goes to `embedfleet serve` (a warm model, a result cache) and
+    --sink names one of the server's sinks.
+    """
+    client = remote(server, refused={"--user": user, "--data-dir": data_dir})
+    if client is not None:
+        from types import SimpleNamespace
+
+        from embedfleet import config
+
+        with client:
+            body = client.call("POST", f"/v1/collections/{collection or config.get('collection')}/search",
+                               json={"query": query, "k": k, "sink": sink or "default"}, what="collection")
+        hits = [SimpleNamespace(**{"section": None, **h}) for h in body["hits"]]
+    else:
+        import embedfleet
+
+        hits = embedfleet.search(query, collection=collection, sink=sink, user=user, k=k, data_dir=data_dir)
     if as_json:
         emit_json([
             {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "chunk_index": h.chunk_index, "score": h.score,

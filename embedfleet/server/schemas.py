@@ -102,6 +102,7 @@ class SearchHit(BaseModel):
     text: str
     start: int | None = None
     end: int | None = None
+    section: str | None = None  # the heading the chunk lies under, where the reader recorded one
 
 
 class SearchResponse(BaseModel):

@@ -151,7 +151,7 @@ class SearchService:
         with lock:
             hits = handle.query(vector, k)
         rows = [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "chunk_index": int(h.chunk_index), "score": float(h.score),
-                 "text": h.text, "start": h.start, "end": h.end} for h in hits]
+                 "text": h.text, "start": h.start, "end": h.end, "section": getattr(h, "section", None)} for h in hits]
         if version is not None:
             self.cache.put(key, rows)
         return rows, False
