@@ -13,7 +13,8 @@ exit code. The tree::
     ├── BackendUnavailableError     the backend's optional dependency is missing (names the extra)
     ├── EmbeddingError              the model failed on a batch
     ├── SinkError                   the vector store refused or failed a request
-    │   └── CollectionMismatch      the collection was built by another model or dimension
+    │   ├── CollectionMismatch      the collection was built by another model or dimension
+    │   └── StoreBusy               an embedded store is being written by another process
     ├── JobError                    a job cannot run as asked
     │   ├── JobNotFound             no such job (or not visible to this user)
     │   ├── JobCancelled            the job was cancelled while running
@@ -40,6 +41,7 @@ __all__ = [
     "EmbeddingError",
     "SinkError",
     "CollectionMismatch",
+    "StoreBusy",
     "JobError",
     "JobNotFound",
     "JobCancelled",
@@ -124,6 +126,10 @@ class SinkError(EmbedfleetError):
 
 class CollectionMismatch(SinkError):
     pass
+
+
+class StoreBusy(SinkError):
+    """A dispatcher's job waits queued for it; ``embedfleet index`` fails with it."""
 
 
 class JobError(EmbedfleetError):

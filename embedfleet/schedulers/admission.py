@@ -155,9 +155,9 @@ def kept_chunks(spec: "JobSpec") -> int:
         files = Manifest(spec.data_dir, spec.sink.uri, physical_name(spec.user, spec.collection)).files()
         if not files:
             return 0
-        import pyarrow.parquet as pq
+        from embedfleet.frames.io import parquet_rows  # the manifest may be on object storage
 
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return sum(parquet_rows(f) for f in files)
     except (EmbedfleetError, OSError, ValueError):
         return 0
 

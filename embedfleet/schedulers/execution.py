@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from embedfleet import config
-from embedfleet.errors import EmbedfleetError, JobCancelled, QuotaExceeded
+from embedfleet.errors import EmbedfleetError, JobCancelled, QuotaExceeded, StoreBusy
 from embedfleet.schedulers.records import Claim, Counts
 from embedfleet.schedulers.store import NOTIFY_CHANNEL, Store
 
@@ -246,6 +246,11 @@ class JobExecution:
                 status, message = "interrupted", "interrupted: its dispatcher stopped; the job will be resumed"
             else:
                 status, message = "cancelled", None
+        elif isinstance(error, StoreBusy) and not reraise:
+            # Another dispatcher's job took the embedded store between the claim's look and this
+            # run: nothing was done, and the job waits queued for the store to be free.
+            status, message = "interrupted", f"interrupted: {error}; the job waits for the store"
+            log.info("job %s: %s", self.job_id, message)
         elif error is not None:
             status, message = "failed", _error_text(error)
             if not reraise:  # a re-raised error is its caller's to report (the CLI's `Error:` line)

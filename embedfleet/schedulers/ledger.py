@@ -32,6 +32,7 @@ from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier
 from embedfleet.schedulers.reads import Reads, live_priority, max0, quota_left
 from embedfleet.schedulers.records import Candidate, Claim, Counts, iso
 from embedfleet.schedulers.store import Store, collection_busy, dead_run_values, default_tier, tier_of
+from embedfleet.sinks.writer_lock import held_elsewhere
 
 __all__ = ["Ledger"]
 
@@ -163,6 +164,8 @@ class Ledger:
                 return None
             if collection_busy(session, row.owner, row.sink, row.collection) is not None:
                 return None  # waits until the job on its collection ends
+            if held_elsewhere(row.sink) is not None:
+                return None  # an embedded store another process writes: waits until it lets go
             result = session.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.attempt == row.attempt, Job.status.in_(WAITING_STATUSES))

@@ -4,7 +4,9 @@ Chroma's PersistentClient and Milvus Lite keep state in the process that opened 
 processes writing one store can corrupt it. A job writing an embedded store holds an
 exclusive ``flock`` on a lock file beside the store for its duration. Threads of one process
 (a dispatcher running several jobs) share the process's lock; another process is refused
-with an error naming the holder, and told to use a server store for shared writes.
+with :class:`StoreBusy` naming the holder, and told to use a server store for shared writes.
+A dispatcher asks :func:`held_elsewhere` before it claims a job, so with several dispatchers a
+job whose store is busy waits queued instead of failing.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from embedfleet.errors import SinkError
+from embedfleet.errors import StoreBusy
 
-__all__ = ["exclusive_writer", "lock_path"]
+__all__ = ["exclusive_writer", "held_elsewhere", "lock_path"]
 
 _lock = threading.Lock()
 _held: dict[str, list] = {}  # lock path -> [file object, holders in this process]
@@ -32,6 +34,28 @@ def lock_path(uri: str) -> Path | None:
         return None
     path = Path(parts.path)
     return path / ".embedfleet-writer.lock" if path.is_dir() or not path.suffix else path.with_name(path.name + ".embedfleet-writer.lock")
+
+
+def held_elsewhere(uri: str) -> str | None:
+    """Who holds the writer lock of the embedded store ``uri``, if another process does; else None.
+
+    Taken and let go at once when free: the answer may be stale by the time it is used, and
+    :func:`exclusive_writer` still decides (its :class:`StoreBusy` requeues a dispatched job).
+    """
+    path = lock_path(uri)
+    if path is None or not path.exists():
+        return None
+    with _lock:
+        if str(path) in _held:
+            return None  # this process holds it: its jobs share it
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 @contextlib.contextmanager
@@ -52,7 +76,7 @@ def exclusive_writer(uri: str) -> Iterator[None]:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
-                raise SinkError(
+                raise StoreBusy(
                     f"the embedded store {uri} is being written by {holder}; an embedded store takes one "
                     "writing process at a time (run jobs through one dispatcher, or use a server store "
                     "such as chroma://host:port or milvus://host:port for concurrent writers)"
