@@ -18,6 +18,7 @@ package cannot be installed or the server does not start.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -130,12 +131,40 @@ MILVUS_ROOT = ("root", "Milvus")
 # A cold start takes ~15 s on an idle machine and 40-60 s on a busy one; a restart on the same
 # data dir waits for the root coordinator to recover from etcd.
 MILVUS_STARTUP_TIMEOUT = 240.0
-# Every listener the server opens; milvus-server takes each as where to *start* probing for a
-# free port, so passing free ones keeps two servers (two sessions) off each other's defaults.
+# Every listener milvus-server has a setting for, each given a free port so that two servers
+# (two sessions) never meet on the defaults. Milvus 2.3 binds these on all interfaces (it has no
+# listen-address setting); the embedded etcd, configured below, listens on loopback only.
 _MILVUS_PORTS = (
     "proxy-port", "etcd-port", "root-coord-port", "proxy-internal-port", "query-coord-port",
     "query-node-port", "index-coord-port", "index-node-port", "data-coord-port", "data-node-port",
 )
+
+
+# milvus-server's own entry point with two changes. Its probe of each port binds without
+# SO_REUSEADDR (Go's listeners set it), so on a restart, with the old server's sockets still in
+# TIME_WAIT, it took the port for busy and silently moved to the next one: a job's sink URI
+# then named a port nobody listened on. And the ports it is given become fixed ones (a taken
+# port is an error, not a move).
+_MILVUS_LAUNCHER = """
+import json, socket, sys
+import milvus
+
+def try_bind_port(self, port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+milvus.MilvusServerConfig.try_bind_port = try_bind_port
+milvus.default_server.config.configs.update(json.loads(sys.argv[1]))
+sys.argv = ["milvus-server", *sys.argv[2:]]
+milvus.main()
+"""
 
 
 class MilvusServerUnavailable(RuntimeError):
@@ -207,7 +236,8 @@ class MilvusServer:
         self.install = install
         self.data_dir = Path(data_dir)
         self.authorization = authorization
-        self.ports = dict(zip(_MILVUS_PORTS, _free_ports(len(_MILVUS_PORTS))))
+        *ports, self.etcd_peer_port = _free_ports(len(_MILVUS_PORTS) + 1)
+        self.ports = dict(zip(_MILVUS_PORTS, ports))
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
         self.process: subprocess.Popen | None = None
 
@@ -241,16 +271,26 @@ class MilvusServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not (self.data_dir / "bin").exists():
             (self.data_dir / "bin").symlink_to(self.install / "bin", target_is_directory=True)
-        args = [str(self.install / "venv" / "bin" / "milvus-server"), "--data", str(self.data_dir)]
-        for flag, port in self.ports.items():
-            args += [f"--{flag}", str(port)]
+        fixed = {flag.replace("-", "_"): port for flag, port in self.ports.items()}
+        args = [str(self.install / "venv" / "bin" / "python"), "-c", _MILVUS_LAUNCHER, json.dumps(fixed),
+                "--data", str(self.data_dir)]
         if self.authorization:
             args += ["--authorization-enabled", "true"]
+        # The embedded etcd's peer port is fixed at 2380 unless an etcd config file says
+        # otherwise: without one, a second server on the machine dies at startup.
+        etcd_config = self.data_dir / "embed-etcd.yaml"
+        client_url, peer_url = f"http://127.0.0.1:{self.ports['etcd-port']}", f"http://127.0.0.1:{self.etcd_peer_port}"
+        etcd_config.write_text(
+            f"name: default\nlisten-client-urls: {client_url}\nadvertise-client-urls: {client_url}\n"
+            f"listen-peer-urls: {peer_url}\ninitial-advertise-peer-urls: {peer_url}\n"
+            f"initial-cluster: default={peer_url}\n"
+        )
+        env = {**os.environ, "ETCD_CONFIG_PATH": str(etcd_config)}
         with open(self.log_path, "ab") as log:
             # A group of its own: milvus-server is a Python wrapper whose `milvus run standalone`
             # child outlives it when only the wrapper is signalled.
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            env=env, start_new_session=True)
         try:
             self._wait_ready(timeout)
         except MilvusServerUnavailable:
@@ -259,11 +299,15 @@ class MilvusServer:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        last = "no answer yet"
+        last, seen = "no answer yet", False
         while time.monotonic() < deadline:
-            if self.process.poll() is not None and not self._group_alive():
-                raise MilvusServerUnavailable(f"milvus-server exited with code {self.process.returncode} "
-                                              f"before answering (log: {self.log_path})")
+            self.process.poll()
+            members = self._live_members()
+            seen = seen or "milvus" in members
+            # The wrapper does not notice its server dying (it only waits to be stopped).
+            if not members or (seen and "milvus" not in members):
+                raise MilvusServerUnavailable(f"the milvus process exited before answering; see "
+                                              f"{self.data_dir / 'logs'} and {self.log_path}")
             try:
                 client = self.client(timeout=5)
                 try:
@@ -278,14 +322,22 @@ class MilvusServer:
         raise MilvusServerUnavailable(f"Milvus did not answer on {self.http_uri} within {timeout:.0f}s "
                                       f"({last}; log: {self.log_path})")
 
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self.process.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # pragma: no cover - a reused id owned by someone else
-            return False
-        return True
+    def _live_members(self) -> list[str]:
+        """Command names of the group's live processes (zombies left out: where init does not
+        reap, a killed server stays in the group as one)."""
+        names = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+            comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            if rest[0] != "Z" and int(rest[2]) == self.process.pid:
+                names.append(comm)
+        return names
 
     def stop(self, *, crash: bool = False, grace: float = 10.0) -> None:
         """Stop the whole group: SIGTERM then, after ``grace`` seconds, SIGKILL; or SIGKILL at once."""
@@ -293,8 +345,7 @@ class MilvusServer:
             return
         started = time.monotonic()
         sig = signal.SIGKILL if crash else signal.SIGTERM
-        # Bounded: where init does not reap, a killed child lingers as a zombie in the group.
-        while self._group_alive() and time.monotonic() - started < grace + 15:
+        while self._live_members() and time.monotonic() - started < grace + 15:
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:

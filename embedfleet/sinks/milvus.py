@@ -9,7 +9,13 @@ Credentials come from the sink options (config ``embedfleet.sinks.milvus.token``
 ``user`` / ``password``) or the environment (``MILVUS_TOKEN``, ``MILVUS_USER``,
 ``MILVUS_PASSWORD``), read where the connection is made; never from the command line, and
 never written to logs, error messages or job records (a queued job gets them from the config
-of the process that runs it).
+of the process that runs it). A server started with authorization (``common.security.
+authorizationEnabled``) that refuses them, or gets none, is reported as such, not as the
+"server unavailable" pymilvus says.
+
+On a server every open collection is loaded (``load_collection``; at once when it already
+is): a server answers searches from loaded collections only, an upsert does not load one, and
+an application querying right after a job must find it searchable.
 
 Collection layout (the field names are the embedding frame's, so the Parquet sink's part
 files can be bulk-imported into a collection this sink created)::
@@ -392,6 +398,29 @@ def _reason(exc: Exception) -> str:
     return str(message).splitlines()[0]
 
 
+def _refused_credentials(exc: BaseException) -> str | None:
+    """The server's reason when it refused this client's credentials (gRPC UNAUTHENTICATED).
+
+    pymilvus reports a refused login as "Fail connecting to server ... or server unavailable";
+    the gRPC error under it says what happened. The server's text never holds the password.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "code", None)
+        if callable(code):
+            try:
+                name = getattr(code(), "name", "")
+            except Exception:  # noqa: BLE001 - not a gRPC error after all
+                name = ""
+            if name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                details = getattr(current, "details", None)
+                return str(details() if callable(details) else name).splitlines()[0]
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _credentials(spec: SinkSpec) -> dict[str, str]:
     token = spec.option("token") or os.environ.get("MILVUS_TOKEN")
     user = spec.option("user") or os.environ.get("MILVUS_USER")
@@ -450,6 +479,14 @@ class MilvusSink(Sink):
         try:
             self._client = pymilvus.MilvusClient(uri=target, timeout=self.timeout, **kwargs)
         except Exception as exc:
+            refused = None if self.lite else _refused_credentials(exc)
+            if refused is not None:
+                given = "token" in kwargs or "user" in kwargs
+                raise SinkError(
+                    f"Milvus at {self.display_uri} {'refused the credentials' if given else 'requires credentials'} "
+                    f"({refused}): set embedfleet.sinks.milvus.token (user:password) or user and password, or "
+                    "MILVUS_TOKEN / MILVUS_USER and MILVUS_PASSWORD"
+                ) from None  # pymilvus' chained errors only repeat "server unavailable"
             hint = ""
             if self.lite and "lock" in str(exc).lower():
                 hint = " (a Milvus Lite file is open in one process at a time; use a Milvus server for parallel access)"
@@ -488,7 +525,14 @@ class MilvusSink(Sink):
     def _collection(self, name: str, described: dict, info: CollectionInfo) -> MilvusCollection:
         # The text limit the collection was created with, which may differ from this sink's option.
         text_max = int((_fields(described)["text"].get("params") or {}).get("max_length", self.text_max_length))
-        return MilvusCollection(self, name, info, text_max_length=text_max)
+        collection = MilvusCollection(self, name, info, text_max_length=text_max)
+        if not self.lite:
+            # A server searches loaded collections only, and an upsert does not load one: a
+            # collection someone released (or a server still loading it after a restart) would
+            # take a job's writes and then fail the application's first search. Loading an
+            # already loaded collection returns at once.
+            collection._ensure_loaded()
+        return collection
 
     def _schema(self, info: CollectionInfo):
         DataType = self._pymilvus.DataType
