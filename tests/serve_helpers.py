@@ -70,12 +70,12 @@ def config_extra(roots: Path, pq: Path, **more: Any) -> dict[str, Any]:
 
 
 def start_server(tmp: Path, *, extra: dict[str, Any] | None = None, slow: float | None = None,
-                 timeout: float = 180) -> Server:
+                 timeout: float = 180, log_name: str = "serve.log") -> Server:
     data_dir, roots = tmp / "data", tmp / "roots"
     roots.mkdir(parents=True, exist_ok=True)
     config_dir = fh.write_dask_config(tmp / "dask-config", extra if extra is not None else config_extra(roots, tmp / "pq"))
     env = fh.cli_env(config_dir, slow=slow)
-    log = tmp / "serve.log"
+    log = tmp / log_name
     process = fh.start_cli("serve", "--port", "0", "--data-dir", str(data_dir), env=env, cwd=tmp, log=log)
     deadline = time.monotonic() + timeout
     url = None

