@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embedfleet.config import ChunkUnit, Precision
+from embedfleet.config import ChunkStructure, ChunkUnit, Precision
 from embedfleet.errors import ConfigError
 
 __all__ = ["IndexOptions", "OptionField", "Mode", "OnError", "Quantize"]
@@ -53,6 +53,15 @@ class IndexOptions:
     chunk_size: int | None = _option("Chunk length in units (default 200).", minimum=1)
     chunk_overlap: int | None = _option("Units shared by consecutive chunks (default 32).", minimum=0)
     chunk_unit: ChunkUnit | None = _option("Chunk unit; tokens are the model's own (default).")
+    chunk_structure: ChunkStructure | None = _option(
+        "auto (default): Markdown, RST and HTML headings start a chunk and each chunk records its section; "
+        "none: plain windows."
+    )
+    chunk_heading_context: bool = _option(
+        "The model embeds each chunk's section path before its text (stored text unchanged; "
+        "default embedfleet.chunk.heading-context).",
+        default=False,
+    )
     mode: Mode | None = _option(
         "sync (default): embed new/changed chunks and delete stale ones; append: never delete; full: re-embed everything."
     )

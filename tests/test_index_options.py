@@ -39,6 +39,8 @@ SAMPLES = {
     "chunk_size": (64, {}, lambda s: s.chunk.size),
     "chunk_overlap": (8, {}, lambda s: s.chunk.overlap),
     "chunk_unit": ("words", {}, lambda s: s.chunk.unit),
+    "chunk_structure": ("none", {}, lambda s: s.chunk.structure),
+    "chunk_heading_context": (True, {}, lambda s: s.chunk.heading_context),
     "mode": ("full", {}, lambda s: s.mode),
     "on_error": ("fail", {}, lambda s: s.on_error),
     "text_column": ("body", {}, lambda s: s.source.text_column),
@@ -160,6 +162,7 @@ def test_every_field_is_described_for_the_interfaces_built_from_it():
     choices = {f.name: f.choices for f in IndexOptions.fields() if f.choices}
     assert choices == {
         "chunk_unit": ("tokens", "words", "chars"),
+        "chunk_structure": ("auto", "none"),
         "mode": ("sync", "append", "full"),
         "on_error": ("skip", "fail"),
         "precision": ("fp32", "bf16", "fp16", "auto"),

@@ -47,7 +47,7 @@ def search(query, collection, sink, k, user, data_dir, server, as_json):
     if as_json:
         emit_json([
             {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "chunk_index": h.chunk_index, "score": h.score,
-             "text": h.text, "start": h.start, "end": h.end}
+             "text": h.text, "start": h.start, "end": h.end, "section": h.section}
             for h in hits
         ])
         return
@@ -56,4 +56,5 @@ def search(query, collection, sink, k, user, data_dir, server, as_json):
     for rank, hit in enumerate(hits, 1):
         snippet = " ".join(hit.text.split())
         snippet = snippet[:200] + ("..." if len(snippet) > 200 else "")
-        click.echo(f"{rank}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}\n   {snippet}")
+        section = f"  [{hit.section}]" if hit.section else ""
+        click.echo(f"{rank}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}{section}\n   {snippet}")

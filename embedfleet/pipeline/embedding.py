@@ -152,6 +152,7 @@ class Embedding:
             out_path = self.out_paths[slot]
             future = self.follower.client.submit(
                 stages.embed_stage, path, start, stop, out_path=out_path, embedder=self.placement.embedder,
+                heading_context=self.spec.chunk.heading_context,
                 key=embed_task_key(self.spec.job_id, out_path), priority=self.follower.priority,
                 retries=TASK_RETRIES, pure=False, **self.placement.submit_options(worker),
             )

@@ -74,6 +74,12 @@ class Hit:
     end: int | None = None
     metadata: dict = field(default_factory=dict)
 
+    @property
+    def section(self) -> str | None:
+        """The heading path the chunk came from (``"Install > On Linux"``), where it has one."""
+        value = self.metadata.get("section")
+        return value if isinstance(value, str) and value else None
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -64,7 +64,8 @@ def chunk_stage(
     if skipped and on_error == "fail":
         raise DocumentError(skipped[0]["doc_id"], skipped[0]["reason"])
     chunks = chunk_partition(
-        documents, unit=chunk.unit, size=chunk.size, overlap=chunk.overlap, model_path=model_path, max_tokens=max_tokens
+        documents, unit=chunk.unit, size=chunk.size, overlap=chunk.overlap, model_path=model_path, max_tokens=max_tokens,
+        structure=chunk.structure, heading_context=chunk.heading_context,
     )
     chunks = check_schema(chunks, CHUNKS, stage="chunk")
     write_table_atomic(chunks, out_path)
@@ -136,6 +137,7 @@ def embed_stage(
     *,
     out_path: str,
     embedder: EmbedderSpec,
+    heading_context: bool = False,
 ) -> dict[str, Any]:
     from embedfleet.embedders.cache import get_embedder
     from embedfleet.embedders.hardware import release_freed_memory
@@ -146,9 +148,12 @@ def embed_stage(
     table = read_table(in_path, schema=CHUNKS).slice(row_start, row_stop - row_start)
     table = check_schema(table, CHUNKS, stage="embed input")
     model = get_embedder(embedder)
-    vectors, stats = model.embed_with_stats(
-        table.column("text").to_pylist(), table.column("n_tokens").to_numpy(), batch_tokens=embedder.batch_tokens
-    )
+    texts = table.column("text").to_pylist()
+    if heading_context:  # chunked with room for it: n_tokens counts the section path too
+        from embedfleet.tasks.chunking.structure import embedding_texts
+
+        texts = embedding_texts(texts, table.column("metadata").to_pylist())
+    vectors, stats = model.embed_with_stats(texts, table.column("n_tokens").to_numpy(), batch_tokens=embedder.batch_tokens)
     out = table.append_column(pa.field("embedding", pa.list_(pa.float32(), model.dimensions), nullable=False),
                               _vectors_column(vectors, model.dimensions))
     out = check_schema(out, embeddings_schema(model.dimensions), stage="embed")

@@ -14,10 +14,10 @@ that cannot be listed: its relative path and ``/``.
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -38,11 +38,16 @@ from embedfleet.datasets.formats.common import (
     source_root,
     too_big,
 )
+from embedfleet.datasets.formats.html import (
+    HEADINGS_KEY,
+    declared_html_decode,
+    html_to_text,
+)
 from embedfleet.datasets.formats.listing import is_unlisted, list_files, suffix_of
 from embedfleet.datasets.source import SourceSpec
 from embedfleet.errors import SourceError
 
-__all__ = ["FileGroup", "FILES"]
+__all__ = ["FILES", "FileGroup"]
 
 _HTML_SUFFIXES = (".html", ".htm")
 # Each file costs an open/stat/read beyond its bytes; this keeps partitions of tiny files small.
@@ -149,18 +154,25 @@ def _read_file(rows: Rows, path: Path | Any, rel: str, spec: SourceSpec) -> None
         # A BOM is an encoding marker, not text; everything else is kept exactly.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        text = _declared_html_decode(data) if html else None
+        text = declared_html_decode(data) if html else None
         if text is None:
             rows.fail(rel, f"invalid UTF-8 at byte {exc.start} ({exc.reason}: {data[exc.start:exc.start + 4]!r})", dumps(meta))
             return
+    headings = None
     if html:
-        text, title = _html_to_text(text)
+        text, title, headings = html_to_text(text)
         if title:
             meta["title"] = title
         if not text.strip():
             rows.fail(rel, "HTML page has no visible text", dumps(meta))
             return
     metadata = dumps(meta)
+    if headings:
+        # Where the page's headings are, for the chunker; a page with too many to carry
+        # is read without them.
+        with_headings = dumps({**meta, HEADINGS_KEY: headings})
+        if check_metadata(with_headings, meta, spec.max_metadata_bytes) is None:
+            metadata = with_headings
     # The metadata too: a page's title can be any length.
     problem = check_text(text, limit) or check_metadata(metadata, meta, spec.max_metadata_bytes)
     if problem:
@@ -176,95 +188,6 @@ def _unlisted_reason(path: Path) -> str:
     except OSError as exc:
         return f"cannot list the folder: {exc.strerror or exc}"
     return "cannot list the folder (it could not be listed when the source was planned)"
-
-
-def _declared_html_decode(data: bytes) -> str | None:
-    from bs4.dammit import EncodingDetector
-
-    declared = EncodingDetector.find_declared_encoding(data, is_html=True)
-    if not declared or declared.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
-        return None
-    try:
-        return data.decode(declared)
-    except (LookupError, UnicodeDecodeError):
-        return None
-
-
-_BLOCK_BREAK = {
-    "p", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "dl", "section",
-    "article", "header", "footer", "nav", "aside", "main", "figure", "form", "fieldset", "details", "hr",
-}
-_LINE_BREAK = {"div", "li", "tr", "dt", "dd", "caption", "figcaption", "summary", "address", "option", "legend", "body"}
-_DROP = ["script", "style", "head", "noscript", "template"]
-_SPACES = re.compile(r"\s+")
-
-
-def _html_to_text(markup: str) -> tuple[str, str | None]:
-    """Visible text of an HTML page, with a newline per block and a blank line per paragraph.
-
-    Whitespace inside ordinary elements is collapsed as a browser would; ``<pre>`` keeps its own.
-    Returns the text and the page title.
-    """
-    from bs4 import (
-        BeautifulSoup,
-        Comment,
-        Declaration,
-        Doctype,
-        NavigableString,
-        ProcessingInstruction,
-        Tag,
-    )
-
-    soup = BeautifulSoup(markup, "html.parser")
-    title = soup.title.get_text(" ", strip=True) if soup.title else None
-    for tag in soup.find_all(_DROP):
-        tag.decompose()
-
-    parts: list[str] = []
-    state = {"break": 0, "space": True}  # pending newlines; whether output ends in whitespace
-
-    def block(newlines: int) -> None:
-        state["break"] = max(state["break"], newlines)
-
-    def write(text: str, pre: bool) -> None:
-        if not pre:
-            text = _SPACES.sub(" ", text)
-            if state["break"] or state["space"]:
-                text = text.lstrip(" ")
-        if not text:
-            return
-        if state["break"]:
-            if parts:
-                parts[-1] = parts[-1].rstrip(" ")
-                parts.append("\n" * state["break"])
-            state["break"] = 0
-        parts.append(text)
-        state["space"] = text[-1].isspace()
-
-    def walk(node: Tag, pre: bool) -> None:
-        for child in node.children:
-            if isinstance(child, (Comment, Declaration, Doctype, ProcessingInstruction)):
-                continue
-            if isinstance(child, NavigableString):
-                write(str(child), pre)
-            elif isinstance(child, Tag):
-                name = child.name.lower()
-                if name == "br":
-                    if parts:
-                        parts[-1] = parts[-1].rstrip(" ")
-                    parts.append("\n")
-                    state["space"] = True
-                    continue
-                newlines = 2 if name in _BLOCK_BREAK else 1 if name in _LINE_BREAK else 0
-                if name in ("td", "th") and parts and not state["space"]:
-                    write(" ", False)
-                block(newlines)
-                walk(child, pre or name in ("pre", "textarea"))
-                block(newlines)
-
-    walk(soup, False)
-    text = "".join(parts).strip()
-    return text, title or None
 
 
 def _estimate(spec: SourceSpec, parts: Sequence[FileGroup], chunks: Estimator) -> int:

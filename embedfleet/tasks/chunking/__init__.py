@@ -64,6 +64,14 @@ import pyarrow as pa
 from embedfleet.errors import ChunkingError
 from embedfleet.frames.schemas import CHUNKS, DOCUMENTS, check_schema
 from embedfleet.tasks.chunking.batch import _chunk_texts
+from embedfleet.tasks.chunking.structure import (
+    SEPARATOR,
+    Section,
+    document_sections,
+    embedded_text,
+    section_of,
+    with_section,
+)
 from embedfleet.tasks.chunking.tokenizer import (
     load_tokenizer,
     reserved_tokens,
@@ -82,18 +90,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _INT32_MAX = 2**31 - 1
+# Re-plans of a section whose chunks, with the section path before them, re-tokenise longer than
+# the two counted apart (never with BERT-style tokenizers, whose words split at whitespace).
+_CONTEXT_ROUNDS = 4
 
 
 # --------------------------------------------------------------------------- ids
 
 
-def chunk_id(doc_id: str, chunk_index: int, text: str) -> str:
-    """Deterministic id of a chunk: blake2b-128 (hex) of its doc_id, index and text.
+def chunk_id(doc_id: str, chunk_index: int, text: str, section: str = "", heading_context: bool = False) -> str:
+    """Deterministic id of a chunk: blake2b-128 (hex) of its doc_id, index and text, and of its
+    section path and whether the model sees it (so a renamed heading, or turning
+    ``chunk.heading-context`` on, re-embeds the chunks it changes; a chunk with no section has
+    the id it always had).
 
     Each field is length-prefixed, so ``("a", "bc")`` and ``("ab", "c")`` never collide.
     """
     h = hashlib.blake2b(digest_size=16)
-    for field in (doc_id.encode("utf-8"), str(int(chunk_index)).encode("ascii"), text.encode("utf-8")):
+    fields = [doc_id.encode("utf-8"), str(int(chunk_index)).encode("ascii"), text.encode("utf-8")]
+    if section:
+        fields.append(section.encode("utf-8"))
+        if heading_context:
+            fields.append(b"heading-context")
+    for field in fields:
         h.update(len(field).to_bytes(8, "big"))
         h.update(field)
     return h.hexdigest()
@@ -130,14 +149,27 @@ def chunk_partition(
     overlap: int,
     model_path: str | None,
     max_tokens: int | None,
+    structure: str = "auto",
+    heading_context: bool = False,
 ) -> pa.Table:
     """Chunk one documents partition into a chunk frame (schema ``CHUNKS``).
 
     Rows with an ``error`` (documents the reader could not read) are skipped. ``model_path``
     gives the tokenizer (required for ``unit="tokens"`` and for ``max_tokens``); ``max_tokens``
     is the chunk budget, already net of the model's special tokens (:func:`reserved_tokens`).
-    Chunk metadata is the document's metadata, unchanged.
+
+    ``structure="auto"``: a Markdown, reStructuredText or HTML document is chunked section by
+    section (a heading always starts a chunk; :mod:`.structure`), and its chunks' metadata is
+    the document's plus ``section``, the heading path joined by ``" > "``. Other documents, and
+    every document with ``structure="none"``, carry the document's metadata unchanged.
+
+    ``heading_context=True``: the model will embed each chunk's ``section`` before its text
+    (:func:`structure.embedding_texts`); the budget of each chunk is what that leaves, and its
+    ``n_tokens`` counts the section too (what the model sees). A path that would take more than
+    half the budget is shortened (outer headings first) in the chunk's ``section``.
     """
+    if structure not in ("auto", "none"):
+        raise ChunkingError(f"chunk structure must be auto or none, not {structure!r}")
     documents = check_schema(documents, DOCUMENTS, stage="chunk input")
     tokenizer = load_tokenizer(model_path) if model_path else None
     doc_ids = documents.column("doc_id").to_pylist()
@@ -145,18 +177,33 @@ def chunk_partition(
     metas_all = documents.column("metadata").to_pylist()
     errors = documents.column("error").to_pylist()
     keep = [k for k in range(len(doc_ids)) if errors[k] is None and texts_all[k] is not None]
-    texts = [texts_all[k] for k in keep]
-    for k, text in zip(keep, texts):
-        if len(text) > _INT32_MAX:
-            raise ChunkingError(f"{doc_ids[k]}: {len(text)} characters do not fit the int32 offsets of the chunk frame")
-    planned = _chunk_texts(texts, unit=unit, size=size, overlap=overlap, tokenizer=tokenizer, max_tokens=max_tokens)
+    for k in keep:
+        if len(texts_all[k]) > _INT32_MAX:
+            raise ChunkingError(f"{doc_ids[k]}: {len(texts_all[k])} characters do not fit the int32 offsets of the chunk frame")
+
+    # Every section of every document is chunked as a text of its own, in one batch per budget.
+    pieces: list[tuple[int, Section, str | None, str]] = []  # (document, section, metadata, context)
+    for k in keep:
+        for section, meta in document_sections(doc_ids[k], texts_all[k], metas_all[k], structure):
+            context = section_of(meta) if heading_context else ""
+            if context and tokenizer is not None and max_tokens is not None:
+                short = _fit_context(context, tokenizer, max_tokens // 2)
+                if short != context:
+                    meta, context = with_section(meta, short), short
+            pieces.append((k, section, meta, context))
+    planned = _plan_pieces(pieces, texts_all, unit=unit, size=size, overlap=overlap, tokenizer=tokenizer, max_tokens=max_tokens)
 
     columns: dict[str, list] = {name: [] for name in CHUNKS.names}
-    for k, text, chunks in zip(keep, texts, planned):
-        doc_id, meta = doc_ids[k], metas_all[k]
-        for index, (s, e, c) in enumerate(chunks):
+    index = 0
+    for p, (k, section, meta, context) in enumerate(pieces):
+        doc_id, text = doc_ids[k], texts_all[k]
+        if p == 0 or pieces[p - 1][0] != k:
+            index = 0
+        label = section_of(meta) if section.path or context else ""
+        for s, e, c in planned[p]:
+            s, e = s + section.start, e + section.start
             piece = text[s:e]
-            columns["chunk_id"].append(chunk_id(doc_id, index, piece))
+            columns["chunk_id"].append(chunk_id(doc_id, index, piece, label, heading_context))
             columns["doc_id"].append(doc_id)
             columns["chunk_index"].append(index)
             columns["text"].append(piece)
@@ -164,6 +211,72 @@ def chunk_partition(
             columns["end"].append(e)
             columns["n_tokens"].append(c)
             columns["metadata"].append(meta)
+            index += 1
     table = pa.Table.from_pydict(columns, schema=CHUNKS)
     logger.debug("chunked %d documents into %d chunks", len(keep), table.num_rows)
     return check_schema(table, CHUNKS, stage="chunk")
+
+
+def _fit_context(context: str, tokenizer: Any, limit: int) -> str:
+    """``context`` shortened until its prefix takes at most ``limit`` tokens: outer headings go
+    first, then the innermost title loses characters."""
+    def cost(value: str) -> int:
+        return len(tokenizer.encode(embedded_text("", value), add_special_tokens=False).ids)
+
+    if cost(context) <= limit:
+        return context
+    titles = context.split(SEPARATOR)
+    while len(titles) > 1 and cost(SEPARATOR.join(titles)) > limit:
+        titles.pop(0)
+    title = titles[0]
+    while title and cost(title) > limit:
+        title = title[: len(title) * 3 // 4].rstrip()
+    return title
+
+
+def _plan_pieces(pieces, texts, *, unit, size, overlap, tokenizer, max_tokens) -> list[list[list[int]]]:
+    """The windows of each piece; with heading context, within what its prefix leaves, checked
+    again with the prefix (re-tokenising the two together may differ from adding them up)."""
+    planned: list[list[list[int]] | None] = [None] * len(pieces)
+    costs: dict[str, int] = {"": 0}
+    for _, _, _, context in pieces:
+        if context not in costs:
+            costs[context] = (
+                len(tokenizer.encode(embedded_text("", context), add_special_tokens=False).ids) if tokenizer else 0
+            )
+    budgets = [None if max_tokens is None else max_tokens - costs[c] for *_, c in pieces]
+    todo = list(range(len(pieces)))
+    for _ in range(_CONTEXT_ROUNDS):
+        groups: dict[int | None, list[int]] = {}
+        for p in todo:
+            groups.setdefault(budgets[p], []).append(p)
+        for budget, members in groups.items():
+            if budget is not None and budget < 1:
+                raise ChunkingError(f"a section path leaves no room for chunk text (budget {budget})")
+            found = _chunk_texts(
+                [texts[pieces[p][0]][pieces[p][1].start:pieces[p][1].end] for p in members],
+                unit=unit, size=size, overlap=overlap, tokenizer=tokenizer, max_tokens=budget,
+            )
+            for p, windows in zip(members, found):
+                planned[p] = windows
+        todo = []
+        if tokenizer is None or not any(c for *_, c in pieces):
+            break
+        checks = [(p, w) for p in range(len(pieces)) if pieces[p][3] for w in planned[p]]
+        section_texts = [texts[pieces[p][0]][pieces[p][1].start:pieces[p][1].end] for p in range(len(pieces))]
+        seen = tokenizer.encode_batch_fast(
+            [embedded_text(section_texts[p][s:e], pieces[p][3]) for p, (s, e, _) in checks], add_special_tokens=False
+        )
+        over = {}
+        for (p, w), enc in zip(checks, seen):
+            w[2] = len(enc)
+            if max_tokens is not None and len(enc) > max_tokens:
+                over[p] = max(over.get(p, 0), len(enc) - max_tokens)
+        for p, excess in over.items():
+            budgets[p] -= excess
+        todo = sorted(over)
+        if not todo:
+            break
+    if todo:
+        raise ChunkingError(f"cannot fit chunks beside their section paths within {max_tokens} tokens")
+    return planned  # type: ignore[return-value]
