@@ -205,7 +205,11 @@ def private_file(path: str | os.PathLike) -> Path:
 
 #: Config keys and sink options whose values are credentials: masked wherever settings are
 #: shown (:func:`redacted`) and never written into a job record (``SinkSpec.without_secrets``).
-SECRET_KEYS = frozenset({"token", "password", "headers", "api-key"})
+SECRET_KEYS = frozenset({
+    "token", "password", "headers", "api-key",
+    # fsspec storage options (embedfleet.storage.options.<protocol>): s3fs, gcsfs, adlfs
+    "key", "secret", "session-token", "account-key", "sas-token", "connection-string", "client-secret",
+})
 _MASK = "***"
 
 

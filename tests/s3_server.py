@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["MotoServer", "free_port", "moto_server", "s3_env"]
+__all__ = ["SECRET", "MotoServer", "free_port", "moto_server", "s3_env"]
+
+#: The test server's secret key: tests look for it where no credential may be.
+SECRET = "moto-secret-never-stored"
 
 
 def free_port() -> int:
@@ -37,7 +40,7 @@ class MotoServer:
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
+                            aws_secret_access_key=SECRET, region_name="us-east-1")
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
@@ -45,7 +48,7 @@ def s3_env(endpoint: str) -> dict[str, str]:
     return {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
 

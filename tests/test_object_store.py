@@ -19,7 +19,7 @@ import pytest
 
 from tests import faults_helpers as fh
 from tests.fake_embedder import BACKEND, NAME
-from tests.s3_server import free_port, moto_server
+from tests.s3_server import SECRET, free_port, moto_server
 
 CHUNKING = {"chunk_size": 48, "chunk_overlap": 8}
 CHUNK_ARGS = ["--chunk-size", "48", "--chunk-overlap", "8"]
@@ -153,6 +153,24 @@ def test_folder_then_unchanged_then_one_edited_object(s3, s3_client, bucket, loc
     stored = fh.read_chroma(sink, "local", "kb")
     assert sorted(stored) == sorted(after)
     _check_fake_vectors(stored)
+
+    # The credentials came from the environment and went nowhere: not into a job record (the
+    # local SQLite database, spec.json), nor any object the jobs wrote.
+    from embedfleet import config
+
+    records = list(config.local_dir(data_dir).rglob("jobs.db*"))
+    assert records
+    for path in records:
+        assert SECRET.encode() not in path.read_bytes()
+    for key in (o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="work/")["Contents"]):
+        assert SECRET.encode() not in s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_storage_secrets_are_masked_in_config_output():
+    from embedfleet import config
+
+    shown = config.redacted({"storage": {"options": {"s3": {"key": "AKIA", "secret": "shh", "endpoint-url": "http://x"}}}})
+    assert shown["storage"]["options"]["s3"] == {"key": "***", "secret": "***", "endpoint-url": "http://x"}
 
 
 def test_jsonl_object_by_url(s3, s3_client, bucket, local):
