@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
 
 import pytest
 from click.testing import CliRunner
@@ -14,11 +13,12 @@ from embedfleet.errors import ConfigError
 from embedfleet.schedulers.models import SCHEMA_VERSION
 from embedfleet.schedulers.service import JobService
 from embedfleet.schedulers.tokens import TokenStore, hash_secret
+from tests.db import db_url  # noqa: F401  (SQLite, and PostgreSQL where it runs)
 
 
 @pytest.fixture
-def store(data_dir):
-    with JobService(data_dir=data_dir) as service:
+def store(db_url, data_dir):  # noqa: F811
+    with JobService(db_url, data_dir=data_dir) as service:
         yield TokenStore(service, touch_every=0)
 
 
@@ -26,12 +26,18 @@ def test_secret_shown_once_and_stored_as_its_hash_only(store, data_dir):
     info, secret = store.create("alice", note="laptop")
     assert secret.startswith("ef_") and len(secret) > 40
     assert store.authenticate(secret).id == info.id
-    raw = (data_dir / "jobs.db").read_bytes()
-    for path in data_dir.glob("jobs.db*"):
-        raw += path.read_bytes()
-    assert secret.encode() not in raw
-    with sqlite3.connect(data_dir / "jobs.db") as conn:
-        (stored,) = conn.execute("SELECT secret_hash FROM ef_tokens WHERE id = ?", (info.id,)).fetchone()
+    if store.engine.dialect.name == "sqlite":
+        from pathlib import Path
+
+        database = Path(store.engine.url.database)
+        raw = b"".join(path.read_bytes() for path in database.parent.glob(database.name + "*"))
+        assert raw and secret.encode() not in raw
+    import sqlalchemy as sa
+
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT * FROM ef_tokens")).all()
+        (stored,) = conn.execute(sa.text("SELECT secret_hash FROM ef_tokens WHERE id = :id"), {"id": info.id}).one()
+    assert secret not in repr(rows)
     assert stored == hash_secret(secret)
     assert "secret" not in json.dumps(store.list()[0].to_dict()).replace("secret_hash", "")
     # The user was created at the default tier: the submitter never chose one.
