@@ -115,11 +115,12 @@ class _DocTokens:
         # backwards, and never past the text.
         starts = np.minimum(np.maximum.accumulate(offsets[:, 0]), length) if len(offsets) else offsets[:, 0]
         ends = np.maximum.accumulate(offsets[:, 1]) if len(offsets) else offsets[:, 1]
-        self.arrays = (starts, ends)
+        self.arrays = (starts, ends)  # for the windows' word alignment, without a loop per token
         self.starts: list[int] = starts.tolist()
-        self.ends: list[int] = ends.tolist()
+        self.ends: list[int] | None = None
         self.continues: list[bool] | None = None
         if words and len(offsets):
+            self.ends = ends.tolist()
             ids = np.array(encoding.word_ids, dtype=float)  # None (a token outside words) -> nan
             continues = np.zeros(len(ids), dtype=bool)
             continues[1:] = ids[1:] == ids[:-1]  # nan never equals: such tokens start a word

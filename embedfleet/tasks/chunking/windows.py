@@ -42,7 +42,7 @@ _UNKNOWN = -1
 def _word_aligned(text: str, tokens: _DocTokens) -> list[int]:
     """Token starts, each moved back over characters the tokenizer dropped (control and
     zero-width characters) to where its word starts, so a window can end there."""
-    starts, ends = tokens.starts, tokens.ends
+    starts = tokens.starts
     if len(starts) < 2:
         return starts
     s, e = tokens.arrays
@@ -54,7 +54,7 @@ def _word_aligned(text: str, tokens: _DocTokens) -> list[int]:
     odd = after_gap[~_SPACE_TABLE[np.minimum(codes[s[after_gap] - 1], len(_SPACE_TABLE) - 1)]]
     moved = None
     for u in odd.tolist():
-        a, floor = starts[u] - 1, ends[u - 1]
+        a, floor = starts[u] - 1, int(e[u - 1])
         while a > floor and not text[a - 1].isspace():
             a -= 1
         if text[a - 1].isspace():
