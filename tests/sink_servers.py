@@ -236,6 +236,8 @@ class MilvusServer:
         self.install = install
         self.data_dir = Path(data_dir)
         self.authorization = authorization
+        #: The superuser's password, for a test that changes it.
+        self.password = MILVUS_ROOT[1]
         *ports, self.etcd_peer_port = _free_ports(len(_MILVUS_PORTS) + 1)
         self.ports = dict(zip(_MILVUS_PORTS, ports))
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
@@ -258,7 +260,7 @@ class MilvusServer:
     @property
     def token(self) -> str | None:
         """The superuser's ``user:password`` token when authorization is on."""
-        return ":".join(MILVUS_ROOT) if self.authorization else None
+        return f"{MILVUS_ROOT[0]}:{self.password}" if self.authorization else None
 
     def client(self, **kwargs):
         from pymilvus import MilvusClient

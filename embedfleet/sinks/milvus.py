@@ -87,11 +87,29 @@ _OUTPUT_FIELDS = ["chunk_id", "doc_id", "chunk_index", "text", "start", "end", "
 _ROW_OVERHEAD = 64
 
 
+class _AtDebug(logging.Handler):
+    """pymilvus logs every failed request, with its traceback, through stderr handlers of its
+    own (its loggers do not propagate): one server outage printed hundreds of lines around the
+    job's one error line. The sink raises each failure as a SinkError, which the job retries
+    and reports once, so pymilvus' records go to this module's logger at DEBUG instead."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("pymilvus %s: %s", record.levelname, record.getMessage(), exc_info=record.exc_info)
+
+
+_PYMILVUS_LOGGERS = ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer")
+
+
 def _pymilvus():
     try:
         import pymilvus
     except ImportError as exc:
         raise BackendUnavailableError("the milvus sink", "milvus", str(exc)) from exc
+    for name in _PYMILVUS_LOGGERS:
+        pymilvus_logger = logging.getLogger(name)
+        if not any(isinstance(h, _AtDebug) for h in pymilvus_logger.handlers):
+            pymilvus_logger.handlers[:] = [_AtDebug()]
     return pymilvus
 
 
