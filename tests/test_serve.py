@@ -438,3 +438,24 @@ def test_openai_client_vectors_match_sentence_transformers(server):
     assert cosine.min() >= 0.9999, cosine
     single = client.embeddings.create(model="minilm", input="rotate logs", encoding_format="float").data[0].embedding
     assert np.dot(single, expected[len(SAMPLE_DOCS)]) >= 0.9999
+
+
+def test_dashboard_through_the_server_shows_a_user_their_own_jobs(server, alice_kb):
+    _, alice_job = alice_kb
+    with server.client("bob") as http:
+        bob_job = _inline_job(http, "bobs", sh.documents(1, prefix="b"))
+        server.wait_job("bob", bob_job["id"])
+        mine = http.get("/v1/dashboard").json()
+    assert mine["user"] == "bob" and not mine["admin"]
+    assert {j["user"] for j in mine["jobs"]} == {"bob"} and bob_job["id"] in {j["id"] for j in mine["jobs"]}
+    assert [u["user"] for u in mine["usage"]] == ["bob"]
+    with server.client("ops") as http:
+        everyone = http.get("/v1/dashboard").json()
+    assert everyone["admin"]
+    ids = {j["id"] for j in everyone["jobs"]}
+    assert {alice_job["id"], bob_job["id"]} <= ids
+    assert "local" not in {u["user"] for u in everyone["usage"]}
+    with server.client() as http:
+        assert http.get("/v1/dashboard").status_code == 401
+        page = http.get("/dashboard")
+    assert page.status_code == 200 and "sessionStorage" in page.text and alice_job["id"] not in page.text

@@ -55,6 +55,7 @@ def _status_of(exc: EmbedfleetError) -> int:
 
 
 def create_app(state: ServerState) -> FastAPI:
+    from embedfleet.server.dashboard import dashboard_router
     from embedfleet.server.limits import BodyLimit
     from embedfleet.server.routes import (
         collections_router,
@@ -95,6 +96,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(collections_router, prefix="/v1")
     app.include_router(embeddings_router, prefix="/v1")
+    app.include_router(dashboard_router)
     _admin_routes(app, state)
     return app
 
