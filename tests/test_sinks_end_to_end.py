@@ -1,7 +1,10 @@
-"""The foundation end-to-end test on every sink, read back with each store's own client."""
+"""The foundation end-to-end test on every sink, read back with each store's own client (a Milvus
+server's as an application would read it: its own client, which loads nothing)."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 
 import embedfleet
 from embedfleet.sinks.naming import physical_name
-from tests.sink_servers import chroma_server  # noqa: F401  (pytest fixture)
+from tests.sink_servers import chroma_server, milvus_server, milvus_server_uri  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +53,25 @@ def _read_milvus(uri, name):
             for r in rows]
 
 
+def _read_milvus_server(uri, name):
+    """As an application would: its own client, no load_collection (the job left it loaded)."""
+    from pymilvus import MilvusClient
+
+    parts = urlsplit(uri)
+    client = MilvusClient(uri=f"http://{parts.hostname}:{parts.port}", token=os.environ.get("MILVUS_TOKEN", ""))
+    try:
+        iterator = client.query_iterator(name, batch_size=1000, filter="",
+                                         output_fields=["chunk_id", "text", "doc_id", "start", "end", "embedding"])
+        rows = []
+        while batch := iterator.next():
+            rows += batch
+        iterator.close()
+    finally:
+        client.close()
+    return [(r["chunk_id"], r["text"], r["doc_id"], r["start"], r["end"], np.asarray(r["embedding"], dtype=np.float32))
+            for r in rows]
+
+
 def _read_parquet(uri, name):
     table = pq.read_table(f"{urlsplit(uri).path}/{name}", columns=["chunk_id", "text", "doc_id", "start", "end", "embedding"])
     rows = table.to_pylist()
@@ -57,15 +79,19 @@ def _read_parquet(uri, name):
             for r in rows]
 
 
-@pytest.mark.parametrize("kind", ["chroma-server", "milvus-lite", "parquet"])
+@pytest.mark.parametrize("kind", ["chroma-server", "milvus-lite", pytest.param("milvus-server", marks=pytest.mark.server),
+                                  "parquet"])
 def test_index_into_each_sink_matches_sentence_transformers(kind, request, client, tmp_path, docs_dir, reference_model):
     if kind == "chroma-server":
         uri, read = request.getfixturevalue("chroma_server"), _read_chroma_server
     elif kind == "milvus-lite":
         uri, read = f"milvus://{tmp_path}/vectors.db", _read_milvus
+    elif kind == "milvus-server":
+        uri, read = request.getfixturevalue("milvus_server_uri")[0], _read_milvus_server
     else:
         uri, read = f"parquet://{tmp_path}/vectors", _read_parquet
-    collection = f"kb-{kind}"
+    # A MILVUS_URI server outlives the session: a new collection for each run.
+    collection = f"kb-{kind}-{uuid.uuid4().hex[:8]}" if kind == "milvus-server" else f"kb-{kind}"
     kwargs = dict(collection=collection, sink=uri, data_dir=str(tmp_path / "data"), client=client,
                   chunk_size=48, chunk_overlap=8)
     result = embedfleet.index(str(docs_dir), **kwargs)
