@@ -183,3 +183,14 @@ def test_body_limit_counts_streamed_bodies():
         assert client.post("/echo", content=b"x" * 101).status_code == 413
         assert client.post("/echo", content=iter([b"x" * 60, b"x" * 60])).status_code == 413
         assert client.post("/echo", content=iter([b"x" * 40, b"x" * 40])).json() == {"n": 80}
+
+
+def test_a_refused_inline_job_leaves_no_file(app):
+    import dask.config
+
+    body = {"collection": "kb", "documents": [{"id": "a", "text": "x"}]}
+    with dask.config.set({"embedfleet.jobs.queue-limit": 1}):
+        assert app.post("/v1/jobs", headers=_auth(app, "bob"), json=body).status_code == 201
+        refused = app.post("/v1/jobs", headers=_auth(app, "bob"), json=body)
+    assert refused.status_code == 429, refused.text
+    assert len(list((app.state.inline_dir / "bob").glob("*"))) == 1

@@ -81,10 +81,16 @@ async def submit_job(body: JobRequest, request: Request, who: Caller) -> dict:
                 raise HTTPException(status_code=413, detail=f"inline documents of {size} bytes; at most {state.max_inline_bytes}")
             if not body.documents:
                 raise ConfigError("documents is empty")
-            source = state.write_inline(who.user, body.documents)
             values.update(text_column="text", id_column="id")
-        else:
-            source = state.check_source(body.source)
+            options = IndexOptions.merge(None, **values, sink=uri)
+            source = state.write_inline(who.user, body.documents)
+            try:
+                return state.service.submit(source, user=who.user, priority=body.priority, options=options)
+            except BaseException:
+                # Refused (quota, queue limit, a bad option): no job will ever read the file.
+                FsPath(source).unlink(missing_ok=True)
+                raise
+        source = state.check_source(body.source)
         options = IndexOptions.merge(None, **values, sink=uri)
         return state.service.submit(source, user=who.user, priority=body.priority, options=options)
 
