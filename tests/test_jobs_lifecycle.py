@@ -4,7 +4,13 @@ exactly its columns (checked on the table and on the records the service writes)
 import pytest
 
 from embedfleet.errors import IllegalTransition, JobError
-from embedfleet.schedulers.lifecycle import MOVES, TRANSITIONS, moved, moved_from_any, transition
+from embedfleet.schedulers.lifecycle import (
+    MOVES,
+    TRANSITIONS,
+    moved,
+    moved_from_any,
+    transition,
+)
 from embedfleet.schedulers.models import FINAL_STATUSES, STATUSES, WAITING_STATUSES, Job
 from embedfleet.schedulers.records import Counts
 from tests.db import clock, db_url, estimator, service  # noqa: F401
@@ -99,8 +105,8 @@ def test_transition_checks_the_move_and_every_bulk_source():
         transition("restart", "failed", "running", {})
 
 
-def _row(service, job_id) -> dict:
-    with service.store.read() as session:
+def _row(svc, job_id) -> dict:
+    with svc.store.read() as session:
         job = session.get(Job, job_id)
         return {c: getattr(job, c) for c in COLUMNS}
 

@@ -24,14 +24,14 @@ from embedfleet.schedulers.models import WAITING_STATUSES, Job, Meta
 from embedfleet.schedulers.store import tier_of
 
 __all__ = [
-    "JobRow",
-    "UsageRow",
-    "Snapshot",
-    "RateTracker",
-    "take_snapshot",
-    "record_dask_dashboard",
-    "dask_dashboard_link",
     "DASK_DASHBOARD_KEY",
+    "JobRow",
+    "RateTracker",
+    "Snapshot",
+    "UsageRow",
+    "dask_dashboard_link",
+    "record_dask_dashboard",
+    "take_snapshot",
 ]
 
 log = logging.getLogger(__name__)

@@ -26,23 +26,38 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from embedfleet import config
-from embedfleet.errors import ConfigError, EmbedfleetError, JobError, PermissionDenied, QueueFull, QuotaExceeded
+from embedfleet.errors import (
+    ConfigError,
+    EmbedfleetError,
+    JobError,
+    PermissionDenied,
+    QueueFull,
+    QuotaExceeded,
+)
 from embedfleet.options import IndexOptions
 from embedfleet.schedulers.lifecycle import transition
 from embedfleet.schedulers.models import WAITING_STATUSES, Job, Usage, User
 from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier, tier
 from embedfleet.schedulers.reads import Reads, held_chunks, live_priority, quota_left
 from embedfleet.schedulers.records import Claim
-from embedfleet.schedulers.store import NOTIFY_CHANNEL, Store, collection_busy, dead_run, dead_run_values, tier_of
+from embedfleet.schedulers.store import (
+    NOTIFY_CHANNEL,
+    Store,
+    collection_busy,
+    dead_run,
+    dead_run_values,
+    tier_of,
+)
 from embedfleet.sinks.naming import check_part
 
 if TYPE_CHECKING:
@@ -50,8 +65,20 @@ if TYPE_CHECKING:
     from embedfleet.datasets.source import SourceSpec
     from embedfleet.pipeline.job import JobSpec
 
-__all__ = ["Admission", "SpecBuilder", "Estimator", "running_jobs", "at_concurrency_limit", "admission_lock",
-           "admission_counts", "left_phrase", "kept_chunks", "check_user", "check_priority", "new_job_id"]
+__all__ = [
+    "Admission",
+    "Estimator",
+    "SpecBuilder",
+    "admission_counts",
+    "admission_lock",
+    "at_concurrency_limit",
+    "check_priority",
+    "check_user",
+    "kept_chunks",
+    "left_phrase",
+    "new_job_id",
+    "running_jobs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +142,13 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:_ID_HEX]
 
 
-def default_spec_builder(source: str, options: IndexOptions, **kwargs: Any) -> "JobSpec":
+def default_spec_builder(source: str, options: IndexOptions, **kwargs: Any) -> JobSpec:
     from embedfleet.pipeline.spec import build_job_spec
 
     return build_job_spec(source, options, **kwargs)
 
 
-def default_estimator(source: "SourceSpec", chunk: "ChunkSpec") -> int:
+def default_estimator(source: SourceSpec, chunk: ChunkSpec) -> int:
     from embedfleet.datasets import estimate_chunks
 
     return int(estimate_chunks(source, chunk))
@@ -139,7 +166,7 @@ def check_priority(priority: int | None) -> int:
     return priority
 
 
-def kept_chunks(spec: "JobSpec") -> int:
+def kept_chunks(spec: JobSpec) -> int:
     """Chunks of the job's collection it keeps unless they changed: for modes ``sync`` and
     ``append``, what the collection's manifest holds (0 for a new collection); 0 for ``full``,
     which embeds everything again.
@@ -281,7 +308,7 @@ class Admission:
                 log.warning("job id %s collided; drawing another", job_id)
         raise JobError("could not draw an unused job id")
 
-    def estimate(self, spec: "JobSpec") -> tuple[int, bool]:
+    def estimate(self, spec: JobSpec) -> tuple[int, bool]:
         """The chunks ``spec`` will embed, estimated at submit; and whether only the exact count
         after chunking may refuse it on quota.
 
@@ -299,7 +326,7 @@ class Admission:
 
     def insert_job(
         self,
-        spec: "JobSpec",
+        spec: JobSpec,
         *,
         priority: int,
         estimated: int,

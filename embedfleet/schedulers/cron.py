@@ -39,9 +39,10 @@ from sqlalchemy.orm import Session
 from embedfleet import config
 from embedfleet.errors import EmbedfleetError, PermissionDenied, QueueFull, QuotaExceeded, ScheduleError
 from embedfleet.schedulers.models import ACTIVE_STATUSES, CronState
-from embedfleet.schedulers.schedules import Schedule, count_slots, load_schedules
+from embedfleet.schedulers.schedules import Schedule, count_slots, load_schedules, parse_schedules
 
-__all__ = ["Firing", "ScheduleStatus", "CronScheduler"]
+# parse_schedules/load_schedules live in schedules.py; notebooks import them from here, as before the split.
+__all__ = ["Firing", "ScheduleStatus", "CronScheduler", "parse_schedules", "load_schedules"]
 
 log = logging.getLogger(__name__)
 

@@ -31,14 +31,20 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
 from embedfleet import config
 from embedfleet.errors import EmbedfleetError
 from embedfleet.options import IndexOptions
-from embedfleet.schedulers.execution import ChangeWatcher, EmbeddedOnDisk, JobExecution, Runner
+from embedfleet.schedulers.execution import (
+    ChangeWatcher,
+    EmbeddedOnDisk,
+    JobExecution,
+    Runner,
+)
 from embedfleet.schedulers.records import Claim, JobInfo
 from embedfleet.schedulers.service import JobService
 from embedfleet.schedulers.signals import StopSignals
@@ -53,7 +59,7 @@ __all__ = ["Dispatcher", "EmbeddedOnDisk", "JobExecution", "Runner", "StopSignal
 log = logging.getLogger(__name__)
 
 
-def default_runner(spec, **kwargs) -> "JobResult":
+def default_runner(spec, **kwargs) -> JobResult:
     """:func:`embedfleet.pipeline.run.run_job`, imported when a job first runs."""
     from embedfleet.pipeline.run import run_job
 
@@ -79,10 +85,10 @@ def run_inline(
     priority: int | None = None,
     options: IndexOptions | None = None,
     runner: Runner | None = None,
-    on_progress: Callable[["Progress"], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
     cancel: threading.Event | None = None,
     **fields: Any,
-) -> "JobResult":
+) -> JobResult:
     """Submit and run a job now, in this process, on ``client`` (what ``embedfleet index`` does).
 
     Admitted like a submitted job (:meth:`Admission.admit_inline <embedfleet.schedulers.admission.Admission.admit_inline>`), then run like a dispatched
@@ -281,7 +287,7 @@ class Dispatcher:
         def mark() -> None:
             try:
                 marked.extend(self.service.ledger.interrupt_dispatcher(self.name, why=why))
-            except Exception:  # noqa: BLE001 - the process ends either way
+            except Exception:
                 log.exception("dispatcher %s: could not mark its jobs interrupted", self.name)
 
         writer = threading.Thread(target=mark, name="embedfleet-abort", daemon=True)

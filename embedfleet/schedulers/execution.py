@@ -18,7 +18,8 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from embedfleet import config
 from embedfleet.errors import EmbedfleetError, JobCancelled, QuotaExceeded, StoreBusy
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from embedfleet.pipeline.job import JobResult, Progress
     from embedfleet.schedulers.service import JobService
 
-__all__ = ["JobExecution", "EmbeddedOnDisk", "ChangeWatcher", "Runner"]
+__all__ = ["ChangeWatcher", "EmbeddedOnDisk", "JobExecution", "Runner"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class JobExecution:
         client: Any,
         runner: Runner,
         cancel: threading.Event | None = None,
-        on_progress: Callable[["Progress"], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
         tick: float = 0.5,
         heartbeat_seconds: float | None = None,
     ):
@@ -138,7 +139,7 @@ class JobExecution:
 
     # -- callbacks handed to the runner ------------------------------------------------------
 
-    def _on_progress(self, progress: "Progress") -> None:
+    def _on_progress(self, progress: Progress) -> None:
         with self._lock:
             self._latest = dataclasses.replace(progress)
             self._dirty = True
@@ -194,7 +195,7 @@ class JobExecution:
 
     # -- the run --------------------------------------------------------------------------
 
-    def run(self, *, reraise: bool = False) -> "JobResult | None":
+    def run(self, *, reraise: bool = False) -> JobResult | None:
         """Run the job to its end and record it; the runner's exception is re-raised if asked."""
         from embedfleet.pipeline.job import JobSpec
 

@@ -25,13 +25,29 @@ from sqlalchemy.orm import Session
 
 from embedfleet import config
 from embedfleet.errors import JobCancelled, QuotaExceeded
-from embedfleet.schedulers.admission import at_concurrency_limit, left_phrase, running_jobs
+from embedfleet.schedulers.admission import (
+    at_concurrency_limit,
+    left_phrase,
+    running_jobs,
+)
 from embedfleet.schedulers.lifecycle import transition
-from embedfleet.schedulers.models import ACTIVE_STATUSES, WAITING_STATUSES, Job, Usage, User
+from embedfleet.schedulers.models import (
+    ACTIVE_STATUSES,
+    WAITING_STATUSES,
+    Job,
+    Usage,
+    User,
+)
 from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier
 from embedfleet.schedulers.reads import Reads, live_priority, max0, quota_left
 from embedfleet.schedulers.records import Candidate, Claim, Counts, iso
-from embedfleet.schedulers.store import Store, collection_busy, dead_run_values, default_tier, tier_of
+from embedfleet.schedulers.store import (
+    Store,
+    collection_busy,
+    dead_run_values,
+    default_tier,
+    tier_of,
+)
 from embedfleet.sinks.writer_lock import held_elsewhere
 
 __all__ = ["Ledger"]

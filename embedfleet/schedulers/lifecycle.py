@@ -13,13 +13,14 @@ record (``abandon``) clears it, and both go from ``running`` to ``cancelled``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from embedfleet.errors import IllegalTransition
 from embedfleet.schedulers.models import STATUSES, Job
 
-__all__ = ["Move", "MOVES", "TRANSITIONS", "COUNTS", "RECORD", "transition", "moved", "moved_from_any"]
+__all__ = ["COUNTS", "MOVES", "RECORD", "TRANSITIONS", "Move", "moved", "moved_from_any", "transition"]
 
 #: What a run reports as it goes (:class:`~embedfleet.schedulers.records.Counts`); written
 #: when known, by a heartbeat or at the end of a run.

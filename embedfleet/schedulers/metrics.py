@@ -42,10 +42,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 from embedfleet import config
@@ -57,7 +64,7 @@ if TYPE_CHECKING:
 
     from embedfleet.pipeline.job import JobResult, Progress
 
-__all__ = ["DispatcherMetrics", "MetricsEndpoint", "DURATION_BUCKETS"]
+__all__ = ["DURATION_BUCKETS", "DispatcherMetrics", "MetricsEndpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +76,7 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43
 class MetricsEndpoint:
     """A running metrics HTTP server; :meth:`stop` closes it (tests bind port 0)."""
 
-    server: "WSGIServer"
+    server: WSGIServer
     thread: threading.Thread
     host: str
 
@@ -159,11 +166,11 @@ class DispatcherMetrics:
             info = None
         return info.tier if info is not None else config.get("jobs.default-tier")
 
-    def instrument(self, runner: Callable[..., "JobResult"] | None = None) -> Callable[..., "JobResult"]:
+    def instrument(self, runner: Callable[..., JobResult] | None = None) -> Callable[..., JobResult]:
         """A runner that counts what ``runner`` does (default: the dispatcher's default runner,
         looked up at each call) and otherwise behaves exactly like it."""
 
-        def run(spec, *, on_progress: Callable[["Progress"], None] | None = None, **kwargs) -> "JobResult":
+        def run(spec, *, on_progress: Callable[[Progress], None] | None = None, **kwargs) -> JobResult:
             if runner is None:
                 from embedfleet.schedulers import dispatcher
 
@@ -184,7 +191,7 @@ class DispatcherMetrics:
                 if d_tokens > 0:
                     self.tokens_embedded.labels(tier).inc(d_tokens)
 
-            def progress(p: "Progress") -> None:
+            def progress(p: Progress) -> None:
                 account(p.embedded, p.tokens)
                 if on_progress is not None:
                     on_progress(p)

@@ -15,19 +15,30 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from embedfleet import config
 from embedfleet.errors import JobNotFound
-from embedfleet.schedulers.models import ACTIVE_STATUSES, WAITING_STATUSES, Job, Usage, User
-from embedfleet.schedulers.priority import RECENT_WINDOW, PrioritySettings, Tier, effective_priority
+from embedfleet.schedulers.models import (
+    ACTIVE_STATUSES,
+    WAITING_STATUSES,
+    Job,
+    Usage,
+    User,
+)
+from embedfleet.schedulers.priority import (
+    RECENT_WINDOW,
+    PrioritySettings,
+    Tier,
+    effective_priority,
+)
 from embedfleet.schedulers.records import JobInfo, QuotaInfo
 from embedfleet.schedulers.store import Store, default_tier, tier_of
 
-__all__ = ["Reads", "HELD", "held_chunks", "quota_left", "live_priority", "max0"]
+__all__ = ["HELD", "Reads", "held_chunks", "live_priority", "max0", "quota_left"]
 
 
 def max0(expr):

@@ -16,7 +16,7 @@ from embedfleet.schedulers.models import Job
 if TYPE_CHECKING:
     from embedfleet.pipeline.job import Progress
 
-__all__ = ["JobInfo", "UserInfo", "QuotaInfo", "Candidate", "Claim", "Counts", "iso"]
+__all__ = ["Candidate", "Claim", "Counts", "JobInfo", "QuotaInfo", "UserInfo", "iso"]
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -72,7 +72,7 @@ class JobInfo:
         return out
 
     @classmethod
-    def from_row(cls, job: Job, effective: float | None) -> "JobInfo":
+    def from_row(cls, job: Job, effective: float | None) -> JobInfo:
         return cls(
             id=job.id,
             user=job.owner,
@@ -181,7 +181,7 @@ class Counts:
     partitions_total: int | None = None
 
     @classmethod
-    def from_progress(cls, p: "Progress") -> "Counts":
+    def from_progress(cls, p: Progress) -> Counts:
         return cls(
             stage=p.stage,
             documents=p.documents,

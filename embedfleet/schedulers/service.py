@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -40,16 +41,35 @@ from sqlalchemy.orm import Session
 from embedfleet import config
 from embedfleet.errors import ConfigError, JobError, JobNotFound, PermissionDenied
 from embedfleet.options import IndexOptions
-from embedfleet.schedulers.admission import Admission, Estimator, SpecBuilder, check_user
+from embedfleet.schedulers.admission import (
+    Admission,
+    Estimator,
+    SpecBuilder,
+    check_user,
+)
 from embedfleet.schedulers.ledger import Ledger
 from embedfleet.schedulers.lifecycle import transition
-from embedfleet.schedulers.models import STATUSES, WAITING_STATUSES, Job, User, ensure_schema, make_engine
+from embedfleet.schedulers.models import (
+    STATUSES,
+    WAITING_STATUSES,
+    Job,
+    User,
+    ensure_schema,
+    make_engine,
+)
 from embedfleet.schedulers.priority import tier as _tier
 from embedfleet.schedulers.reads import Reads
-from embedfleet.schedulers.records import Candidate, Claim, Counts, JobInfo, QuotaInfo, UserInfo
+from embedfleet.schedulers.records import (
+    Candidate,
+    Claim,
+    Counts,
+    JobInfo,
+    QuotaInfo,
+    UserInfo,
+)
 from embedfleet.schedulers.store import NOTIFY_CHANNEL, Clock, Store, dead_run
 
-__all__ = ["JobService", "JobInfo", "UserInfo", "QuotaInfo", "Candidate", "Claim", "Counts", "NOTIFY_CHANNEL"]
+__all__ = ["NOTIFY_CHANNEL", "Candidate", "Claim", "Counts", "JobInfo", "JobService", "QuotaInfo", "UserInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +139,7 @@ class JobService:
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> "JobService":
+    def __enter__(self) -> JobService:
         return self
 
     def __exit__(self, *exc) -> None:

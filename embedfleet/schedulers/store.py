@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from sqlalchemy import Engine, select, text
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -26,8 +27,16 @@ from embedfleet.schedulers.models import Job, Usage, User, read_engine, utcnow
 from embedfleet.schedulers.priority import Tier, tier, tiers
 from embedfleet.schedulers.records import iso
 
-__all__ = ["Store", "NOTIFY_CHANNEL", "Clock", "tier_of", "default_tier", "collection_busy", "dead_run",
-           "dead_run_values"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "Clock",
+    "Store",
+    "collection_busy",
+    "dead_run",
+    "dead_run_values",
+    "default_tier",
+    "tier_of",
+]
 
 log = logging.getLogger(__name__)
 
