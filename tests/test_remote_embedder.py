@@ -185,6 +185,12 @@ def test_breaker_state_machine():
     breaker.failure("still", failures=3)  # a failed probe opens it again
     with pytest.raises(EmbeddingError, match="still"):
         breaker.before(failures=3, cooldown=10)
+    breaker.opened_at -= 11
+    breaker.before(failures=3, cooldown=10)  # a probe that never reports back...
+    breaker.probing_since -= 11
+    breaker.before(failures=3, cooldown=10)  # ...is replaced after another cool-down
+    breaker.success()
+    assert not breaker.is_open
 
 
 def test_limiter_spaces_requests_and_tokens():

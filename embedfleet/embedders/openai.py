@@ -109,7 +109,7 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self.consecutive = 0
         self.opened_at: float | None = None
-        self.probing = False
+        self.probing_since: float | None = None  # half-open: when the probe request went
         self.last_cause = ""
 
     @property
@@ -121,8 +121,10 @@ class CircuitBreaker:
         with self._lock:
             if self.opened_at is None:
                 return
-            if not self.probing and time.monotonic() - self.opened_at >= cooldown:
-                self.probing = True  # half-open: this request is the probe
+            now = time.monotonic()
+            # A probe that never reported (its partition was cancelled) is replaced after a cool-down.
+            if now - (self.probing_since or self.opened_at) >= cooldown:
+                self.probing_since = now  # half-open: this request is the probe
                 return
             raise ProviderUnavailable(
                 f"embedding provider {self.provider} is failing: circuit open after {failures} consecutive "
@@ -131,16 +133,17 @@ class CircuitBreaker:
 
     def success(self) -> None:
         with self._lock:
-            self.consecutive, self.opened_at, self.probing = 0, None, False
+            self.consecutive, self.opened_at, self.probing_since = 0, None, None
 
     def failure(self, cause: str, *, failures: int) -> None:
         with self._lock:
             self.consecutive += 1
             self.last_cause = cause
-            if self.probing or self.consecutive >= failures:
-                if self.opened_at is None or self.probing:
+            probing = self.probing_since is not None
+            if probing or self.consecutive >= failures:
+                if self.opened_at is None or probing:
                     logger.warning("embedding provider %s: circuit open (%s)", self.provider, cause)
-                self.opened_at, self.probing = time.monotonic(), False
+                self.opened_at, self.probing_since = time.monotonic(), None
 
 
 _registry_lock = threading.Lock()
@@ -210,6 +213,12 @@ class _Call:
     requests: int = 0
     tokens: int = 0
     retries: int = 0
+
+
+def _scrub(text: str, headers: dict[str, str]) -> str:
+    """``text`` (a provider's error body, which may quote what it was sent) without the key."""
+    key = headers.get("Authorization", "").removeprefix("Bearer ")
+    return text.replace(key, "***") if key else text
 
 
 def _run(coro) -> Any:
@@ -354,7 +363,9 @@ class OpenAIEmbedder(Embedder):
                     return vectors
                 cause = f"HTTP {status} {response.reason_phrase}".strip()
                 if status == 429:
-                    # Alive and asking us to slow down: not a failure toward the breaker.
+                    # Alive and asking us to slow down: no failure toward the breaker (and a probe
+                    # that gets one has shown the provider answers).
+                    breaker.success()
                     retry_after = _retry_after(response.headers.get("retry-after"))
                     if retry_after is not None:
                         limiter.pause(retry_after)
@@ -364,7 +375,7 @@ class OpenAIEmbedder(Embedder):
                 else:
                     breaker.success()
                     raise EmbeddingError(f"embedding provider {remote.url} refused the request: {cause}: "
-                                         f"{response.text[:300]!r}")
+                                         f"{_scrub(response.text[:300], call.headers)!r}")
             if attempt == remote.retries:
                 raise EmbeddingError(f"embedding provider {remote.url}: request failed after {remote.retries} "
                                      f"attempts (last: {cause})")
