@@ -4,13 +4,7 @@ exactly its columns (checked on the table and on the records the service writes)
 import pytest
 
 from embedfleet.errors import IllegalTransition, JobError
-from embedfleet.schedulers.lifecycle import (
-    MOVES,
-    TRANSITIONS,
-    moved,
-    moved_from_any,
-    transition,
-)
+from embedfleet.schedulers.lifecycle import MOVES, TRANSITIONS, moved, transition
 from embedfleet.schedulers.models import FINAL_STATUSES, STATUSES, WAITING_STATUSES, Job
 from embedfleet.schedulers.records import Counts
 from tests.db import clock, db_url, estimator, service  # noqa: F401
@@ -55,9 +49,9 @@ def test_succeeded_is_final_and_illegal_is_a_job_error():
 
 
 def test_bulk_move_checks_every_source():
-    assert moved_from_any(WAITING_STATUSES, "running") == "running"
+    assert transition("claim", WAITING_STATUSES, "running", _claim_values())["status"] == "running"
     with pytest.raises(IllegalTransition):
-        moved_from_any(("queued", "succeeded"), "running")
+        transition("claim", ("queued", "succeeded"), "running", _claim_values())
 
 
 # --------------------------------------------------------------------------------------------

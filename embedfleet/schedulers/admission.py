@@ -189,7 +189,7 @@ def kept_chunks(spec: JobSpec) -> int:
         return 0
 
 
-def exact_only(job: Job) -> bool:
+def exact_only_recorded(job: Job) -> bool:
     """:meth:`Admission.estimate`'s rule for a job already recorded: whether only its exact count may refuse it."""
     from embedfleet.pipeline.job import JobSpec
 
@@ -470,7 +470,7 @@ class Admission:
         needed = max(0, job.estimated_chunks - job.charged)
         used, held = self.store.used_today(session, user, self.store.today(now)), self.reads.held(session, user, exclude=job.id)
         remaining = quota_left(t, used, held)
-        if remaining is not None and needed > remaining and not exact_only(job):
+        if remaining is not None and needed > remaining and not exact_only_recorded(job):
             raise QuotaExceeded(
                 f"job {job.id} needs about {needed} more chunks but user {user!r} "
                 f"{left_phrase(t, remaining, used, held, holders='its other jobs')}",

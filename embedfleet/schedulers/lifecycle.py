@@ -20,7 +20,7 @@ from typing import Any
 from embedfleet.errors import IllegalTransition
 from embedfleet.schedulers.models import STATUSES, Job
 
-__all__ = ["COUNTS", "MOVES", "RECORD", "TRANSITIONS", "Move", "moved", "moved_from_any", "transition"]
+__all__ = ["COUNTS", "MOVES", "RECORD", "TRANSITIONS", "Move", "moved", "transition"]
 
 #: What a run reports as it goes (:class:`~embedfleet.schedulers.records.Counts`); written
 #: when known, by a heartbeat or at the end of a run.
@@ -127,11 +127,4 @@ def moved(source: str | None, target: str) -> str:
     """``target``, once some move from ``source`` to it is allowed (the status alone)."""
     if target not in TRANSITIONS.get(source, frozenset()):
         raise IllegalTransition(f"a job cannot go from {_unrecorded(source)} to {target}")
-    return target
-
-
-def moved_from_any(sources: tuple[str, ...], target: str) -> str:
-    """``target`` for a bulk update whose WHERE admits every status in ``sources``."""
-    for source in sources:
-        moved(source, target)
     return target
