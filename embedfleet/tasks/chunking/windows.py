@@ -50,7 +50,7 @@ def _word_aligned(text: str, tokens: _DocTokens) -> list[int]:
     after_gap = np.nonzero(e[:-1] < s[1:])[0] + 1
     if not len(after_gap):
         return starts
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     odd = after_gap[~_SPACE_TABLE[np.minimum(codes[s[after_gap] - 1], len(_SPACE_TABLE) - 1)]]
     moved = None
     for u in odd.tolist():
