@@ -15,13 +15,13 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from embedfleet import config
 
-__all__ = ["Batcher", "Overloaded"]
+__all__ = ["Batcher", "EmbeddingMetrics", "Overloaded"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class _Pending:
 
 class Batcher:
     def __init__(self, embedder, *, max_batch: int | None = None, max_wait: float | None = None,
-                 queue_limit: int | None = None, cache_size: int | None = None, registry=None, model: str = ""):
+                 queue_limit: int | None = None, cache_size: int | None = None,
+                 metrics: EmbeddingMetrics | None = None, model: str = ""):
         self.embedder = embedder
         self.model = model
         self.max_batch = int(max_batch or config.get("server.embeddings.max-batch"))
@@ -57,7 +58,7 @@ class Batcher:
         self._rate = 1000.0  # texts/s, measured; for Retry-After
         self._thread = threading.Thread(target=self._work, name=f"embedfleet-embed-{model}", daemon=True)
         self._thread.start()
-        self.metrics = _Metrics(registry) if registry is not None else None
+        self.metrics = metrics
 
     def close(self) -> None:
         self._queue.put(None)
@@ -155,19 +156,13 @@ def _resolve(future: asyncio.Future, value, error) -> None:
         future.set_result(value)
 
 
-class _Metrics:
-    _shared: ClassVar[dict[int, _Metrics]] = {}
+class EmbeddingMetrics:
+    """The batcher's Prometheus metrics, one set per registry (all models share it)."""
 
-    def __new__(cls, registry):
-        existing = cls._shared.get(id(registry))
-        if existing is not None:
-            return existing
-        self = super().__new__(cls)
+    def __init__(self, registry):
         from prometheus_client import Counter, Histogram
 
         self.lookups = Counter("embedfleet_embeddings_texts", "Texts asked of /v1/embeddings, by how they were answered",
                                ["result"], registry=registry)
         self.batch_size = Histogram("embedfleet_embeddings_batch_size", "Texts per shared model call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
-        cls._shared[id(registry)] = self
-        return self

@@ -60,6 +60,7 @@ class ServerState:
             # dispatcher's on the workers must let them through; check_source keeps users out.
             dask.config.set({"embedfleet.jobs.allowed-roots": [*roots, str(self.inline_dir)]})
         self._batchers: dict[str, Any] = {}
+        self._embedding_metrics = None
         self._batch_guard = threading.Lock()
         self.started = False
 
@@ -109,13 +110,15 @@ class ServerState:
 
     def batcher(self, model: str):
         from embedfleet.embedders.cache import get_embedder
-        from embedfleet.server.embeddings import Batcher
+        from embedfleet.server.embeddings import Batcher, EmbeddingMetrics
 
         with self._batch_guard:
             found = self._batchers.get(model)
             if found is None:
+                if self._embedding_metrics is None:
+                    self._embedding_metrics = EmbeddingMetrics(self.registry)
                 spec = config.embedder_spec(model=model, cache_dir=str(Path(self.service.data_dir) / "models"))
-                found = self._batchers[model] = Batcher(get_embedder(spec), registry=self.registry, model=model)
+                found = self._batchers[model] = Batcher(get_embedder(spec), metrics=self._embedding_metrics, model=model)
             return found
 
     def close(self) -> None:
