@@ -27,6 +27,7 @@ class Server:
     data_dir: Path
     roots: Path
     env: dict[str, str]
+    database_url: str | None = None
     tokens: dict[str, str] = field(default_factory=dict)  # name -> secret
     token_ids: dict[str, int] = field(default_factory=dict)
 
@@ -70,13 +71,14 @@ def config_extra(roots: Path, pq: Path, **more: Any) -> dict[str, Any]:
 
 
 def start_server(tmp: Path, *, extra: dict[str, Any] | None = None, slow: float | None = None,
-                 timeout: float = 180, log_name: str = "serve.log") -> Server:
+                 timeout: float = 180, log_name: str = "serve.log", database_url: str | None = None) -> Server:
     data_dir, roots = tmp / "data", tmp / "roots"
     roots.mkdir(parents=True, exist_ok=True)
     config_dir = fh.write_dask_config(tmp / "dask-config", extra if extra is not None else config_extra(roots, tmp / "pq"))
     env = fh.cli_env(config_dir, slow=slow)
     log = tmp / log_name
-    process = fh.start_cli("serve", "--port", "0", "--data-dir", str(data_dir), env=env, cwd=tmp, log=log)
+    db = ("--db", database_url) if database_url else ()
+    process = fh.start_cli("serve", "--port", "0", "--data-dir", str(data_dir), *db, env=env, cwd=tmp, log=log)
     deadline = time.monotonic() + timeout
     url = None
     while url is None:
@@ -89,7 +91,7 @@ def start_server(tmp: Path, *, extra: dict[str, Any] | None = None, slow: float 
             fh.kill_group(process)
             raise AssertionError(f"embedfleet serve did not start:\n{text[-4000:]}")
         time.sleep(0.1)
-    return Server(url=url, process=process, log=log, data_dir=data_dir, roots=roots, env=env)
+    return Server(url=url, process=process, log=log, data_dir=data_dir, roots=roots, env=env, database_url=database_url)
 
 
 def add_token(server: Server, name: str, user: str, *, admin: bool = False, expires_in: float | None = None) -> str:
@@ -99,7 +101,7 @@ def add_token(server: Server, name: str, user: str, *, admin: bool = False, expi
     from embedfleet.schedulers.service import JobService
     from embedfleet.schedulers.tokens import TokenStore
 
-    with JobService(data_dir=server.data_dir) as service:
+    with JobService(server.database_url, data_dir=server.data_dir) as service:
         lifetime = dt.timedelta(seconds=expires_in) if expires_in is not None else None
         info, secret = TokenStore(service).create(user, admin=admin, expires_in=lifetime)
     server.tokens[name] = secret
