@@ -99,7 +99,7 @@ class Follower:
                     on_done(futures.pop(future), future.result())  # re-raises the task's error
                 elif future in other:
                     on_other(other.pop(future), future.result())
-                del future
+                future = None  # handled: not held while waiting for the next
                 self.report()
         except BaseException:
             # A cancelled or failed job must not keep the cluster busy, and nothing half-done
