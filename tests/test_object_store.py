@@ -400,3 +400,19 @@ def test_plan_of_an_s3_parquet_object(s3, bucket, local, tmp_path):
     assert rows == table.column("text").to_pylist()
     folder = source_spec(f"s3://{bucket}/t/")
     assert folder.kind == "parquet" and folder.location.endswith("/t/")
+
+
+def test_csv_object_by_url(s3, bucket, local):
+    """A CSV object by URL: its records, typed metadata columns, and line-numbered errors."""
+    from embedfleet.datasets import plan_partitions, read_partition, source_spec
+
+    body = "id,text,stars\na,first text,3\nb,second text,5\nc,broken\nd,fourth text,1\n"
+    s3.client().put_object(Bucket=bucket, Key="t/rows.csv", Body=body.encode())
+    spec = source_spec(f"s3://{bucket}/t/rows.csv", id_column="id")
+    assert spec.kind == "csv"
+    [part] = plan_partitions(spec)
+    assert part.version  # the object's ETag
+    table = read_partition(spec, part)
+    assert table.column("doc_id").to_pylist() == ["a", "b", "rows.csv:3", "d"]
+    assert table.column("error").to_pylist()[2].startswith("malformed CSV row at line 4")
+    assert json.loads(table.column("metadata").to_pylist()[1])["stars"] == 5
