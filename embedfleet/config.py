@@ -447,8 +447,10 @@ def _remote_spec(name: str, raw: Mapping[str, Any]) -> RemoteSpec | None:
         # Chunking needs character offsets from a tokenizers.Tokenizer; a tiktoken encoding is
         # downloaded on first use, which a machine without internet cannot do.
         raise ConfigError(
-            f"model {name!r}: tokenizer {tokenizer!r} is not supported; give a local tokenizer "
-            "(package:MODULE or a directory with tokenizer.json) that counts close to the provider's"
+            f"model {name!r}: tokenizer {tokenizer!r} is not supported: chunking needs a tokenizer.json "
+            "(character offsets), and tiktoken downloads its encodings on first use unless a cached encoding "
+            "file is in TIKTOKEN_CACHE_DIR; give a local tokenizer (package:MODULE or a directory with "
+            "tokenizer.json) that counts at least as many tokens as the provider's"
         )
     fields: dict[str, Any] = {}
     for key, (field_name, convert) in _REMOTE_KEYS.items():
