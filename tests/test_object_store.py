@@ -416,3 +416,18 @@ def test_csv_object_by_url(s3, bucket, local):
     assert table.column("doc_id").to_pylist() == ["a", "b", "rows.csv:3", "d"]
     assert table.column("error").to_pylist()[2].startswith("malformed CSV row at line 4")
     assert json.loads(table.column("metadata").to_pylist()[1])["stars"] == 5
+
+
+def test_a_rewritten_object_of_the_same_size_changes_the_plan(s3, bucket, tmp_path):
+    """The plan's repr is the fingerprint a resumed job checks: an object rewritten with the
+    same size has a new ETag, so a resume across the rewrite is refused; local plans read as before."""
+    from embedfleet.datasets import plan_partitions, source_spec
+
+    s3.client().put_object(Bucket=bucket, Key="p.jsonl", Body=b'{"text": "aaaa"}\n')
+    spec = source_spec(f"s3://{bucket}/p.jsonl")
+    before = repr(plan_partitions(spec))
+    s3.client().put_object(Bucket=bucket, Key="p.jsonl", Body=b'{"text": "bbbb"}\n')
+    after = repr(plan_partitions(spec))
+    assert before != after and "version=" in after
+    (tmp_path / "p.jsonl").write_bytes(b'{"text": "aaaa"}\n')
+    assert repr(plan_partitions(source_spec(str(tmp_path / "p.jsonl")))) == "[ByteRange(path='p.jsonl', start=0, length=17)]"

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
@@ -48,6 +48,7 @@ __all__ = [
     "read_range",
     "file_size",
     "is_remote",
+    "plan_repr",
     "too_big",
     "check_text",
     "check_metadata",
@@ -133,6 +134,13 @@ def source_root(spec: SourceSpec) -> Path | Remote:
         return location if spec.location.endswith("/") else location.parent
     location = Path(spec.location)
     return location if location.is_dir() else location.parent
+
+
+def plan_repr(part: Any) -> str:
+    """A partition's repr, the fingerprint a job resumes by: its fields, and its object's
+    version only when it has one, so local plans read exactly as they always did."""
+    shown = [f"{f.name}={getattr(part, f.name)!r}" for f in fields(part) if f.repr or getattr(part, f.name)]
+    return f"{type(part).__qualname__}({', '.join(shown)})"
 
 
 def single_object(spec: SourceSpec) -> tuple[str, int, str]:

@@ -27,6 +27,7 @@ from embedfleet.datasets.formats.common import (
     Format,
     Rows,
     is_remote,
+    plan_repr,
     single_file,
     single_object,
 )
@@ -55,6 +56,8 @@ class CsvFile:
     bytes: int
     # An object's ETag (object-store sources): what an unchanged object is known by on a re-run.
     version: str = field(default="", repr=False)
+
+    __repr__ = plan_repr  # the version joins the resume fingerprint when there is one
 
 
 def _plan(spec: SourceSpec) -> list[CsvFile]:

@@ -29,6 +29,7 @@ from embedfleet.datasets.formats.common import (
     Rows,
     is_remote,
     json_type,
+    plan_repr,
     read_range,
     single_file,
     single_object,
@@ -48,6 +49,8 @@ class ByteRange:
     length: int
     # An object's ETag (object-store sources): what an unchanged object is known by on a re-run.
     version: str = field(default="", repr=False)
+
+    __repr__ = plan_repr  # the version joins the resume fingerprint when there is one
 
 
 def _plan(spec: SourceSpec) -> list[ByteRange]:

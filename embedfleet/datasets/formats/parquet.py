@@ -27,6 +27,7 @@ from embedfleet.datasets.formats.common import (
     Rows,
     is_remote,
     list_objects,
+    plan_repr,
     single_file,
     single_object,
 )
@@ -56,6 +57,8 @@ class ParquetPiece:
     rows: int
     # Its object's ETag (object-store sources): what an unchanged object is known by on a re-run.
     version: str = field(default="", repr=False)
+
+    __repr__ = plan_repr  # the version joins the resume fingerprint when there is one
 
 
 @dataclass(frozen=True)
