@@ -66,10 +66,11 @@ def test_missing_or_invalid_token_is_401(server, path, method):
 
 
 def test_expired_and_revoked_tokens_are_401(server):
-    short = sh.add_token(server, "short", "dave", expires_in=1.0)
+    short = sh.add_token(server, "short", "dave", expires_in=3.0)
+    made = time.monotonic()
     with server.client() as http:
         assert http.get("/v1/quota", headers={"Authorization": f"Bearer {short}"}).status_code == 200
-        time.sleep(1.2)
+        time.sleep(max(0.0, 3.2 - (time.monotonic() - made)))
         assert http.get("/v1/quota", headers={"Authorization": f"Bearer {short}"}).status_code == 401
     revoked = sh.add_token(server, "revoked", "dave")
     with server.client("ops") as admin:
@@ -195,7 +196,8 @@ def test_every_job_endpoint_hides_other_users_jobs(server, alice_kb):
 
 def test_events_stream_delivers_stage_changes(server):
     with server.client("alice") as http:
-        job = _inline_job(http, "events", sh.documents(40, prefix="ev"))
+        # Long enough in embedding (~4 s) that the half-second progress writes show each stage.
+        job = _inline_job(http, "events", sh.documents(200, words=40, prefix="ev"), chunk_size=16, chunk_overlap=0)
         events = []
         with http.stream("GET", f"/v1/jobs/{job['id']}/events", params={"interval": 0.05}) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
@@ -211,7 +213,9 @@ def test_events_stream_delivers_stage_changes(server):
     statuses = [e["status"] for e in events]
     assert "running" in statuses
     stages = {e["stage"] for e in events if e["status"] == "running"}
-    assert len(stages) >= 2, stages  # e.g. chunking, embedding, writing
+    assert "embedding" in stages and len(stages) >= 2, stages  # e.g. chunking, embedding, writing
+    embedded = [e["embedded"] for e in events]
+    assert embedded == sorted(embedded) and embedded[-1] == events[-1]["chunks"] > 0
 
 
 def test_cancel_stops_a_running_job_and_resume_continues_it(server):
