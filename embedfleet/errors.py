@@ -12,6 +12,7 @@ exit code. The tree::
     ├── UnknownBackendError         no embedder backend / sink scheme of that name
     ├── BackendUnavailableError     the backend's optional dependency is missing (names the extra)
     ├── EmbeddingError              the model failed on a batch
+    │   └── ProviderUnavailable     a remote embedding provider kept failing: its circuit is open
     ├── SinkError                   the vector store refused or failed a request
     │   ├── CollectionMismatch      the collection was built by another model or dimension
     │   └── StoreBusy               an embedded store is being written by another process
@@ -39,6 +40,7 @@ __all__ = [
     "UnknownBackendError",
     "BackendUnavailableError",
     "EmbeddingError",
+    "ProviderUnavailable",
     "SinkError",
     "CollectionMismatch",
     "StoreBusy",
@@ -118,6 +120,10 @@ class BackendUnavailableError(EmbedfleetError):
 
 class EmbeddingError(EmbedfleetError):
     pass
+
+
+class ProviderUnavailable(EmbeddingError):
+    """A remote provider's circuit breaker is open: requests fail at once until its cool-down ends."""
 
 
 class SinkError(EmbedfleetError):

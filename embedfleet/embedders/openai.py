@@ -51,23 +51,18 @@ import numpy as np
 
 from embedfleet.config import EmbedderSpec, RemoteSpec, resolve_model_path
 from embedfleet.embedders.base import BatchStats, Embedder
-from embedfleet.errors import ConfigError, EmbeddingError
+from embedfleet.errors import ConfigError, EmbeddingError, ProviderUnavailable
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CircuitBreaker",
     "OpenAIEmbedder",
-    "ProviderUnavailable",
     "RateLimiter",
     "breaker_for",
     "limiter_for",
     "plan_requests",
 ]
-
-
-class ProviderUnavailable(EmbeddingError):
-    """The provider's circuit is open: requests fail at once until its cool-down ends."""
 
 
 # --------------------------------------------------------------------------- limits
