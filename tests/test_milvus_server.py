@@ -9,6 +9,7 @@ session's shared one, or one of a test's own where the test changes the server.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 
@@ -160,6 +161,7 @@ def auth_server(tmp_path_factory):
 
 
 def test_a_server_with_authorization_names_the_problem_never_the_password(auth_server, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG, logger="embedfleet.sinks.milvus")  # where pymilvus' records go
     for name in ("MILVUS_TOKEN", "MILVUS_USER", "MILVUS_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SinkError, match="requires credentials") as missing:
