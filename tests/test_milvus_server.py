@@ -295,3 +295,40 @@ def _killed_during_writes_then_resumed(server: MilvusServer, tmp_path: Path) -> 
     name = physical_name("local", "kb")
     assert_holds_exactly(server, name, expected)
     assert_an_application_can_search(server, name, expected)
+
+
+# -- the test server itself ------------------------------------------------------------------
+
+
+def test_a_taken_port_fails_the_start_at_once_instead_of_moving(tmp_path):
+    """milvus-server alone would probe on to the next free port, and a restarted server would
+    then answer where no job's sink URI points; the fixture's ports are fixed."""
+    import socket
+    import time
+
+    from tests.sink_servers import MilvusServerUnavailable, milvus_server_install
+
+    try:
+        install = milvus_server_install()
+    except MilvusServerUnavailable as exc:
+        pytest.skip(f"no Milvus server package: {exc}")
+    server = MilvusServer(install, tmp_path / "server")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", server.port))
+        taken.listen()
+        started = time.monotonic()
+        with pytest.raises(MilvusServerUnavailable, match="exited before answering"):
+            server.start()
+    assert time.monotonic() - started < 60
+    assert server.process is None
+
+
+def test_no_server_is_a_skip_that_says_why(monkeypatch, tmp_path):
+    from tests import sink_servers
+
+    def unavailable():
+        raise sink_servers.MilvusServerUnavailable("pip install milvus==2.3.5 failed: no route to PyPI")
+
+    monkeypatch.setattr(sink_servers, "milvus_server_install", unavailable)
+    with pytest.raises(pytest.skip.Exception, match="no Milvus 2.3.5 server: pip install milvus==2.3.5 failed"):
+        sink_servers.start_milvus_server(tmp_path)
