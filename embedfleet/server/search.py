@@ -142,7 +142,7 @@ class SearchService:
         self.lookups.labels("miss").inc()
         from embedfleet.embedders.cache import get_embedder
 
-        embedder = get_embedder(config.embedder_spec(model=model, cache_dir=str(config.data_dir(self.service.data_dir) / "models")))
+        embedder = get_embedder(config.embedder_spec(model=model, cache_dir=str(config.local_dir(self.service.data_dir) / "models")))
         if embedder.dimensions != handle.info.dimensions:
             raise ConfigError(f"collection {collection!r} has {handle.info.dimensions}-dimensional vectors but model "
                               f"{model!r} is configured with {embedder.dimensions}")
