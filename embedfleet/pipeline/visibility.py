@@ -20,6 +20,7 @@ from embedfleet.frames.storage import is_url, location
 __all__ = ["check_workers_see", "probe"]
 
 SHARED_STORAGE = "use shared storage or an object-store data dir (s3://...)"
+PROBE_PRIORITY = 1_000_000
 
 
 def probe(token_path: str, token: str, source: str | None) -> str | None:
@@ -47,8 +48,10 @@ def check_workers_see(client: Any, *, token_path: Any, source: str | None, prior
     write_json_atomic({"token": token}, token_path)
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     futures = {
+        # Ahead of every queued task (it takes milliseconds): a job starting beside others on a
+        # busy cluster waits only for a free thread on each worker, not for their queues.
         client.submit(probe, str(token_path), token, source, workers=[w], allow_other_workers=False, pure=False,
-                      priority=priority, key=f"embedfleet-probe-{token[:8]}-{i}"): w
+                      priority=priority + PROBE_PRIORITY, key=f"embedfleet-probe-{token[:8]}-{i}"): w
         for i, w in enumerate(workers)
     }
     problems = {futures[f]: f.result() for f in futures}
