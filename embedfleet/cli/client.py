@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import types
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -64,7 +65,15 @@ class Remote:
         if not token:
             raise PermissionDenied(f"--server needs a token in {TOKEN_ENV} (from `embedfleet tokens create`)")
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.UsageError(f"--server must be an http(s):// URL, not {url!r}")
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            # The token is a bearer secret: anyone on the path can replay it.
+            click.echo(f"Warning: sending the token to {parts.hostname} over plain HTTP; put the server behind TLS.",
+                       err=True)
+        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
+                                  timeout=httpx.Timeout(120, connect=10))
 
     def __enter__(self) -> Remote:  # noqa: PYI034 - a final class
         return self
@@ -81,11 +90,14 @@ class Remote:
             raise RemoteError(f"cannot reach {self.url}: {exc}") from None
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail")
+                body = response.json()
+                detail = body.get("detail") if isinstance(body, dict) else None
             except ValueError:
-                detail = response.text.strip()
+                detail = response.text.strip()[:200]
             if isinstance(detail, list):  # a validation error: name the fields
                 detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+            if not detail:  # not an embedfleet server's answer (a proxy's, say): say where it came from
+                detail = f"HTTP {response.status_code} {response.reason_phrase} from {self.url}{path}"
             raise _error_for(response.status_code, str(detail), what)
         return response.json()
 
