@@ -141,6 +141,34 @@ def test_workers_write_in_parallel_and_an_application_searches_right_after(milvu
         sink.drop(name)
 
 
+def test_db_name_writes_into_that_database_only(milvus_server):
+    from tests.test_sinks_contract import ids_of, make_frame
+
+    database = f"kb_{uuid.uuid4().hex[:8]}"
+    admin = milvus_server.client()
+    admin.create_database(database)
+    try:
+        with open_sink(make_spec(milvus_server.uri, {"db-name": database})) as sink:
+            collection = sink.open("in_db", info=CollectionInfo(model="fake-a", dimensions=8, metric="cosine"),
+                                   create=True)
+            assert collection.upsert(make_frame(ids_of(5))) == 5 and collection.count() == 5
+            assert sink.list_collections() == ["in_db"]
+        assert "in_db" not in admin.list_collections()
+        # A client of that database (pymilvus 3's using_database() asks for DescribeDatabase,
+        # which 2.3 does not have).
+        in_database = milvus_server.client(db_name=database)
+        assert in_database.list_collections() == ["in_db"]
+        in_database.drop_collection("in_db")
+        in_database.close()
+    finally:
+        admin.drop_database(database)
+        admin.close()
+
+    with pytest.raises(SinkError, match="not found|not exist") as missing:
+        open_sink(make_spec(milvus_server.uri, {"db-name": "no_such_db"})).open("x", info=INFO, create=True)
+    assert milvus_server.uri in str(missing.value)
+
+
 # -- authorization ---------------------------------------------------------------------------
 
 PASSWORD = "Sq3-embedfleet-8121"  # distinctive: the tests look for it in every output and file

@@ -588,7 +588,7 @@ class MilvusSink(Sink):
             # Another worker may have created it between our check and our request.
             described = self._lookup(name)
             if described is None:
-                raise SinkError(f"cannot create Milvus collection {name!r}: {_reason(exc)}") from exc
+                raise SinkError(f"cannot create Milvus collection {name!r} at {self.display_uri}: {_reason(exc)}") from exc
             return described
         described = self._lookup(name)
         if described is None:  # pragma: no cover - the server just said it created it
