@@ -51,7 +51,11 @@ class ServerState:
         self.max_request_bytes = config.bytes_value("server.max-request-bytes")
         self.max_inputs = int(config.get("server.embeddings.max-inputs"))
         self.rate = RateLimiter(dict(config.get("server.rate-limits") or {}), self._tier_of)
-        self.inline_dir = (Path(service.data_dir) / "inline").resolve()
+        # This machine's folder of the data dir (the data dir itself unless it is on object
+        # storage): inline documents are read from there by the job, so with an object-store
+        # data dir they reach only workers on this machine.
+        self.local_dir = config.local_dir(service.data_dir)
+        self.inline_dir = (self.local_dir / "inline").resolve()
         roots = list(config.get("jobs.allowed-roots", None) or [])
         if roots and str(self.inline_dir) not in roots:
             import dask.config
@@ -80,8 +84,7 @@ class ServerState:
         if "://" in source:
             raise PermissionDenied("a source over the API is a path under the allowed roots, not a URL")
         path = Path(source).expanduser().resolve()
-        if path == self.inline_dir or path.is_relative_to(self.inline_dir) or path.is_relative_to(
-                Path(self.service.data_dir).resolve()):
+        if path == self.inline_dir or path.is_relative_to(self.inline_dir) or path.is_relative_to(self.local_dir.resolve()):
             raise PermissionDenied("a source may not lie in the server's data dir")
         return str(path)
 
@@ -117,7 +120,7 @@ class ServerState:
             if found is None:
                 if self._embedding_metrics is None:
                     self._embedding_metrics = EmbeddingMetrics(self.registry)
-                spec = config.embedder_spec(model=model, cache_dir=str(Path(self.service.data_dir) / "models"))
+                spec = config.embedder_spec(model=model, cache_dir=str(self.local_dir / "models"))
                 found = self._batchers[model] = Batcher(get_embedder(spec), metrics=self._embedding_metrics, model=model)
             return found
 
