@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import dask.config
@@ -431,3 +432,62 @@ def test_a_rewritten_object_of_the_same_size_changes_the_plan(s3, bucket, tmp_pa
     assert before != after and "version=" in after
     (tmp_path / "p.jsonl").write_bytes(b'{"text": "aaaa"}\n')
     assert repr(plan_partitions(source_spec(str(tmp_path / "p.jsonl")))) == "[ByteRange(path='p.jsonl', start=0, length=17)]"
+
+
+def _private_mounts_work(tmp: Path) -> bool:
+    """Whether this machine lets a process mount a tmpfs in its own mount namespace (root)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = tmp / "mount-probe"
+    probe.mkdir()
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs none {probe}"],
+                          capture_output=True, timeout=30, check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_node_local_data_dir_stops_the_job_in_one_line(tmp_path):
+    """A worker that sees another disk at the data dir's path (its own mount namespace, with a
+    tmpfs over the driver's folder: what a node-local data dir is from another machine) stops
+    the job at its start with one line, not a FileNotFoundError in the middle of it."""
+    if not _private_mounts_work(tmp_path):
+        pytest.skip("needs unshare -m and mount (root) to give a worker its own view of a folder")
+    node = tmp_path / "node"
+    fh.make_corpus(node / "corpus", documents=2, words=100)
+    data = node / "data"
+    config_dir = fh.write_dask_config(tmp_path / "dask-config")
+    env = fh.cli_env(config_dir)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = Path(sys.executable).parent / "dask"
+    (tmp_path / "w").mkdir()
+    procs = [_start(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                    env=env, cwd=tmp_path, log=tmp_path / "sched.log")]
+    try:
+        worker_command = (f"mount -t tmpfs none {node} && exec {dask} worker {address} --nthreads 1 --no-dashboard "
+                          f"--local-directory {tmp_path / 'w'} --resources embed-slot=1")
+        with open(tmp_path / "worker.log", "ab") as out:
+            procs.append(subprocess.Popen(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", worker_command],
+                env=env, cwd=tmp_path / "w", stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True))
+        from distributed import Client
+
+        with Client(address, timeout=60) as c:
+            c.wait_for_workers(1, timeout=120)
+            [worker] = c.scheduler_info()["workers"]
+        done = subprocess.run(
+            fh.cli_command("index", str(node / "corpus"), "--model", "fake", "--data-dir", str(data),
+                           "--sink", f"chroma://{tmp_path / 'store'}", "--scheduler", address, *CHUNK_ARGS),
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
+        assert done.returncode != 0
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"Error: worker {worker} cannot see data dir {data}: use shared storage or an object-store data dir (s3://...)"
+        ), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert not list((data / "jobs").glob("*/chunks/*.parquet"))  # stopped before any task
+    finally:
+        for p in reversed(procs):
+            fh.stop_group(p)
