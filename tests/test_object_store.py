@@ -491,3 +491,32 @@ def test_a_node_local_data_dir_stops_the_job_in_one_line(tmp_path):
     finally:
         for p in reversed(procs):
             fh.stop_group(p)
+
+
+@pytest.mark.postgres
+def test_dispatched_job_with_postgres_and_an_s3_data_dir(s3, s3_client, bucket, local):
+    """The many-machine setup: jobs submitted to PostgreSQL, run by a dispatcher, data dir and
+    source on S3; the job record holds the URLs and nothing of the credentials."""
+    from tests.db import pg_available, pg_schema
+
+    reason = pg_available()
+    if reason:
+        pytest.skip(reason)
+    from embedfleet.schedulers.dispatcher import run_once
+    from embedfleet.schedulers.service import JobService
+
+    _put_corpus(s3, bucket, "corpus/", 3, local)
+    data_dir, sink = f"s3://{bucket}/work", f"chroma://{local / 'chroma'}"
+    with pg_schema() as schema, JobService(schema.url, data_dir=data_dir) as service:
+        job = service.submit(f"s3://{bucket}/corpus/", user="ann", collection="kb", model="fake", sink=sink,
+                             **CHUNKING)
+        [done] = run_once(service, s3_client)
+        assert done.id == job.id and done.status == "succeeded", done.error
+        assert done.embedded == done.chunks > 0
+        assert done.source == f"s3://{bucket}/corpus/"
+        import sqlalchemy as sa
+
+        with service.engine.connect() as conn:
+            record = conn.execute(sa.text("SELECT spec FROM ef_jobs WHERE id = :id"), {"id": job.id}).scalar_one()
+        assert data_dir in record and SECRET not in record
+    assert len(fh.read_chroma(sink, "ann", "kb")) == done.chunks
