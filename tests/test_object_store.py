@@ -520,3 +520,21 @@ def test_dispatched_job_with_postgres_and_an_s3_data_dir(s3, s3_client, bucket, 
             record = conn.execute(sa.text("SELECT spec FROM ef_jobs WHERE id = :id"), {"id": job.id}).scalar_one()
         assert data_dir in record and SECRET not in record
     assert len(fh.read_chroma(sink, "ann", "kb")) == done.chunks
+
+
+def test_is_done_lists_a_prefix_once(s3, bucket, monkeypatch):
+    """Finished partitions on S3 are found by one listing, not a request per partition, and a
+    marker this process writes is seen at once."""
+    from embedfleet.frames import io
+    from embedfleet.frames.storage import Remote
+
+    root = f"s3://{bucket}/jobs/j/chunks"
+    for i in range(0, 40, 2):
+        io.write_json_atomic({"chunks": i}, f"{root}/part-{i:05d}.parquet.json")
+    calls = []
+    real_glob = Remote.glob
+    monkeypatch.setattr(Remote, "glob", lambda self, pattern: calls.append(str(self)) or real_glob(self, pattern))
+    done = [i for i in range(40) if io.is_done(f"{root}/part-{i:05d}.parquet")]
+    assert done == list(range(0, 40, 2)) and calls == [root]
+    io.write_json_atomic({"chunks": 1}, f"{root}/part-00001.parquet.json")
+    assert io.is_done(f"{root}/part-00001.parquet")

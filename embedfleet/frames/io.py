@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import shutil
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike | Remote) -> Non
     if is_url(path):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        location(path).write_bytes(sink.getvalue().to_pybytes())
+        _put(location(path), sink.getvalue().to_pybytes())
         return
     path = Path(path)
     tmp = _tmp(path)
@@ -57,7 +59,7 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike | Remote) -> Non
 
 def write_json_atomic(obj: Any, path: str | os.PathLike | Remote) -> None:
     if is_url(path):
-        location(path).write_bytes(json.dumps(obj).encode())
+        _put(location(path), json.dumps(obj).encode())
         return
     path = Path(path)
     tmp = _tmp(path)
@@ -108,7 +110,44 @@ def sidecar(path: str | os.PathLike | Remote) -> Path | Remote:
 
 
 def is_done(path: str | os.PathLike | Remote) -> bool:
+    if is_url(path):
+        return _listed(location(f"{path}.json"))
     return sidecar(path).exists()
+
+
+#: How long a listing of a prefix answers :func:`is_done` for the objects under it.
+LISTING_SECONDS = 1.0
+_listings: dict[Remote, tuple[float, frozenset[str]]] = {}
+_listings_lock = threading.Lock()
+
+
+def _listed(marker: Remote) -> bool:
+    """Whether ``marker`` exists, from one listing of its prefix per :data:`LISTING_SECONDS`.
+
+    A job resumed on S3 asks this of every partition at once: one LIST instead of a HEAD per
+    partition. Markers are only ever added, so a listing never says done wrongly; one a moment
+    old may miss a marker another process just wrote, and the partition is then submitted
+    again, where its task finds the marker (or redoes the same output). This process's own
+    writes drop the listing of their prefix.
+    """
+    folder, now = marker.parent, time.monotonic()
+    with _listings_lock:
+        cached = _listings.get(folder)
+    if cached is None or now - cached[0] > LISTING_SECONDS:
+        cached = (now, frozenset(p.name for p in folder.glob("*")))
+        with _listings_lock:
+            _listings[folder] = cached
+    return marker.name in cached[1]
+
+
+def _put(target: Remote, data: bytes) -> None:
+    target.write_bytes(data)
+    _forget(target.parent)
+
+
+def _forget(folder: Remote) -> None:
+    with _listings_lock:
+        _listings.pop(folder, None)
 
 
 def exists(path: str | os.PathLike | Remote) -> bool:
@@ -125,13 +164,14 @@ def copy_file(source: str | os.PathLike | Remote, target: str | os.PathLike | Re
     """Copy one file, whole or not at all, between any two places."""
     if is_url(source) and is_url(target):
         location(source).copy_to(location(target))
+        _forget(location(target).parent)
     elif not is_url(source) and not is_url(target):
         tmp = _tmp(Path(target))
         with _naming(Path(target), tmp):
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     elif is_url(target):
-        location(target).write_bytes(Path(source).read_bytes())
+        _put(location(target), Path(source).read_bytes())
     else:
         tmp = _tmp(Path(target))
         with _naming(Path(target), tmp):
@@ -143,5 +183,7 @@ def remove_tree(path: str | os.PathLike | Remote) -> None:
     """Remove a folder (or every object under a prefix); nothing there is fine."""
     if is_url(path):
         location(path).rmtree()
+        with _listings_lock:
+            _listings.clear()
     else:
         shutil.rmtree(path, ignore_errors=True)
