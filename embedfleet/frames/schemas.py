@@ -7,11 +7,11 @@ import pyarrow as pa
 from embedfleet.errors import EmbedfleetError
 
 __all__ = [
-    "DOCUMENTS",
     "CHUNKS",
-    "embeddings_schema",
-    "check_schema",
+    "DOCUMENTS",
     "SchemaMismatch",
+    "check_schema",
+    "embeddings_schema",
 ]
 
 # `error` is not in DESIGN's documents frame: a reader that cannot read a document emits a row
