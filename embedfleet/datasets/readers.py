@@ -39,8 +39,9 @@ This module routes through that table and is the public face of all of them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -53,7 +54,12 @@ from embedfleet.datasets.formats.common import Estimator, check_location, list_o
 from embedfleet.datasets.formats.csv import CsvFile
 from embedfleet.datasets.formats.files import FileGroup
 from embedfleet.datasets.formats.jsonl import ByteRange
-from embedfleet.datasets.formats.listing import is_data_sidecar, is_unlisted, iter_files, suffix_of
+from embedfleet.datasets.formats.listing import (
+    is_data_sidecar,
+    is_unlisted,
+    iter_files,
+    suffix_of,
+)
 from embedfleet.datasets.formats.parquet import ParquetPiece, ParquetPieces
 from embedfleet.datasets.formats.tables import DEFAULT_TEXT_COLUMN
 from embedfleet.datasets.source import SourceSpec
@@ -62,19 +68,19 @@ from embedfleet.frames.schemas import DOCUMENTS
 from embedfleet.frames.storage import Remote, is_url
 
 __all__ = [
-    "source_spec",
-    "real_roots",
-    "plan_partitions",
-    "read_partition",
-    "read_documents",
-    "estimate_chunks",
-    "Partition",
-    "FileGroup",
+    "BuiltinPart",
     "ByteRange",
     "CsvFile",
+    "FileGroup",
     "ParquetPiece",
     "ParquetPieces",
-    "BuiltinPart",
+    "Partition",
+    "estimate_chunks",
+    "plan_partitions",
+    "read_documents",
+    "read_partition",
+    "real_roots",
+    "source_spec",
 ]
 
 Partition = FileGroup | ByteRange | CsvFile | ParquetPieces | BuiltinPart

@@ -8,8 +8,8 @@ mass deletion), and records the outcome in the job dir so a resumed job repeats 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from embedfleet.errors import DuplicateDocumentError, JobError, MassDeleteRefused
 from embedfleet.frames.io import (
@@ -27,7 +27,7 @@ from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.manifest import Manifest
 from embedfleet.tasks import stages
 
-__all__ = ["Diff", "diff", "commit_manifest", "check_manifest_unchanged"]
+__all__ = ["Diff", "check_manifest_unchanged", "commit_manifest", "diff"]
 
 
 def check_manifest_unchanged(manifest: Manifest, job_dir: JobDir) -> None:

@@ -15,8 +15,9 @@ A bucket's two id sets are all any task holds; the driver moves only paths and c
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ from embedfleet.frames.io import make_dirs, read_table, write_table_atomic
 from embedfleet.frames.storage import Remote, location
 from embedfleet.options import Mode
 
-__all__ = ["IDS", "NEW_COLUMNS", "BUCKET_ROWS", "bucket_count", "split_stage", "diff_bucket_stage", "select_stage", "protected_mask"]
+__all__ = ["BUCKET_ROWS", "IDS", "NEW_COLUMNS", "bucket_count", "diff_bucket_stage", "protected_mask", "select_stage", "split_stage"]
 
 #: The manifest's rows, and what every "old" input of the diff holds.
 IDS = pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string())])

@@ -22,9 +22,10 @@ import json
 import math
 import os
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 
@@ -35,26 +36,26 @@ from embedfleet.frames.schemas import DOCUMENTS, check_schema
 from embedfleet.frames.storage import Remote, filesystem, is_url, object_version
 
 __all__ = [
-    "Format",
     "Estimator",
-    "Rows",
+    "Format",
     "Refused",
+    "Rows",
     "check_location",
-    "open_checked",
-    "source_root",
-    "single_file",
-    "single_object",
-    "list_objects",
-    "read_range",
+    "check_metadata",
+    "check_text",
+    "dumps",
     "file_size",
     "is_remote",
-    "plan_repr",
-    "too_big",
-    "check_text",
-    "check_metadata",
     "json_type",
     "jsonable",
-    "dumps",
+    "list_objects",
+    "open_checked",
+    "plan_repr",
+    "read_range",
+    "single_file",
+    "single_object",
+    "source_root",
+    "too_big",
 ]
 
 _MAX_DOC_KEY = "embedfleet.read.max-document-bytes"

@@ -17,8 +17,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -39,7 +40,7 @@ from embedfleet.datasets.formats.tables import (
 )
 from embedfleet.datasets.source import SourceSpec
 
-__all__ = ["CsvFile", "CSV"]
+__all__ = ["CSV", "CsvFile"]
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import pyarrow as pa
 
@@ -37,7 +37,7 @@ from embedfleet.datasets.formats.common import (
 from embedfleet.datasets.formats.tables import open_table_file, record_row
 from embedfleet.datasets.source import SourceSpec
 
-__all__ = ["ByteRange", "JSONL"]
+__all__ = ["JSONL", "ByteRange"]
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ number in its file.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -46,7 +47,7 @@ from embedfleet.datasets.formats.tables import (
 from embedfleet.datasets.source import SourceSpec
 from embedfleet.errors import SourceError
 
-__all__ = ["ParquetPiece", "ParquetPieces", "PARQUET"]
+__all__ = ["PARQUET", "ParquetPiece", "ParquetPieces"]
 
 
 @dataclass(frozen=True)
