@@ -33,6 +33,7 @@ def s3(tmp_path_factory):
     with moto_server(log) as server:
         saved = {k: os.environ.get(k) for k in server.env()}
         os.environ.update(server.env())
+        _forget_filesystems()  # one made before would keep the endpoint and keys it was made with
         try:
             yield server
         finally:
@@ -41,6 +42,16 @@ def s3(tmp_path_factory):
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+            _forget_filesystems()
+
+
+def _forget_filesystems() -> None:
+    import s3fs
+
+    from embedfleet.frames import storage
+
+    storage._filesystem.cache_clear()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
