@@ -11,8 +11,8 @@ together with its fast tokenizer, and cached under ``EmbedderSpec.cache_dir`` (t
         embedfleet-onnx.json     pooling, normalisation, input names, how it was verified
         model.int8.onnx          only after a --quantize int8 run; with model.int8.json
 
-``key`` is a hash of the model directory's path and the contents of its files, so a changed
-model is exported again and two models never share an export. Pooling (the model's
+``key`` is a hash of the model directory's path and its files' names, sizes and mtimes, so a
+changed model is exported again and two models never share an export. Pooling (the model's
 ``Pooling`` module: mean, cls, max, mean_sqrt_len_tokens) and normalisation run in numpy,
 exactly as sentence-transformers does them. An export is verified against the torch model
 before it is kept.
@@ -54,7 +54,15 @@ from embedfleet.errors import BackendUnavailableError, ConfigError, EmbeddingErr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnnxEmbedder", "export_model", "quantize_model", "model_key", "quantization_report", "SUPPORTED_POOLING"]
+__all__ = [
+    "SUPPORTED_POOLING",
+    "OnnxEmbedder",
+    "export_model",
+    "find_export",
+    "model_key",
+    "quantization_report",
+    "quantize_model",
+]
 
 # Bump when the export's layout or logic changes: old exports are then not reused.
 EXPORT_FORMAT = 1
@@ -78,17 +86,19 @@ def _import_onnxruntime():
 
 
 def model_key(model_path: str) -> str:
-    """Hash of a model directory's absolute path and its files' contents (hex)."""
+    """Hash of a model directory's absolute path and its files' names, sizes and mtimes (hex).
+
+    Stat, not content: hashing the weights cost ~0.1 s per load, a large share of a
+    one-query ``embedfleet search``; replacing a model file changes its size or mtime.
+    """
     root = Path(model_path).resolve()
     digest = hashlib.sha256(f"embedfleet-onnx:{EXPORT_FORMAT}:{root}".encode())
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel.startswith((".", "onnx/")) or "/." in rel or rel.endswith(".onnx"):
             continue  # caches and exports that other tools put next to the model
-        digest.update(rel.encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        st = path.stat()
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return digest.hexdigest()
 
 
@@ -102,7 +112,8 @@ def export_dir(model_name: str, model_path: str, cache_dir: str | None) -> Path:
 
 
 def _lock(target: Path):
-    from filelock import FileLock  # a dependency of huggingface_hub, hence of sentence-transformers
+    # filelock: a dependency of huggingface_hub, hence of sentence-transformers
+    from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(target) + ".lock")
@@ -181,6 +192,12 @@ def _pooling_modes(st_model) -> tuple[list[str], bool]:
     if getattr(pooling, "include_prompt", True) is False:
         raise EmbeddingError("the onnx backend does not support pooling with include_prompt=False")
     return modes, "Normalize" in kinds[2:]
+
+
+def find_export(model_name: str, model_path: str, cache_dir: str | None) -> Path | None:
+    """The finished export of a model, if some process made one; never exports."""
+    target = export_dir(model_name, model_path, cache_dir)
+    return target if (target / MANIFEST).is_file() else None
 
 
 def export_model(model_name: str, model_path: str, cache_dir: str | None, *, max_seq_length: int) -> Path:

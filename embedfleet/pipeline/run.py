@@ -23,7 +23,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from embedfleet.config import resolve_model_path
 from embedfleet.errors import JobCancelled, JobError
@@ -34,7 +35,7 @@ from embedfleet.frames.io import (
     sidecar,
     write_json_atomic,
 )
-from embedfleet.pipeline import incremental
+from embedfleet.pipeline import incremental, unchanged
 from embedfleet.pipeline.embedding import TASK_RETRIES, Embedding
 from embedfleet.pipeline.follow import Chunked, Embedded, Follower, Written
 from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
@@ -77,6 +78,12 @@ def run_job(
     cancels the job's tasks; the result then has status ``cancelled``. Other failures raise.
     """
     started = time.perf_counter()
+    # Taken before anything is read: an edit during the run then shows as a change next time.
+    source_fingerprint = unchanged.fingerprint(spec)
+    known = unchanged.run_unchanged(spec, source_fingerprint=source_fingerprint, on_progress=on_progress,
+                                    before_embed=before_embed)
+    if known is not None:
+        return known
     progress = Progress(stage="reading")
     follower = Follower(client, priority=priority, cancel=cancel, on_progress=on_progress, progress=progress)
     result = JobResult(
@@ -96,6 +103,7 @@ def run_job(
     result.tokens = progress.tokens
     if result.status == "succeeded":
         write_json_atomic(result.to_dict(), JobDir(spec.job_dir).result)
+        unchanged.record(spec, result, source_fingerprint)
     return result
 
 
