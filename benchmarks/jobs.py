@@ -6,6 +6,12 @@
   and reused (``database_only``: the service's own cost, one transaction per submit).
 * ``latency``: wall time of a one-document job from ``submit`` to ``succeeded`` on a warm
   dispatcher (a thread of this process) and a warm LocalCluster (model already resident).
+* ``overhead``: where that time goes, per job (median over the jobs, milliseconds): the driver
+  functions of each stage timed in place (submit, the dispatcher's wait and claim, each stage
+  of ``run_job``, the visibility probe, the ledger's writes, the final record), the tasks each
+  job sends to the scheduler and the workers' own compute time per kind of task.
+* ``jobs_per_minute``: 40 one-document jobs of 3 users, each user's jobs into one collection of
+  its own (the seeds' case), run by one dispatcher (``--max-running 20``) on a warm cluster.
 
 Usage::
 
@@ -17,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -156,12 +163,247 @@ def bench_latency(url: str, data_dir: Path, root: Path, jobs: int, model: str | 
     }
 
 
+class _Spans:
+    """Wall time spent in named driver functions, patched in place for the benchmark's duration.
+
+    Records ``(name, start, end)``; the jobs run one at a time, so a job's spans are those that
+    start between its submit and the moment its status reads succeeded.
+    """
+
+    def __init__(self):
+        self.records: list[tuple[str, float, float]] = []
+        self._undo: list[tuple[object, str, object]] = []
+        self._lock = threading.Lock()
+
+    def wrap(self, owner: object, attr: str, name: str) -> None:
+        original = getattr(owner, attr, None)
+        if original is None:  # a stage this version of the pipeline does not have
+            return
+        spans = self
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with spans._lock:
+                    spans.records.append((name, t0, time.perf_counter()))
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, original))
+
+    def restore(self) -> None:
+        for owner, attr, original in reversed(self._undo):
+            setattr(owner, attr, original)
+        self._undo.clear()
+
+    def between(self, t0: float, t1: float) -> list[tuple[str, float, float]]:
+        with self._lock:
+            return [r for r in self.records if t0 <= r[1] <= t1]
+
+
+def _instrument(spans: _Spans) -> None:
+    from embedfleet.pipeline import embedding, incremental, run, unchanged
+    from embedfleet.pipeline import placement as placement_mod
+    from embedfleet.schedulers import execution, ledger, service
+    from embedfleet.tasks import stages
+
+    # Nested names: "run_job" holds "run_job.*", whose "prepare" holds "prepare.*".
+    spans.wrap(service.JobService, "submit", "submit")
+    spans.wrap(ledger.Ledger, "rank", "dispatcher.rank")
+    spans.wrap(ledger.Ledger, "claim", "dispatcher.claim")
+    spans.wrap(execution.JobExecution, "run", "execution")
+    spans.wrap(run, "run_job", "run_job")
+    spans.wrap(unchanged, "run_unchanged", "run_job.unchanged_check")
+    spans.wrap(unchanged, "fingerprint", "run_job.source_fingerprint")
+    spans.wrap(unchanged, "record", "run_job.unchanged_record")
+    spans.wrap(run._JobRun, "__init__", "run_job.setup")
+    spans.wrap(run, "write_json_atomic", "run_job.json_writes")
+    spans.wrap(run._JobRun, "_prepare", "run_job.prepare")
+    spans.wrap(placement_mod.Placement, "preload", "prepare.model_preload")
+    spans.wrap(run, "check_workers_see", "prepare.visibility_probe")
+    spans.wrap(run, "_check_plan_unchanged", "prepare.plan_write")
+    spans.wrap(run, "_in_thread", "prepare.open_sink_start")
+    spans.wrap(run._JobRun, "_chunk", "run_job.read_chunk")
+    spans.wrap(run._JobRun, "_diff", "run_job.diff")
+    spans.wrap(run._JobRun, "_embed", "run_job.embed_write")
+    spans.wrap(run._JobRun, "_delete", "run_job.delete")
+    spans.wrap(incremental, "commit_manifest", "run_job.manifest_commit")
+    spans.wrap(embedding.Embedding, "summarise", "run_job.summarise")
+    spans.wrap(stages, "forget_collections", "run_job.forget_collections")
+    spans.wrap(ledger.Ledger, "reserve", "ledger.reserve")
+    spans.wrap(ledger.Ledger, "heartbeat", "ledger.heartbeat")
+    spans.wrap(ledger.Ledger, "poll", "ledger.poll")
+    spans.wrap(ledger.Ledger, "finish", "ledger.finish")
+
+
+def _task_kind(key: object) -> str:
+    key = key[0] if isinstance(key, tuple) else str(key)
+    for kind in ("embedfleet-probe", "chunk", "embed", "write", "delete", "diff", "manifest", "preload"):
+        if kind in key:
+            return kind
+    return key.split("-")[0] or "other"
+
+
+def bench_overhead(url: str, data_dir: Path, root: Path, jobs: int, model: str | None) -> dict:
+    """Per-job breakdown of a one-document job on a warm dispatcher and cluster (see the module doc)."""
+    from distributed import get_task_stream
+
+    from embedfleet.pipeline.cluster import connect
+    from embedfleet.schedulers.dispatcher import Dispatcher
+
+    service = JobService(url, data_dir=data_dir)
+    service.add_user("ovh", tier="unlimited")
+    spans = _Spans()
+    per_job: list[dict[str, float]] = []
+    tasks: list[dict[str, int]] = []
+    compute: list[dict[str, float]] = []
+    with connect(workers=1, dashboard_address=":0") as client:
+        submitted: list[str] = []
+        original_submit = client.submit
+
+        def counting_submit(fn, *args, **kwargs):
+            submitted.append(_task_kind(kwargs.get("key") or getattr(fn, "__name__", "task")))
+            return original_submit(fn, *args, **kwargs)
+
+        client.submit = counting_submit
+        dispatcher = Dispatcher(service, client=client)
+        thread = threading.Thread(target=dispatcher.run, daemon=True)
+        thread.start()
+        _instrument(spans)
+        try:
+            for i in range(jobs + 1):  # the first one warms the cluster and is not counted
+                docs = root / f"overhead-{i}"
+                docs.mkdir(parents=True)
+                (docs / "one.md").write_text(f"# Note {i}\n\nA single short document, number {i}, to embed.\n")
+                submitted.clear()
+                with get_task_stream(client) as stream:
+                    t0 = time.perf_counter()
+                    job = service.submit(str(docs), user="ovh", collection=f"ovh-{i}", model=model)
+                    while (info := service.status(job.id, user="ovh")).status in ("queued", "running"):
+                        time.sleep(0.002)
+                    t1 = time.perf_counter()
+                if info.status != "succeeded":
+                    raise RuntimeError(f"overhead job {job.id} ended {info.status}: {info.error}")
+                if not i:
+                    continue
+                times: dict[str, float] = {"total": t1 - t0}
+                first: dict[str, float] = {}
+                last: dict[str, float] = {}
+                for name, s0, s1 in spans.between(t0, t1):
+                    times[name] = times.get(name, 0.0) + (s1 - s0)
+                    first.setdefault(name, s0)
+                    last[name] = s1
+                # The gaps between the pieces: the dispatcher noticing the job, starting its
+                # thread, and this loop noticing the end.
+                if "submit" in last and "dispatcher.claim" in first:
+                    times["gap.submit_to_claim"] = first["dispatcher.claim"] - last["submit"]
+                if "dispatcher.claim" in last and "execution" in first:
+                    times["gap.claim_to_start"] = first["execution"] - last["dispatcher.claim"]
+                if "execution" in last:
+                    times["gap.recorded_to_seen"] = t1 - last["execution"]
+                    if "run_job" in last:
+                        times["execution.after_run_job"] = last["execution"] - last["run_job"]
+                per_job.append(times)
+                counts: dict[str, int] = {}
+                for kind in submitted:
+                    counts[kind] = counts.get(kind, 0) + 1
+                tasks.append(counts)
+                busy: dict[str, float] = {}
+                for task in stream.data:
+                    kind = _task_kind(task.get("key"))
+                    for ss in task.get("startstops", ()):
+                        if ss.get("action") == "compute":
+                            busy[kind] = busy.get(kind, 0.0) + ss["stop"] - ss["start"]
+                compute.append(busy)
+        finally:
+            spans.restore()
+            client.submit = original_submit
+            dispatcher.stop()
+            thread.join(60)
+            service.close()
+
+    def medians(rows: list[dict[str, float]], scale: float) -> dict[str, float]:
+        names = sorted({k for r in rows for k in r})
+        return {k: round(statistics.median(r.get(k, 0.0) for r in rows) * scale, 1) for k in names}
+
+    return {
+        "jobs": len(per_job),
+        "ms_p50": medians(per_job, 1000),
+        "tasks_submitted_p50": medians(tasks, 1),  # type: ignore[arg-type]
+        "worker_compute_ms_p50": medians(compute, 1000),
+        "model": model or dask.config.get("embedfleet.embed.model"),
+    }
+
+
+def bench_jobs_per_minute(url: str, data_dir: Path, root: Path, jobs: int, users: int, max_running: int,
+                          model: str | None, timeout: float = 600.0) -> dict:
+    """``jobs`` one-document jobs of ``users`` users, each user's into one collection, one dispatcher."""
+    from embedfleet.pipeline.cluster import connect
+    from embedfleet.schedulers.dispatcher import Dispatcher
+
+    paragraph = ("The command reads each named file and writes it, in order, to standard output; with no "
+                 "file, or when the file is -, it reads standard input. Options change how lines are "
+                 "numbered, how blank lines are squeezed and how non-printing characters are shown. ") * 4
+    service = JobService(url, data_dir=data_dir)
+    names = [f"tp-{u}" for u in range(users)]
+    for name in names:
+        service.add_user(name, tier="enterprise")
+    with dask.config.set({"embedfleet.jobs.queue-limit": jobs + 10}), connect(workers=1, dashboard_address=":0") as client:
+        warm = root / "tp-warm"
+        warm.mkdir(parents=True)
+        (warm / "warm.md").write_text(paragraph)
+        service.submit(str(warm), user=names[0], collection="warm-up", model=model)
+        Dispatcher(service, client=client, max_running=max_running).run(once=True)
+        ids = []
+        for i in range(jobs):
+            docs = root / f"tp-{i}"
+            docs.mkdir(parents=True)
+            (docs / "item.md").write_text(f"# Item {i}\n\n{paragraph}")
+            user = names[i % users]
+            ids.append((service.submit(str(docs), user=user, collection="media", model=model).id, user))
+        dispatcher = Dispatcher(service, client=client, max_running=max_running)
+        thread = threading.Thread(target=dispatcher.run, kwargs={"once": True}, daemon=True)
+        t0 = time.perf_counter()
+        thread.start()
+        thread.join(timeout)
+        elapsed = time.perf_counter() - t0
+        stuck = thread.is_alive()
+        if stuck:
+            dispatcher.stop()
+            thread.join(60)
+        infos = [service.status(job_id, user=user) for job_id, user in ids]
+        service.close()
+    statuses: dict[str, int] = {}
+    for info in infos:
+        statuses[info.status] = statuses.get(info.status, 0) + 1
+    run_times = [(i.finished_at - i.started_at).total_seconds() for i in infos if i.started_at and i.finished_at]
+    done = statuses.get("succeeded", 0)
+    return {
+        "jobs": jobs,
+        "users": users,
+        "max_running": max_running,
+        "statuses": statuses,
+        "timed_out": stuck,
+        "seconds": round(elapsed, 2),
+        "jobs_per_minute": round(done / elapsed * 60, 1),
+        "run_seconds_p50": round(statistics.median(run_times), 3) if run_times else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--submissions", type=int, default=1000)
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--latency-jobs", type=int, default=5)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--overhead-jobs", type=int, default=5, help="0 skips the per-job breakdown")
+    parser.add_argument("--rate-jobs", type=int, default=40, help="0 skips the jobs-per-minute run")
+    parser.add_argument("--rate-users", type=int, default=3)
+    parser.add_argument("--max-running", type=int, default=20)
+    parser.add_argument("--only", choices=["overhead", "rate"], action="append", default=None,
+                        help="run only these parts (repeatable); submit and latency are skipped")
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--pg-url", default=DEFAULT_PG)
     parser.add_argument("--model", default=None, help="model for the latency job (default embedfleet.embed.model)")
@@ -172,6 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="embedfleet-bench-") as tmp:
         root = Path(tmp)
         docs = _corpus(root)
+        if args.only:
+            if "overhead" in args.only and args.overhead_jobs:
+                result["overhead"] = bench_overhead(f"sqlite:///{root / 'ovh.db'}", root / "data-ovh", root / "ovh",
+                                                    args.overhead_jobs, args.model)
+            if "rate" in args.only and args.rate_jobs:
+                result["jobs_per_minute"] = bench_jobs_per_minute(
+                    f"sqlite:///{root / 'rate.db'}", root / "data-rate", root / "rate", args.rate_jobs,
+                    args.rate_users, args.max_running, args.model)
+            json.dump(result, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+            return 0
         result["submit"] = {"sqlite": bench_submit(f"sqlite:///{root / 'jobs.db'}", root / "data", docs, args.submissions, args.users)}
         if not args.skip_postgres:
             try:
@@ -196,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
                             )
                     except Exception as exc:  # noqa: BLE001
                         result["latency"]["postgresql"] = {"error": f"{type(exc).__name__}: {exc}"}
+                if args.overhead_jobs:
+                    result["overhead"] = bench_overhead(f"sqlite:///{root / 'ovh.db'}", root / "data-ovh",
+                                                        root / "ovh", args.overhead_jobs, args.model)
+                if args.rate_jobs:
+                    result["jobs_per_minute"] = bench_jobs_per_minute(
+                        f"sqlite:///{root / 'rate.db'}", root / "data-rate", root / "rate", args.rate_jobs,
+                        args.rate_users, args.max_running, args.model)
     json.dump(result, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     return 0
