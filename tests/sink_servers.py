@@ -241,10 +241,13 @@ class MilvusServer:
     sink URI names the port); ``stop(crash=True)`` kills it without a shutdown.
     """
 
-    def __init__(self, install: Path, data_dir: Path, *, authorization: bool = False):
+    def __init__(self, install: Path, data_dir: Path, *, authorization: bool = False,
+                 tls: tuple[Path, Path] | None = None):
         self.install = install
         self.data_dir = Path(data_dir)
         self.authorization = authorization
+        #: (certificate, key) of one-way TLS (tls mode 1); the certificate names 127.0.0.1.
+        self.tls = tls
         #: The superuser's password, for a test that changes it.
         self.password = MILVUS_ROOT[1]
         *ports, self.etcd_peer_port = _free_ports(len(_MILVUS_PORTS) + 1)
@@ -264,7 +267,7 @@ class MilvusServer:
     @property
     def http_uri(self) -> str:
         """The address pymilvus' own clients take."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def token(self) -> str | None:
@@ -276,6 +279,8 @@ class MilvusServer:
 
         if self.token:
             kwargs.setdefault("token", self.token)
+        if self.tls:
+            kwargs.setdefault("server_pem_path", str(self.tls[0]))
         return MilvusClient(uri=self.http_uri, **kwargs)
 
     def start(self, timeout: float = MILVUS_STARTUP_TIMEOUT) -> None:
@@ -287,6 +292,8 @@ class MilvusServer:
                 "--data", str(self.data_dir)]
         if self.authorization:
             args += ["--authorization-enabled", "true"]
+        if self.tls:
+            args += ["--tls-mode", "1", "--server-pem-path", str(self.tls[0]), "--server-key-path", str(self.tls[1])]
         # The embedded etcd's peer port is fixed at 2380 unless an etcd config file says
         # otherwise: without one, a second server on the machine dies at startup.
         etcd_config = self.data_dir / "embed-etcd.yaml"
@@ -375,16 +382,17 @@ class MilvusServer:
             return ""
 
 
-def start_milvus_server(data_dir: Path, *, authorization: bool = False) -> MilvusServer:
+def start_milvus_server(data_dir: Path, *, authorization: bool = False,
+                        tls: tuple[Path, Path] | None = None) -> MilvusServer:
     """A started :class:`MilvusServer`; skips the calling test, saying why, when there can be none.
 
-    A port taken between our probe and the server's bind makes milvus-server move to another
-    one: the first start tries fresh ports a second time.
+    A port taken between our probe and the server's bind fails the start (the ports are
+    fixed): the first start tries fresh ports once more.
     """
     try:
         install = milvus_server_install()
         for attempt in range(2):
-            server = MilvusServer(install, Path(data_dir) / f"server-{attempt}", authorization=authorization)
+            server = MilvusServer(install, Path(data_dir) / f"server-{attempt}", authorization=authorization, tls=tls)
             try:
                 server.start()
                 return server

@@ -255,6 +255,70 @@ def test_a_queued_job_logs_in_without_storing_the_credentials(auth_server, tmp_p
         assert PASSWORD.encode() not in path.read_bytes(), f"{path} holds the password"
 
 
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@pytest.mark.slow
+def test_index_over_tls_with_secure_true(tmp_path):
+    """A server in one-way TLS mode: `secure: true` indexes into it (the certificate trusted
+    the way gRPC trusts one, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH); without it the job fails
+    naming the sink."""
+    pytest.importorskip("cryptography")
+    cert, key = _self_signed(tmp_path / "tls")
+    server = start_milvus_server(tmp_path / "server", tls=(cert, key))
+    try:
+        corpus = tmp_path / "corpus"
+        fh.make_corpus(corpus, documents=4, words=200, seed=9)
+        config_dir = fh.write_dask_config(tmp_path / "dask-config")
+        args = ["index", str(corpus), "--sink", server.uri, "--collection", "tls", "--model", "fake", "--json",
+                *CHUNK_ARGS]
+        plain = fh.run_cli(*args, "--data-dir", str(tmp_path / "plain"), cwd=tmp_path,
+                           env=fh.cli_env(config_dir, DASK_EMBEDFLEET__SINKS__MILVUS__TIMEOUT="10"))
+        assert plain.returncode != 0 and server.uri in plain.stderr, plain.stderr
+
+        data = tmp_path / "data"
+        done = fh.run_cli(*args, "--data-dir", str(data), cwd=tmp_path,
+                          env=fh.cli_env(config_dir, DASK_EMBEDFLEET__SINKS__MILVUS__SECURE="true",
+                                         GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=str(cert)))
+        assert done.returncode == 0, done.stderr
+        result = fh.last_json(done.stdout)
+        assert result["status"] == "succeeded" and result["embedded"] > 0
+        expected = job_vectors(data)
+        assert len(expected) == result["embedded"]
+        assert_holds_exactly(server, physical_name("local", "tls"), expected)
+    finally:
+        server.stop()
+
+
 # -- a server restart in the middle of a job's writes ----------------------------------------
 
 
