@@ -102,8 +102,8 @@ def two_workers():
 
 
 @pytest.mark.slow
-def test_workers_write_in_parallel_and_an_application_searches_right_after(milvus_server, two_workers, fake_model,
-                                                                             tmp_path):
+def test_workers_write_in_parallel_and_an_application_searches_right_after(
+        milvus_server, two_workers, fake_model, tmp_path):  # noqa: F811  (the fixture)
     from distributed import get_task_stream
 
     corpus = tmp_path / "corpus"
@@ -111,8 +111,8 @@ def test_workers_write_in_parallel_and_an_application_searches_right_after(milvu
     data = tmp_path / "data"
     collection = f"parallel-{uuid.uuid4().hex[:8]}"  # a MILVUS_URI server may keep older ones
     name = physical_name("local", collection)
-    kwargs = dict(collection=collection, sink=milvus_server.uri, model=fake_model, data_dir=str(data),
-                  client=two_workers, chunk_size=64, chunk_overlap=8)
+    kwargs = {"collection": collection, "sink": milvus_server.uri, "model": fake_model, "data_dir": str(data),
+              "client": two_workers, "chunk_size": 64, "chunk_overlap": 8}
     with dask.config.set({"embedfleet.embed.chunks-per-partition": PER_PARTITION}), \
             get_task_stream(two_workers) as stream:
         result = embedfleet.index(str(corpus), **kwargs)
@@ -141,7 +141,7 @@ def test_workers_write_in_parallel_and_an_application_searches_right_after(milvu
         sink.drop(name)
 
 
-def test_db_name_writes_into_that_database_only(milvus_server):
+def test_db_name_writes_into_that_database_only(milvus_server):  # noqa: F811  (the fixture)
     from tests.test_sinks_contract import ids_of, make_frame
 
     database = f"kb_{uuid.uuid4().hex[:8]}"
