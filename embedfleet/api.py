@@ -100,17 +100,33 @@ def search(
     user = check_part("user id", user or config.get("user"))
     collection = check_part("collection name", collection or config.get("collection"))
     sink_spec = make_spec(sink or default_sink_uri(data_dir))
+    # Loading the model in a thread while Chroma opens was measured no faster (both are
+    # mostly Python imports under one GIL).
+    cache_dir = str(config.local_dir(data_dir) / "models")
     with open_sink(sink_spec) as store:
         opened = store.open(physical_name(user, collection))
         recorded = opened.info
-        embedder = _query_embedder(config.embedder_spec(model=recorded.model,
-                                                        cache_dir=str(config.local_dir(data_dir) / "models")))
+        embedder = _query_embedder(config.embedder_spec(model=recorded.model, cache_dir=cache_dir))
         if embedder.dimensions != recorded.dimensions:
             raise ConfigError(
                 f"collection {collection!r} has {recorded.dimensions}-dimensional vectors but model "
                 f"{recorded.model!r} is configured with {embedder.dimensions}"
             )
         return opened.query(embedder.embed_query(query), k)
+
+
+def _onnx_export_for(spec):
+    """The ONNX export to embed queries with for ``spec``, if it can stand in for it."""
+    if spec.backend != "sentence-transformers" or spec.precision != "fp32" or spec.device not in ("auto", "cpu"):
+        return None
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    from embedfleet.embedders.onnx import find_export
+
+    try:
+        return find_export(spec.model.name, config.resolve_model_path(spec.model.path), spec.cache_dir)
+    except (OSError, ValueError):
+        return None
 
 
 def _query_embedder(spec):
@@ -125,13 +141,6 @@ def _query_embedder(spec):
 
     from embedfleet.embedders.cache import get_embedder
 
-    if spec.backend == "sentence-transformers" and spec.precision == "fp32" and spec.device in ("auto", "cpu"):
-        from embedfleet.embedders.onnx import find_export
-
-        try:
-            found = find_export(spec.model.name, config.resolve_model_path(spec.model.path), spec.cache_dir)
-        except OSError:
-            found = None
-        if found is not None and importlib.util.find_spec("onnxruntime") is not None:
-            return get_embedder(replace(spec, backend="onnx", device="cpu"))
+    if _onnx_export_for(spec) is not None:
+        return get_embedder(replace(spec, backend="onnx", device="cpu"))
     return get_embedder(spec)
