@@ -16,6 +16,10 @@ from embedfleet.sinks.naming import physical_name
 from tests.db import db_url, wait_for  # noqa: F401
 
 
+# pipeline/visibility.py's probe task keys.
+VISIBILITY_PROBE_PREFIX = "embedfleet-probe-"
+
+
 class PriorityRecorder(SchedulerPlugin):
     """Records the Dask priority tuple of every task that enters the scheduler."""
 
@@ -27,8 +31,13 @@ class PriorityRecorder(SchedulerPlugin):
     def update_graph(self, scheduler, *, priority=None, **kwargs):
         self.priorities.update(priority or {})
 
-    def user_priorities(self, *, prefix: str = "") -> set:
-        return {p[0] for k, p in self.priorities.items() if str(k).lstrip("('").startswith(prefix)}
+    def user_priorities(self, *, prefix: str = "", probes: bool = False) -> set:
+        keys = {k: str(k).lstrip("('") for k in self.priorities}
+        return {
+            self.priorities[k][0]
+            for k, name in keys.items()
+            if name.startswith(prefix) and probes == name.startswith(VISIBILITY_PROBE_PREFIX)
+        }
 
 
 @pytest.fixture
@@ -56,6 +65,9 @@ def test_dispatched_job_runs_on_the_cluster_with_its_priority(jobs, client, docs
     assert recorder.user_priorities(prefix=f"chunk-{job.id}") == {-60}
     assert recorder.user_priorities(prefix=f"embed-{job.id}") == {-60}
     recorder_all = recorder.user_priorities()
+    # The start-of-job visibility probe (milliseconds) runs ahead of every queued task.
+    [probe_priority] = recorder.user_priorities(probes=True)
+    assert probe_priority < -60
 
     # The same corpus again: nothing changed, nothing embedded, nothing charged.
     again = jobs.submit(str(docs_dir), user="pat", collection="kb", chunk_size=24, chunk_overlap=4)
