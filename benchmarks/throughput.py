@@ -30,6 +30,7 @@ Usage::
 
     python benchmarks/throughput.py                           # python-docs (~800 chunks)
     python benchmarks/throughput.py --repeat 3 --onnx         # medians of 3 interleaved rounds, plus ONNX
+    python benchmarks/throughput.py --backends --limit 400    # the backends table (benchmarks/backends.py)
     python benchmarks/throughput.py ./docs --limit 2000 --json-out result.json
     python benchmarks/throughput.py --synthetic 50000 --backend fake --skip-baseline --skip-bf16 --skip-warm
     python benchmarks/throughput.py --synthetic 50000 --skip-baseline --skip-fp32 --skip-warm   # real model, bf16
@@ -62,13 +63,13 @@ os.environ.setdefault("DASK_EMBEDFLEET__BACKENDS", json.dumps({"fake": "tests.fa
 if _REPO not in sys.path:
     sys.path.append(_REPO)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import embedfleet  # noqa: E402,F401  (config defaults)
-from embedfleet import config  # noqa: E402
+import embedfleet  # noqa: F401  (config defaults)
+from embedfleet import config
 
 if "fake" not in (config.get("backends", None) or {}):  # dask read its config before the line above set it
-    import dask.config  # noqa: E402
+    import dask.config
 
     dask.config.set({"embedfleet.backends.fake": "tests.fake_embedder:FakeEmbedder"})
 
@@ -134,8 +135,7 @@ def _chunks_as_corpus(texts: list[str], out: Path) -> Path:
     """One JSONL document per chunk: the job re-chunks each into exactly that one chunk."""
     path = out / "chunks.jsonl"
     with open(path, "w") as f:
-        for i, text in enumerate(texts):
-            f.write(json.dumps({"id": f"chunk-{i:07d}", "text": text}) + "\n")
+        f.writelines(json.dumps({"id": f"chunk-{i:07d}", "text": text}) + "\n" for i, text in enumerate(texts))
     return path
 
 
@@ -219,7 +219,7 @@ class _RssSampler:
             self._stop.wait(self.interval)
 
     def summary(self) -> dict:
-        mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+        mib = lambda b: round(b / 2**20, 1)
         # Short-lived helpers (the resource tracker) are not workers: keep processes that held a model-sized RSS.
         workers = [p for p in self.peaks.values() if p["role"] == "worker" and p["peak_rss_bytes"] > 100 * 2**20]
         drivers = [p for p in self.peaks.values() if p["role"] == "driver"]
@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes (default: embedfleet's)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of baseline/fp32/bf16, interleaved; medians reported")
     parser.add_argument("--onnx", action="store_true", help="also run --backend onnx (fp32), model exported beforehand")
+    parser.add_argument("--backends", action="store_true",
+                        help="only the backends table (benchmarks/backends.py): torch fp32/bf16, onnx fp32/int8, openvino")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-bf16", action="store_true")
     parser.add_argument("--skip-fp32", action="store_true", help="only bf16 (e.g. a long RSS run); no cosines")
@@ -427,6 +429,13 @@ def main(argv: list[str] | None = None) -> dict:
                        "workers_and_threads": local_layout(workers=args.workers),
                        "repeat": args.repeat},
         }
+        if args.backends:
+            from benchmarks.backends import backends_table, format_table
+
+            report["backends"] = backends_table(texts, counts, cache_dir=str(tmp_path / "models"), repeat=args.repeat)
+            print(format_table(report["backends"]), file=sys.stderr)
+            emit_json(report, args.json_out)
+            return report
         variants = [] if args.skip_fp32 else [("fp32", "fp32", args.backend)]
         if not args.skip_bf16 and cpu_supports_bf16():
             variants.append(("bf16", "bf16", args.backend))
@@ -498,9 +507,9 @@ def main(argv: list[str] | None = None) -> dict:
             fp32 = _read_vectors(data_dirs[reference_key], "bench-fp32")
             if baseline_vectors is not None:
                 report[reference_key]["cosine_to_baseline"] = _cosines(fp32, {t: v for t, v in zip(texts, baseline_vectors)})
-            for key in data_dirs:
+            for key, run_dir in data_dirs.items():
                 if not key.startswith("fp32"):
-                    report[key]["cosine_to_fp32"] = _cosines(_read_vectors(data_dirs[key], f"bench-{key.split('_')[0]}"), fp32)
+                    report[key]["cosine_to_fp32"] = _cosines(_read_vectors(run_dir, f"bench-{key.split('_')[0]}"), fp32)
 
         targets = {}
         for mode, suffix in (("cold", ""), ("warm", "_warm")):

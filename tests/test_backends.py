@@ -1,0 +1,38 @@
+"""The backends table's quality measures (benchmarks/backends.py): cosines and top-10 overlap."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.backends import format_table, quality
+
+
+def test_identical_vectors_agree_fully():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(40, 16)).astype(np.float32)
+    q = quality(ref * 3.0, ref, queries=10)  # scale does not matter: cosine
+    assert q["min_cosine"] >= 0.99999 and q["mean_cosine"] >= 0.99999 and q["top10_overlap"] == 1.0
+
+
+def test_noise_lowers_cosine_and_overlap_measurably():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(200, 16)).astype(np.float32)
+    noisy = ref + rng.normal(scale=0.5, size=ref.shape).astype(np.float32)
+    q = quality(noisy, ref, queries=50)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
+    cos = (unit(noisy) * unit(ref)).sum(axis=1)
+    assert abs(q["min_cosine"] - cos.min()) < 1e-5 and abs(q["mean_cosine"] - cos.mean()) < 1e-5
+    # The top-10 of each query includes the query itself in both; the rest shuffles with the noise.
+    assert 0.1 <= q["top10_overlap"] < 0.9
+
+
+def test_table_has_a_row_per_backend_and_says_why_one_is_missing():
+    rows = [
+        {"backend": "torch fp32", "texts_per_second": 26.0, "ratio": 1.0, "min_cosine": 1.0, "mean_cosine": 1.0,
+         "top10_overlap": 1.0},
+        {"backend": "openvino int8", "note": "optimum-intel[openvino] not installed"},
+    ]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == ["backend", "texts/s", "ratio", "min", "cos", "mean", "cos", "top-10"]
+    assert lines[2].split() == ["torch", "fp32", "26.0", "1.00x", "1.00000", "1.00000", "1.000"]
+    assert lines[3].split()[:2] == ["openvino", "int8"] and "not installed" in lines[3]
