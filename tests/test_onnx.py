@@ -89,6 +89,9 @@ def test_int8_is_opt_in_and_reports_its_cosine(onnx_embedder, cache_dir, real_te
     report = onnx_backend.quantization_report("minilm", spec.model.path, cache_dir)
     assert report == int8.quantization
     assert 0.9 < report["min_cosine"] <= report["mean_cosine"] < 1.0
+    # Retrieval too: each sample text as a query, its 10 nearest under int8 against fp32's.
+    assert report["samples"] == onnx_backend.INT8_SAMPLES
+    assert 0.5 < report["top10_overlap"] <= 1.0
     full, _ = onnx_embedder.embed_with_stats(texts, counts)
     small, _ = int8.embed_with_stats(texts, counts)
     assert float((full * small).sum(axis=1).mean()) > 0.9

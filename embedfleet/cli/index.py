@@ -7,7 +7,13 @@ import sys
 
 import click
 
-from embedfleet.cli.common import data_dir_option, db_option, emit_json, handle_errors, user_option
+from embedfleet.cli.common import (
+    data_dir_option,
+    db_option,
+    emit_json,
+    handle_errors,
+    user_option,
+)
 from embedfleet.cli.options import index_options
 
 logger = logging.getLogger(__name__)
@@ -107,9 +113,11 @@ def _print_quantization(model: str | None, data_dir: str | None) -> None:
     spec = config.model_spec(model)
     report = quantization_report(spec.name, spec.path, str(config.local_dir(data_dir) / "models"))
     if report:
+        # Reports made before the overlap was measured have only the cosines.
+        overlap = f", top-10 overlap {report['top10_overlap']:.3f}" if "top10_overlap" in report else ""
         click.echo(
             f"int8: cosine to fp32 on {report['samples']} sample texts: mean {report['mean_cosine']:.4f}, "
-            f"min {report['min_cosine']:.4f}", err=True,
+            f"min {report['min_cosine']:.4f}{overlap}", err=True,
         )
 
 

@@ -69,6 +69,8 @@ EXPORT_FORMAT = 1
 OPSET = 17
 MANIFEST = "embedfleet-onnx.json"
 INT8_REPORT = "model.int8.json"
+# Help-topic texts the int8 report is measured on (top-10 overlap needs more than a handful).
+INT8_SAMPLES = 64
 SUPPORTED_POOLING = ("cls", "max", "mean", "mean_sqrt_len_tokens")
 # An export whose vectors differ more than this from torch's is refused, not cached.
 EXPORT_MIN_COSINE = 0.9999
@@ -158,6 +160,17 @@ def sample_texts(n: int = 32) -> list[str]:
         # Vary the lengths: short and long texts share batches, so padding is exercised too.
         texts.append(body[: 200 + (len(texts) * 97) % 1000])
     return texts[:n]
+
+
+def top_k_overlap(vectors: np.ndarray, reference: np.ndarray, *, k: int) -> float:
+    """Taking each text as a query over all of them: the share of the reference's ``k`` nearest
+    that ``vectors`` also rank in their ``k`` nearest, averaged (retrieval, not just cosine)."""
+    a = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    b = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(a))
+    got = np.argsort(-(a @ a.T), axis=1)[:, :k]
+    want = np.argsort(-(b @ b.T), axis=1)[:, :k]
+    return float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got, want)]))
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -326,12 +339,13 @@ def quantize_model(directory: Path, *, threads: int | None = None) -> dict[str, 
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        texts = sample_texts(32)
+        texts = sample_texts(INT8_SAMPLES)
         cpu = ["CPUExecutionProvider"]
         full = _Runner(directory, "model.onnx", ort, providers=cpu, threads=threads).embed(texts)
         small = _Runner(directory, "model.int8.onnx", ort, providers=cpu, threads=threads).embed(texts)
         cos = _cosines(small, full)
-        report = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "samples": len(texts)}
+        report = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "samples": len(texts),
+                  "top10_overlap": top_k_overlap(small, full, k=10)}
         fd, tmp = tempfile.mkstemp(prefix=".int8-report.", dir=directory)
         with os.fdopen(fd, "w") as f:
             json.dump(report, f)
