@@ -53,7 +53,20 @@ def _with_current_roots(spec):
     roots = config.get("jobs.allowed-roots", None)
     if not roots:
         return spec
-    return dataclasses.replace(spec, source=dataclasses.replace(spec.source, allowed_roots=real_roots(roots)))
+    real = real_roots(roots)
+    private = real_roots(config.get("jobs.private-roots", None) or [])
+    location = str(spec.source.location)
+    if private and "://" not in location:
+        # As submitted, not resolved now: a source swapped for a symlink into a private root
+        # since then must not pass for that root's own file.
+        location = os.path.abspath(location)
+        if any(location == p or location.startswith(p.rstrip(os.sep) + os.sep) for p in private):
+            # A private file (a serve user's inline documents) is read by its own job only.
+            real = (location,)
+        else:
+            # ... and never by another job, whatever a file of its source is swapped for.
+            real = tuple(r for r in real if not any(r == p or r.startswith(p.rstrip(os.sep) + os.sep) for p in private))
+    return dataclasses.replace(spec, source=dataclasses.replace(spec.source, allowed_roots=real))
 
 
 class EmbeddedOnDisk:

@@ -13,6 +13,8 @@ from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi import Path as FastPath
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -82,6 +84,19 @@ def create_app(state: ServerState) -> FastAPI:
             log.warning("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # The default answer echoes each bad input: a megabyte back for a megabyte sent, and a
+        # lone surrogate in it cannot even be encoded (a 500). Where and why is enough.
+        errors = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Still one JSON answer; the exception's text (paths, URIs) goes to the log, not the caller.
+        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+        return JSONResponse({"detail": "internal error; the server's log has the cause"}, status_code=500)
+
     @app.get("/healthz", tags=["service"], summary="Liveness: 200 while the server and its dispatcher run")
     def healthz() -> dict:
         dispatcher = state.dispatcher
@@ -110,6 +125,10 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
         if user == local:
             raise HTTPException(status_code=404, detail=f"no user {user!r}")
 
+    def not_local_tier(tier: str | None) -> None:
+        if tier is not None and tier == config.get("jobs.local-tier"):
+            raise HTTPException(status_code=403, detail=f"tier {tier!r} is the local administrator's")
+
     @app.get("/v1/users", tags=["admin"], summary="Every user and their tier")
     async def list_users(who: Admin) -> list[dict]:
         users = await run_in_threadpool(state.service.list_users)
@@ -118,13 +137,13 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/users", tags=["admin"], status_code=201, summary="Add a user (default tier unless given)")
     async def add_user(body: UserRequest, who: Admin) -> dict:
         not_local(body.id)
+        not_local_tier(body.tier)
         return (await run_in_threadpool(lambda: state.service.add_user(body.id, tier=body.tier))).to_dict()
 
     @app.put("/v1/users/{user}/tier", tags=["admin"], summary="Move a user to another tier")
     async def set_tier(user: Annotated[str, FastPath(min_length=1, max_length=64)], body: TierRequest, who: Admin) -> dict:
         not_local(user)
-        if body.tier == config.get("jobs.local-tier"):
-            raise HTTPException(status_code=403, detail=f"tier {body.tier!r} is the local administrator's")
+        not_local_tier(body.tier)
         return (await run_in_threadpool(state.service.set_tier, user, body.tier)).to_dict()
 
     @app.get("/v1/tokens", tags=["admin"], summary="Every token (never a secret)")

@@ -8,7 +8,7 @@ import time
 
 from fastapi import HTTPException
 
-__all__ = ["BodyLimit", "RateLimiter"]
+__all__ = ["BodyLimit", "RateLimiter", "StreamSlots"]
 
 
 class BodyLimit:
@@ -92,3 +92,28 @@ class RateLimiter:
                 raise HTTPException(status_code=429, detail=f"rate limit of tier {tier}: {rate} requests per minute",
                                     headers={"Retry-After": str(max(1, int(wait + 0.999)))})
             self._buckets[user] = (level - 1.0, now)
+
+
+class StreamSlots:
+    """How many event streams each user holds open: each one polls the database from a thread
+    of the server's pool, so a client opening hundreds would starve every other request."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, user: str) -> bool:
+        with self._lock:
+            if self._open.get(user, 0) >= self.limit:
+                return False
+            self._open[user] = self._open.get(user, 0) + 1
+            return True
+
+    def release(self, user: str) -> None:
+        with self._lock:
+            left = self._open.get(user, 0) - 1
+            if left > 0:
+                self._open[user] = left
+            else:
+                self._open.pop(user, None)

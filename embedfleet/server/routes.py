@@ -54,6 +54,11 @@ def _public_job(state, info) -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     out.pop("dispatcher", None)
+    if out.get("error"):
+        # A reader's message may name a file in the data dir (another user's, where a source was
+        # swapped for a symlink to it): the data dir's paths are the server's, not the owner's.
+        out["error"] = out["error"].replace(str(state.inline_dir), "<inline documents>").replace(
+            str(state.local_dir.resolve()), "<data dir>")
     return out
 
 
@@ -150,27 +155,47 @@ async def job_events(job_id: JobId, request: Request, who: Caller,
                      interval: Annotated[float, Query(ge=0.05, le=10)] = 0.25) -> StreamingResponse:
     state = _state(request)
     first = await run_in_threadpool(state.service.status, job_id, user=who.user)  # 404 before the stream starts
+    secret = request.headers.get("authorization", "").partition(" ")[2].strip()
+    if not state.streams.acquire(who.user):
+        raise HTTPException(status_code=429, headers={"Retry-After": "5"},
+                            detail=f"at most {state.streams.limit} event streams open at once per user")
 
     async def stream():
-        info, last, quiet = first, None, 0.0
-        while True:
-            seen = tuple(getattr(info, k) for k in _WATCHED)
-            if seen != last:
-                last, quiet = seen, 0.0
-                yield f"event: job\ndata: {json.dumps(_public_job(state, info), sort_keys=True)}\n\n"
-                if info.status in FINAL_STATUSES:
-                    yield "event: end\ndata: {}\n\n"
-                    return
-            elif quiet >= 15.0:
-                quiet = 0.0
-                yield ": keep-alive\n\n"
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(interval)
-            quiet += interval
-            info = await run_in_threadpool(state.service.status, job_id, user=who.user)
+        try:
+            async for chunk in _job_stream(state, request, job_id, who.user, secret, interval, first):
+                yield chunk
+        finally:
+            state.streams.release(who.user)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+async def _job_stream(state, request: Request, job_id: str, user: str, secret: str, interval: float, first):
+    """The events of one job; ends when the job does, the client leaves, or its token stops
+    being valid (revoked or expired while the stream is open: checked every second)."""
+    info, last, quiet, checked = first, None, 0.0, 0.0
+    while True:
+        seen = tuple(getattr(info, k) for k in _WATCHED)
+        if seen != last:
+            last, quiet = seen, 0.0
+            yield f"event: job\ndata: {json.dumps(_public_job(state, info), sort_keys=True)}\n\n"
+            if info.status in FINAL_STATUSES:
+                yield "event: end\ndata: {}\n\n"
+                return
+        elif quiet >= 15.0:
+            quiet = 0.0
+            yield ": keep-alive\n\n"
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(interval)
+        quiet += interval
+        checked += interval
+        if checked >= 1.0:
+            checked = 0.0
+            if await run_in_threadpool(state.tokens.authenticate, secret) is None:
+                yield 'event: error\ndata: {"detail": "the token was revoked or has expired"}\n\n'
+                return
+        info = await run_in_threadpool(state.service.status, job_id, user=user)
 
 
 @jobs_router.get("/quota", summary="Your tier, today's chunk quota and concurrency", tags=["quota"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from embedfleet.options import IndexOptions
 
@@ -32,23 +32,56 @@ __all__ = [
 #: IndexOptions fields a submitter over the API may not set: the operator's sink is chosen by name.
 EXCLUDED_OPTIONS = frozenset({"sink"})
 
+#: How deep a document's metadata may nest: stores keep flat values, a few levels are generous,
+#: and anything deeper only tests the recursion of every serialiser after this one.
+METADATA_DEPTH = 8
+#: The largest integer option: what every database and store column takes.
+MAX_OPTION_INT = 2**31 - 1
+
+
+def _text(value: str) -> str:
+    # JSON can carry lone surrogates ("\ud800"); they are no text, and no UTF-8 encoder takes them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text holds a lone surrogate (invalid Unicode)") from None
+    return value
+
+
+def _metadata(value: Any, depth: int = 0) -> Any:
+    if depth > METADATA_DEPTH:
+        raise ValueError(f"metadata nests deeper than {METADATA_DEPTH} levels")
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _text(key)
+            _metadata(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _metadata(item, depth + 1)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+
 
 class Document(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: Annotated[str, Field(min_length=1, max_length=1024)]
-    text: str
-    metadata: dict[str, Any] | None = None
+    id: Annotated[Text, Field(min_length=1, max_length=1024)]
+    text: Text
+    metadata: Annotated[dict[str, Any], AfterValidator(_metadata)] | None = None
 
 
 def _option_type(field) -> Any:
     if field.choices is not None:
         return Literal[field.choices]  # type: ignore[valid-type]
     if field.kind is int:
-        return Annotated[int, Field(ge=field.minimum, strict=True)] if field.minimum is not None else Annotated[int, Field(strict=True)]
+        return Annotated[int, Field(ge=field.minimum, le=MAX_OPTION_INT, strict=True)]
     if field.kind is bool:
         return Annotated[bool, Field(strict=True)]
-    return Annotated[str, Field(min_length=1, pattern=r"\S")]
+    return Annotated[Text, Field(min_length=1, max_length=1024, pattern=r"\S")]
 
 
 def _job_fields() -> dict[str, Any]:
@@ -67,7 +100,7 @@ def _job_fields() -> dict[str, Any]:
 class _JobBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: Annotated[str, Field(min_length=1, description="A path under the operator's jobs.allowed-roots.")] | None = None
+    source: Annotated[Text, Field(min_length=1, max_length=4096, description="A path under the operator's jobs.allowed-roots.")] | None = None
     documents: list[Document] | None = Field(
         default=None, description="Inline content, kept in the data dir as the job's source (size-limited: 413)."
     )
@@ -89,7 +122,7 @@ def option_values(request: BaseModel) -> dict[str, Any]:
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: Annotated[str, Field(min_length=1, max_length=10_000)]
+    query: Annotated[Text, Field(min_length=1, max_length=10_000)]
     k: Annotated[int, Field(ge=1, le=1000, strict=True)] = 5
     sink: Annotated[str, Field(min_length=1, max_length=64)] = "default"
 
@@ -115,7 +148,7 @@ class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Annotated[str, Field(min_length=1, max_length=128)]
-    input: str | list[str]
+    input: Text | list[Text]
     encoding_format: Literal["float", "base64"] = "float"
 
 

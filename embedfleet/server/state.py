@@ -38,7 +38,7 @@ class ServerState:
 
     def __init__(self, service, *, registry: CollectorRegistry | None = None, dispatcher=None):
         from embedfleet.schedulers.tokens import TokenStore
-        from embedfleet.server.limits import RateLimiter
+        from embedfleet.server.limits import RateLimiter, StreamSlots
         from embedfleet.server.search import SearchService
 
         self.service = service
@@ -51,18 +51,24 @@ class ServerState:
         self.max_request_bytes = config.bytes_value("server.max-request-bytes")
         self.max_inputs = int(config.get("server.embeddings.max-inputs"))
         self.rate = RateLimiter(dict(config.get("server.rate-limits") or {}), self._tier_of)
+        self.streams = StreamSlots(int(config.get("server.max-event-streams")))
         # This machine's folder of the data dir (the data dir itself unless it is on object
         # storage): inline documents are read from there by the job, so with an object-store
         # data dir they reach only workers on this machine.
         self.local_dir = config.local_dir(service.data_dir)
         self.inline_dir = (self.local_dir / "inline").resolve()
         roots = list(config.get("jobs.allowed-roots", None) or [])
+        #: The operator's roots, without the inline folder this server adds for its own files.
+        self.roots = [Path(r).expanduser().resolve() for r in roots]
         if roots and str(self.inline_dir) not in roots:
             import dask.config
 
             # Inline documents are this server's own files: the service's check at submit and the
             # dispatcher's on the workers must let them through; check_source keeps users out.
-            dask.config.set({"embedfleet.jobs.allowed-roots": [*roots, str(self.inline_dir)]})
+            # A private root, too: a job reads a file in it only as its own source, so a path job
+            # whose file is swapped for a symlink after submit cannot read another user's.
+            dask.config.set({"embedfleet.jobs.allowed-roots": [*roots, str(self.inline_dir)],
+                             "embedfleet.jobs.private-roots": [str(self.inline_dir)]})
         self._batchers: dict[str, Any] = {}
         self._embedding_metrics = None
         self._batch_guard = threading.Lock()
@@ -75,17 +81,33 @@ class ServerState:
     # -- sources -----------------------------------------------------------------------------
 
     def check_source(self, source: str) -> str:
-        """A ``source`` path as a submitter may give it: under the allowed roots, not a URL,
-        and never another user's inline documents (kept in the data dir)."""
-        roots = config.get("jobs.allowed-roots", None) or []
-        if not roots:
+        """A ``source`` path as a submitter may give it: absolute, under the operator's allowed
+        roots, not a URL, a regular file or folder that exists, and never in the server's data dir
+        (other users' inline documents, job frames). The answer names the operator's roots only:
+        the data dir's path is the server's, not the submitter's."""
+        if not self.roots:
             raise PermissionDenied("this server takes no source paths (embedfleet.jobs.allowed-roots is empty); "
                                    "send the documents inline")
         if "://" in source:
             raise PermissionDenied("a source over the API is a path under the allowed roots, not a URL")
-        path = Path(source).expanduser().resolve()
-        if path == self.inline_dir or path.is_relative_to(self.inline_dir) or path.is_relative_to(self.local_dir.resolve()):
+        if "\x00" in source:
+            raise ConfigError("a source path cannot hold a NUL character")
+        given = Path(source)
+        if not given.is_absolute():
+            # Relative to what? The server's working directory is no business of a submitter's.
+            raise ConfigError(f"source {source!r} is not an absolute path")
+        path = given.resolve()
+        data = self.local_dir.resolve()
+        if path == data or path.is_relative_to(data) or path.is_relative_to(self.inline_dir):
             raise PermissionDenied("a source may not lie in the server's data dir")
+        if not any(path == root or path.is_relative_to(root) for root in self.roots):
+            raise PermissionDenied(f"source {source!r} is outside the allowed roots "
+                                   f"({', '.join(str(r) for r in self.roots)})")
+        if not path.exists():
+            raise ConfigError(f"source {source!r} does not exist")
+        if not (path.is_file() or path.is_dir()):
+            # A FIFO or device would block the reader (and a thread of this server) forever.
+            raise ConfigError(f"source {source!r} is neither a regular file nor a folder")
         return str(path)
 
     def write_inline(self, user: str, documents) -> str:
