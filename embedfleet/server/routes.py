@@ -160,14 +160,24 @@ async def job_events(job_id: JobId, request: Request, who: Caller,
         raise HTTPException(status_code=429, headers={"Retry-After": "5"},
                             detail=f"at most {state.streams.limit} event streams open at once per user")
 
-    async def stream():
-        try:
-            async for chunk in _job_stream(state, request, job_id, who.user, secret, interval, first):
-                yield chunk
-        finally:
-            state.streams.release(who.user)
+    return _Stream(_job_stream(state, request, job_id, who.user, secret, interval, first),
+                   on_close=lambda: state.streams.release(who.user),
+                   media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+class _Stream(StreamingResponse):
+    """A stream that gives its slot back however it ends: a client gone before the first event
+    cancels the response before its generator ever starts, so a ``finally`` there never runs."""
+
+    def __init__(self, *args, on_close, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 async def _job_stream(state, request: Request, job_id: str, user: str, secret: str, interval: float, first):
