@@ -137,15 +137,18 @@ def _events(stream):
             yield name, json.loads(line[6:])
 
 
-def test_a_token_revoked_mid_stream_ends_the_event_stream(server):
-    secret = sh.add_token(server, "streamer", "alice")
-    with server.client("streamer") as http:
-        job = inline_job(http, "revoked-stream", sh.documents(300, words=60, prefix="rs"), chunk_size=8, chunk_overlap=0)
+@pytest.mark.parametrize("how", ["revoked", "expired"])
+def test_a_token_revoked_or_expiring_mid_stream_ends_the_event_stream(server, how):
+    name = f"streamer-{how}"
+    secret = sh.add_token(server, name, "alice", expires_in=4.0 if how == "expired" else None)
+    with server.client(name) as http:
+        job = inline_job(http, f"{how}-stream", sh.documents(300, words=60, prefix="rs"), chunk_size=8, chunk_overlap=0)
         with http.stream("GET", f"/v1/jobs/{job['id']}/events", params={"interval": 0.1}) as stream:
             events = _events(stream)
             assert next(events)[0] == "job"
-            with server.client("ops") as admin:
-                assert admin.delete(f"/v1/tokens/{server.token_ids['streamer']}").status_code == 200
+            if how == "revoked":
+                with server.client("ops") as admin:
+                    assert admin.delete(f"/v1/tokens/{server.token_ids[name]}").status_code == 200
             revoked_at = time.monotonic()
             tail = list(events)
         assert time.monotonic() - revoked_at < 10
@@ -156,6 +159,39 @@ def test_a_token_revoked_mid_stream_ends_the_event_stream(server):
     with server.client("alice") as http:
         http.delete(f"/v1/jobs/{job['id']}")
     server.wait_job("alice", job["id"], timeout=120)
+
+
+def test_concurrent_resumes_queue_the_job_once_and_nothing_is_indexed_twice(server):
+    docs = sh.documents(300, words=60, prefix="rz")
+    with server.client("alice") as http:
+        job = inline_job(http, "resumed", docs, chunk_size=8, chunk_overlap=0)
+        fh.wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["stage"] == "embedding", timeout=120, what="embedding")
+        assert http.delete(f"/v1/jobs/{job['id']}").status_code == 200
+        cancelled = server.wait_job("alice", job["id"], timeout=60)
+        assert cancelled["status"] == "cancelled", cancelled
+
+    def resume(_):
+        with server.client("alice") as http:
+            return http.post(f"/v1/jobs/{job['id']}/resume")
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(resume, range(6)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes.count(200) == 1 and set(codes) <= {200, 409}, [(a.status_code, a.text) for a in answers]
+    for answer in answers:
+        if answer.status_code == 409:
+            refused(answer, 409)
+    done = server.wait_job("alice", job["id"], timeout=180)
+    assert done["status"] == "succeeded", done
+    with server.client("alice") as http:
+        jobs = [j for j in http.get("/v1/jobs", params={"limit": 1000}).json() if j["collection"] == "resumed"]
+        assert [j["id"] for j in jobs] == [job["id"]]
+        count = http.get("/v1/collections/resumed").json()["count"]
+    assert count == done["chunks"] == done["embedded"]
+    rows = fh.read_chroma(f"chroma://{server.data_dir / 'chroma'}", "alice", "resumed").values()
+    places = [(r["metadata"]["doc_id"], r["metadata"]["chunk_index"]) for r in rows]
+    assert len(places) == len(set(places)) == count  # every chunk once, however often it was resumed
+    assert {doc for doc, _ in places} == {d["id"] for d in docs}
 
 
 # -------------------------------------------------------------------------------- job sources
