@@ -206,6 +206,7 @@ class _Spans:
 def _instrument(spans: _Spans) -> None:
     from embedfleet.pipeline import embedding, incremental, run, unchanged
     from embedfleet.pipeline import placement as placement_mod
+    from embedfleet.pipeline import visibility
     from embedfleet.schedulers import execution, ledger, service
     from embedfleet.tasks import stages
 
@@ -222,7 +223,9 @@ def _instrument(spans: _Spans) -> None:
     spans.wrap(run, "write_json_atomic", "run_job.json_writes")
     spans.wrap(run._JobRun, "_prepare", "run_job.prepare")
     spans.wrap(placement_mod.Placement, "preload", "prepare.model_preload")
-    spans.wrap(run, "check_workers_see", "prepare.visibility_probe")
+    spans.wrap(run, "check_workers_see", "prepare.visibility_probe")  # before the probe was started and waited apart
+    spans.wrap(run, "start_check", "prepare.visibility_start")
+    spans.wrap(visibility.Visibility, "verify", "visibility.verify")  # waits only on new workers, or for the source
     spans.wrap(run, "_check_plan_unchanged", "prepare.plan_write")
     spans.wrap(run, "_in_thread", "prepare.open_sink_start")
     spans.wrap(run._JobRun, "_chunk", "run_job.read_chunk")

@@ -42,7 +42,7 @@ from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocumen
 from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.manifest import Manifest
 from embedfleet.pipeline.placement import Placement
-from embedfleet.pipeline.visibility import check_workers_see
+from embedfleet.pipeline.visibility import start_check
 from embedfleet.sinks.base import CollectionInfo
 from embedfleet.sinks.naming import physical_name
 from embedfleet.sinks.registry import open_sink
@@ -127,11 +127,13 @@ class _JobRun:
             self._chunk()
             diff = self._diff()
             self._embed(diff)
-        except BaseException:
+        except BaseException as exc:
             self.follower.cancel_all(self.futures)
             # The store must not still be opening (maybe creating the collection) when this
             # job lets go of its writer lock: the next job would open it at the same time.
             concurrent.futures.wait([self.opening], timeout=OPENING_GRACE_SECONDS)
+            if not isinstance(exc, (JobCancelled, JobError)):
+                self._explain_failure()
             raise
         self.embedding.summarise(self.result)
         if self.embedding.write_error is not None:
@@ -141,6 +143,15 @@ class _JobRun:
         if self.embedding.single_writer:
             stages.forget_collections()
         self._set_stage("done")
+
+    def _explain_failure(self) -> None:
+        """A task that failed on a worker that cannot see the source: the probe's one line says why."""
+        try:
+            self.visibility.verify(timeout=OPENING_GRACE_SECONDS)
+        except JobError:
+            raise
+        except Exception:  # the probe could not answer either: the task's own error stands
+            logger.debug("job %s: no answer from the visibility probe", self.spec.job_id, exc_info=True)
 
     def _set_stage(self, stage: str) -> None:
         self.progress.stage = stage  # type: ignore[assignment]
@@ -163,9 +174,13 @@ class _JobRun:
         warm = placement.preload(priority=self.follower.priority)
         self.job_dir.make()
         write_json_atomic(json.loads(spec.to_json()), self.job_dir.spec)
-        # Every worker must see the job dir and the source, or the job stops now with one line.
-        check_workers_see(client, token_path=self.job_dir.visible, priority=self.follower.priority,
-                          source=spec.source.location if spec.source.kind != "builtin" else None)
+        # Every worker must see the job dir and the source, or the job stops with one line: now,
+        # before any task, on workers not yet known to see the data dir; else before any task's
+        # result is used (a small job's read task then runs beside its probe).
+        self.visibility = start_check(client, token_path=self.job_dir.visible, priority=self.follower.priority,
+                                      source=spec.source.location if spec.source.kind != "builtin" else None)
+        if self.visibility.gates:
+            self.visibility.verify()
         info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
                               precision=warm.precision())
         self.plan = plan_partitions(spec.source)
@@ -173,7 +188,7 @@ class _JobRun:
         self.chunk_paths = [str(self.job_dir.chunk_file(i)) for i in range(len(self.plan))]
         self.embedding = Embedding(
             spec, self.follower, self.futures, placement=placement, job_dir=self.job_dir,
-            write_kwargs=dict(sink=spec.sink, collection=self.collection, info=info, retry=spec.retry),
+            write_kwargs={"sink": spec.sink, "collection": self.collection, "info": info, "retry": spec.retry},
         )
         # The model guard: a collection made by another model stops the job as soon as the
         # store has opened (a second or so), before anything is written, not after an hour of
@@ -210,6 +225,7 @@ class _JobRun:
             for i in sorted(self.chunk_stats):
                 self._stream_embed(i)
         self.follower.follow(self.futures, self._on_done, until=lambda: len(self.chunk_stats) == len(self.plan))
+        self.visibility.verify()  # also for a resumed job whose every partition was chunked before
         self.result.skipped_documents = [
             SkippedDocument(**s) for i in sorted(self.chunk_stats) for s in self.chunk_stats[i]["skipped_documents"]
         ]
@@ -231,6 +247,7 @@ class _JobRun:
         self.embedding.add(self.chunk_paths[i])
 
     def _on_done(self, event: Chunked | Embedded | Written, value: Any) -> None:
+        self.visibility.verify()
         if self.opening.done():
             self.opening.result()  # a refused collection stops the job now, not when writes open
         if isinstance(event, Chunked):
