@@ -204,9 +204,8 @@ class _Spans:
 
 
 def _instrument(spans: _Spans) -> None:
-    from embedfleet.pipeline import embedding, incremental, run, unchanged
+    from embedfleet.pipeline import embedding, incremental, run, unchanged, visibility
     from embedfleet.pipeline import placement as placement_mod
-    from embedfleet.pipeline import visibility
     from embedfleet.schedulers import execution, ledger, service
     from embedfleet.tasks import stages
 
