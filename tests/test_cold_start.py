@@ -137,3 +137,27 @@ def test_unchanged_rerun_process_imports_no_cluster_or_model(tmp_path, corpus):
     assert again.returncode == 0, again.stderr
     out = json.loads(again.stdout.strip().splitlines()[-1])
     assert out == {"embedded": 0, "chunks": json.loads(first.stdout)["chunks"], "loaded": []}
+
+
+class _NoCluster:
+    """A client stand-in that fails the job if anything asks the cluster for anything."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the unchanged job used the cluster ({name})")
+
+
+def test_a_dispatched_unchanged_job_uses_no_cluster(tmp_path, corpus, client, fake_model):
+    from embedfleet.options import IndexOptions
+    from embedfleet.schedulers import JobService
+    from embedfleet.schedulers.dispatcher import run_once
+
+    data_dir = tmp_path / "data"
+    first = _index(corpus, data_dir, client.scheduler.address)
+    options = IndexOptions.merge(None, collection="kb", model="fake", chunk_size=48, chunk_overlap=8)
+    with JobService(data_dir=str(data_dir)) as service:
+        job = service.submit(str(corpus), user="local", options=options)
+        ran = run_once(service, client=_NoCluster())
+        assert [j.id for j in ran] == [job.id]
+        done = service.job(job.id)
+    assert done.status == "succeeded", done.error
+    assert (done.embedded, done.chunks, done.documents) == (0, first["chunks"], first["documents"])
