@@ -475,6 +475,52 @@ def test_oversized_urls_queries_and_k(server, bob_kb):
         assert long_url.status_code < 500
 
 
+def test_a_flood_of_jobs_meets_the_queue_limit_and_leaves_no_files(server):
+    sh.add_token(server, "flooder", "flooder")
+    accepted, full = [], 0
+    with server.client("flooder") as http:
+        for i in range(70):  # the default queue-limit is 50 waiting jobs per user
+            response = http.post("/v1/jobs", json={"collection": "flood", "model": "fake", "mode": "append",
+                                                   "documents": [{"id": f"f{i}", "text": f"flood {i}"}]})
+            if response.status_code == 201:
+                accepted.append(response.json()["id"])
+            else:
+                refused(response, 429)
+                full += 1
+        assert full > 0 and accepted
+        # A refused job leaves no inline file behind: one file per accepted job.
+        assert len(list((server.data_dir / "inline" / "flooder").glob("*.jsonl"))) == len(accepted)
+        for job_id in accepted:
+            http.delete(f"/v1/jobs/{job_id}")
+        listed = {j["id"] for j in http.get("/v1/jobs", params={"limit": 1000}).json()}
+        assert listed == set(accepted)
+    for job_id in accepted[-3:]:
+        server.wait_job("flooder", job_id, timeout=120)
+
+
+def test_odd_collections_sinks_and_embedding_requests(server):
+    with server.client("mallory") as http:
+        job = inline_job(http, "pq", [{"id": "p", "text": "parquet kept text"}], sink="parquet")
+        assert server.wait_job("mallory", job["id"])["status"] == "succeeded"
+        found = http.post("/v1/collections/pq/search", json={"query": "parquet kept text", "sink": "parquet", "k": 1})
+        assert found.status_code == 200 and found.json()["hits"][0]["doc_id"] == "p"
+        refused(http.post("/v1/collections/pq/search", json={"query": "x"}), 404)  # not in the default sink
+        refused(http.post("/v1/collections/pq/search", json={"query": "x", "sink": "nowhere"}), 400)
+        refused(http.get("/v1/collections/Bad Name!"), 400)
+        refused(http.get("/v1/collections/..%2F..%2Fetc"), (400, 404))
+        refused(http.delete("/v1/collections/pq", params={"sink": "nowhere"}), 400)
+        assert http.get("/v1/collections/pq", params={"sink": "parquet"}).json()["count"] == 1
+    with server.client("bob") as http:
+        refused(http.get("/v1/collections/pq", params={"sink": "parquet"}), 404)
+        refused(http.post("/v1/collections/pq/search", json={"query": "parquet kept text", "sink": "parquet"}), 404)
+        refused(http.post("/v1/embeddings", json={"model": "fake", "input": ["x"] * 3000}), 400)
+        refused(http.post("/v1/embeddings", json={"model": "fake", "input": []}), 400)
+        refused(http.post("/v1/embeddings", json={"model": "", "input": "x"}), 422)
+        refused(http.post("/v1/embeddings", json={"model": "../../etc/passwd", "input": "x"}), 404)
+        refused(http.post("/v1/embeddings", json={"model": "fake", "input": [1, 2]}), 422)
+        refused(http.post("/v1/embeddings", json={"model": "fake", "input": "x", "encoding_format": "hex"}), 422)
+
+
 def test_an_embeddings_burst_is_served_or_told_to_retry(server):
     codes: dict[int, int] = {}
 
