@@ -105,17 +105,17 @@ def test_after_an_append_a_sync_does_the_work(tmp_path, corpus, client, fake_mod
 
 
 def test_unreadable_documents_are_retried(tmp_path, corpus, client, fake_model):
-    if os.geteuid() == 0:
-        pytest.skip("root reads every file")
     data_dir = tmp_path / "data"
-    locked = corpus / "doc-002.txt"
-    locked.chmod(0)
-    try:
-        first = _index(corpus, data_dir, client.scheduler.address)
-        assert first["skipped_documents"]
-        _needs_cluster(corpus, data_dir)
-    finally:
-        locked.chmod(0o644)
+    pending = corpus / ".pending" / "not-yet"  # inside the source (a hidden folder is not listed)
+    pending.parent.mkdir()
+    (corpus / "doc-later.txt").symlink_to(pending)  # dangling: listed, unreadable
+    first = _index(corpus, data_dir, client.scheduler.address)
+    assert [s["doc_id"] for s in first["skipped_documents"]] == ["doc-later.txt"]
+    # Nothing about the source changed, but the skipped document may be readable now: read again.
+    _needs_cluster(corpus, data_dir)
+    pending.write_text("Written after the first run, read by the next one.\n")
+    second = _index(corpus, data_dir, client.scheduler.address)
+    assert second["skipped_documents"] == [] and second["embedded"] > 0
 
 
 @pytest.mark.slow  # two real processes
