@@ -144,6 +144,11 @@ def run_unchanged(spec: JobSpec, *, source_fingerprint: object = _UNSET,
     ignores those about the cluster.
     """
     started = time.perf_counter()
+    job_dir = JobDir(spec.job_dir)
+    if job_dir.spec.exists():
+        # A resumed job: its own outputs and its recorded diff base decide (the pipeline's
+        # checks refuse a resume across another job's commit), not another job's record.
+        return None
     taken = fingerprint(spec) if source_fingerprint is _UNSET else source_fingerprint
     with exclusive_writer(spec.sink.uri):
         known = recorded_result(spec, taken)  # type: ignore[arg-type]
@@ -155,7 +160,6 @@ def run_unchanged(spec: JobSpec, *, source_fingerprint: object = _UNSET,
         on_progress(Progress(stage="done", documents=known.documents, chunks=known.chunks, skipped=known.skipped,
                              chunks_to_embed=0))
     known.seconds = time.perf_counter() - started
-    job_dir = JobDir(spec.job_dir)
     job_dir.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json.loads(spec.to_json()), job_dir.spec)
     write_json_atomic(known.to_dict(), job_dir.result)
