@@ -176,7 +176,7 @@ class _Spans:
         self._lock = threading.Lock()
 
     def wrap(self, owner: object, attr: str, name: str) -> None:
-        original = getattr(owner, attr, None)
+        original = getattr(owner, attr, None) if owner is not None else None
         if original is None:  # a stage this version of the pipeline does not have
             return
         spans = self
@@ -224,7 +224,7 @@ def _instrument(spans: _Spans) -> None:
     spans.wrap(placement_mod.Placement, "preload", "prepare.model_preload")
     spans.wrap(run, "check_workers_see", "prepare.visibility_probe")  # before the probe was started and waited apart
     spans.wrap(run, "start_check", "prepare.visibility_start")
-    spans.wrap(visibility.Visibility, "verify", "visibility.verify")  # waits only on new workers, or for the source
+    spans.wrap(getattr(visibility, "Visibility", None), "verify", "visibility.verify")  # waits only on new workers, or for the source
     spans.wrap(run, "_check_plan_unchanged", "prepare.plan_write")
     spans.wrap(run, "_in_thread", "prepare.open_sink_start")
     spans.wrap(run._JobRun, "_chunk", "run_job.read_chunk")
