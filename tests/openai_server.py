@@ -63,6 +63,7 @@ class App:
             self._model = SentenceTransformer(path, device="cpu")
             self._tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
             self._tokenizer.no_truncation()
+            self._tokenizer.no_padding()  # MiniLM's tokenizer.json pads to 128: usage would count the padding
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         if self._model is not None:
