@@ -161,3 +161,16 @@ def test_a_dispatched_unchanged_job_uses_no_cluster(tmp_path, corpus, client, fa
         done = service.job(job.id)
     assert done.status == "succeeded", done.error
     assert (done.embedded, done.chunks, done.documents) == (0, first["chunks"], first["documents"])
+
+
+def test_a_dropped_collection_is_rebuilt_by_the_next_sync(tmp_path, corpus, client, fake_model):
+    """`collections drop` forgets the collection's manifest too: the next sync embeds it all again
+    (kept, the manifest and its unchanged-source fingerprint would say there is nothing to do)."""
+    data_dir = tmp_path / "data"
+    first = _index(corpus, data_dir, client.scheduler.address)
+    dropped = CliRunner().invoke(main, ["collections", "drop", "kb", "--data-dir", str(data_dir), "--yes"])
+    assert dropped.exit_code == 0, dropped.output
+    again = _index(corpus, data_dir, client.scheduler.address)
+    assert again["status"] == "succeeded" and again["embedded"] == first["chunks"] > 0
+    listed = CliRunner().invoke(main, ["collections", "info", "kb", "--data-dir", str(data_dir), "--json"])
+    assert json.loads(listed.stdout)["count"] == first["chunks"]

@@ -183,6 +183,8 @@ def drop_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | 
             client.call("DELETE", f"/v1/collections/{name}", params={"sink": sink_name}, what="collection")
         click.echo(f"Dropped collection {name!r} from sink {sink_name} of {server}.", err=True)
         return
+    from embedfleet import config
+    from embedfleet.pipeline.manifest import Manifest
     from embedfleet.sinks.catalog import (
         display_uri,
         drop_user_collection,
@@ -198,4 +200,6 @@ def drop_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | 
             count = open_user_collection(sink, user, name).count()
             click.confirm(f"Drop collection {name!r} of user {user!r} ({count} chunks) from {where}?", abort=True)
         physical = drop_user_collection(sink, user, name)
+        # Its manifest describes vectors that are gone: kept, the next sync would embed nothing.
+        Manifest(str(config.data_dir(data_dir)), sink.uri, physical).drop()
     click.echo(f"Dropped collection {name!r} of user {user!r} ({physical}) from {where}.", err=True)

@@ -185,6 +185,7 @@ class SearchService:
             return _public(describe_user_collection(store, user, collection), sink)
 
     def drop(self, user: str, collection: str, sink: str) -> None:
+        from embedfleet.pipeline.manifest import Manifest
         from embedfleet.sinks.catalog import drop_user_collection
         from embedfleet.sinks.naming import physical_name
 
@@ -194,6 +195,8 @@ class SearchService:
             if physical_name(user, collection) not in store.list_collections():
                 raise NoSuchCollection(collection)
             drop_user_collection(store, user, collection)
+            # Its manifest describes vectors that are gone: kept, the next sync would embed nothing.
+            Manifest(str(self.service.data_dir), uri, physical_name(user, collection)).drop()
         with self._guard:
             self._dropped[(user, collection)] = self._dropped.get((user, collection), 0) + 1
             self._collections.pop((uri, physical_name(user, collection)), None)
