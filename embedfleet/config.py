@@ -11,6 +11,7 @@ frozen specs built here on the client.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
+# The last config that validated, as its canonical JSON.
+_last_valid: list[str | None] = [None]
+
+
 @functools.lru_cache(maxsize=1)
 def _schema() -> dict:
     with open(_SCHEMA_FILE) as f:
@@ -103,11 +108,16 @@ def validate() -> None:
         name: _canonical(model) for name, model in config["embedfleet"]["models"].items()
     }
     config["embedfleet"]["backends"] = dict(dask.config.get("embedfleet.backends", None) or {})
+    # Every job spec validates; the schema walk costs ~1 ms a submit, the config rarely changes.
+    key = json.dumps(config, sort_keys=True, default=repr)
+    if key == _last_valid[0]:
+        return
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=str)
     if errors:
         first = errors[0]
         where = ".".join(str(p) for p in first.absolute_path)
         raise ConfigError(f"invalid config key {where}: {first.message}")
+    _last_valid[0] = key
 
 
 def bytes_value(key: str) -> int:
