@@ -58,16 +58,21 @@ class Diff:
     embed_inputs: list[str]  # chunk files, or the part of one the collection lacks
     stale: list[str]  # files of chunk ids to delete from the store
     manifest: list[str] | None  # the collection's next manifest; None: the job's chunk ids
+    # The index in the diff's chunk paths of each embed input (a diff recorded before this
+    # field existed has every input in order: the default).
+    embed_origins: list[int] | None = None
 
 
 def diff(spec: JobSpec, follower: Follower, manifest: Manifest, chunk_paths: list[str], job_dir: JobDir, *,
-         protected: list[str], store: Callable[[], bool], write_kwargs: dict) -> Diff:
+         protected: list[str], store: Callable[[], bool], write_kwargs: dict,
+         groups: list[int] | None = None) -> Diff:
     """What to embed, what to delete and the next manifest, for the job's mode (tasks/diff.py).
 
     Mode full compares with the ids the store holds, not the manifest, so it also repairs a
     lost or damaged manifest. Documents that could not be read now (``protected``) keep their
     chunks in the store and the manifest. Raises before anything is written or deleted when
     the source repeats a doc_id, or when the job would delete most of the collection.
+    ``groups`` (coalesced jobs: the job of each chunk path) limits the doc_id check to each job.
     """
     from embedfleet.tasks import diff as diffing
 
@@ -82,7 +87,7 @@ def diff(spec: JobSpec, follower: Follower, manifest: Manifest, chunk_paths: lis
     old = _store_ids(follower, out / "store", single_writer=store(), write_kwargs=write_kwargs) \
         if spec.mode == "full" else manifest.files()
     if not old and not check_duplicates:
-        return Diff(embed_inputs=chunk_paths, stale=[], manifest=None)
+        return Diff(embed_inputs=chunk_paths, stale=[], manifest=None, embed_origins=list(range(len(chunk_paths))))
 
     client, job_id = follower.client, spec.job_id
     task = dict(priority=follower.priority, retries=TASK_RETRIES, pure=False)
@@ -117,7 +122,7 @@ def diff(spec: JobSpec, follower: Follower, manifest: Manifest, chunk_paths: lis
     follower.follow({
         client.submit(diffing.diff_bucket_stage, old_in.get(b, []), new_in.get(b, []), mode=spec.mode,
                       protected=tuple(protected), check_duplicates=check_duplicates, out_dir=str(out), bucket=b,
-                      key=f"diff-{job_id}-{b}", **task): b
+                      groups=tuple(groups) if groups is not None else None, key=f"diff-{job_id}-{b}", **task): b
         for b in range(buckets)
     }, counts.__setitem__)
     duplicates = sorted(d for c in counts.values() for d in c["duplicates"])
@@ -133,13 +138,16 @@ def diff(spec: JobSpec, follower: Follower, manifest: Manifest, chunk_paths: lis
         if spec.mode == "full" or sum(fresh.values()) == rows[path]:
             embed_inputs[n] = path
         elif fresh:
-            embed_inputs[n] = str(out / "todo" / location(path).name)
+            # One folder per origin: coalesced jobs' chunk files share names (part-00000), and an
+            # input's name is what its embedding partitions are named after.
+            embed_inputs[n] = str(out / "todo" / f"{n:05d}" / location(path).name)
             ids = [str(out / "fresh" / f"{n:05d}-b{b:04d}.parquet") for b in sorted(fresh)]
             selects[client.submit(diffing.select_stage, path, ids, out_path=embed_inputs[n],
                                   key=f"diff-select-{job_id}-{n}", **task)] = n
     follower.follow(selects, lambda *_: None)
     result = Diff(
         embed_inputs=[embed_inputs[n] for n in sorted(embed_inputs)],
+        embed_origins=sorted(embed_inputs),
         stale=sorted(str(p) for p in (out / "stale").glob("*.parquet")),
         manifest=sorted(str(p) for p in (out / "manifest").glob("*.parquet")),
     )

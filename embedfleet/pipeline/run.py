@@ -184,7 +184,7 @@ class _JobRun:
         info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
                               precision=warm.precision())
         self.plan = plan_partitions(spec.source)
-        _check_plan_unchanged(self.plan, self.job_dir)
+        check_plan_unchanged(self.plan, self.job_dir)
         self.chunk_paths = [str(self.job_dir.chunk_file(i)) for i in range(len(self.plan))]
         self.embedding = Embedding(
             spec, self.follower, self.futures, placement=placement, job_dir=self.job_dir,
@@ -194,7 +194,7 @@ class _JobRun:
         # store has opened (a second or so), before anything is written, not after an hour of
         # embedding. Opening takes a while (Chroma starts its engine), so it runs beside
         # reading, chunking and the first embedding tasks.
-        self.opening = _in_thread(_open_sink, spec.sink, self.collection, info)
+        self.opening = open_sink_in_thread(spec.sink, self.collection, info)
 
     # --- read + chunk (and, when streaming, embed) ----------------------------------------
 
@@ -322,7 +322,7 @@ class _JobRun:
         self.follower.follow(futures, deleted)
 
 
-def _check_plan_unchanged(plan: list, job_dir: JobDir) -> None:
+def check_plan_unchanged(plan: list, job_dir: JobDir) -> None:
     """A resumed job must read the source as its first run did, or finished partitions would lie.
 
     The plan (files with sizes, byte ranges) is fingerprinted on the first run; if the source
@@ -351,6 +351,11 @@ def _open_sink(sink_spec, collection: str, info: CollectionInfo) -> bool:
     finally:
         if not sink.single_writer:
             sink.close()
+
+
+def open_sink_in_thread(sink_spec, collection: str, info: CollectionInfo) -> concurrent.futures.Future:
+    """:func:`_open_sink` in a thread of its own: the future says whether the store takes one writer."""
+    return _in_thread(_open_sink, sink_spec, collection, info)
 
 
 def _in_thread(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:

@@ -95,8 +95,14 @@ Estimator = Callable[["SourceSpec", "ChunkSpec"], int]
 
 def running_jobs(owner):
     """The count the tier's concurrency limit is about: the owner's running jobs, dispatched or
-    inline, on every dispatcher. Claims and inline admissions check it under the owner's row lock."""
-    return select(func.count()).where(Job.owner == owner, Job.status == "running")
+    inline, on every dispatcher, a batch of coalesced jobs counting once (it is one pipeline
+    pass). Claims and inline admissions check it under the owner's row lock."""
+    return select(func.count(func.distinct(running_unit()))).where(Job.owner == owner, Job.status == "running")
+
+
+def running_unit():
+    """What one running pass is: its batch, or the job itself when it runs alone."""
+    return func.coalesce(Job.batch, Job.id)
 
 
 def at_concurrency_limit(t: Tier, running: int) -> bool:
@@ -407,6 +413,7 @@ class Admission:
                 attempt=0,
                 cancel_requested=False,
                 dispatch_priority=None,
+                batch=None,
                 documents=0,
                 chunks=0,
                 embedded=0,

@@ -45,7 +45,8 @@ from embedfleet.schedulers.execution import (
     JobExecution,
     Runner,
 )
-from embedfleet.schedulers.records import Claim, JobInfo
+from embedfleet.schedulers.batching import BatchExecution, default_batch_runner
+from embedfleet.schedulers.records import Candidate, Claim, JobInfo
 from embedfleet.schedulers.service import JobService
 from embedfleet.schedulers.signals import StopSignals
 
@@ -63,6 +64,10 @@ log = logging.getLogger(__name__)
 #: at the database's version (a submit): a one-document job takes a few hundred milliseconds,
 #: so the 50 ms this was before showed in its latency; ``PRAGMA data_version`` costs microseconds.
 WATCH_STEP_SECONDS = 0.01
+
+
+def _job_ids(execution: JobExecution | BatchExecution) -> list[str]:
+    return execution.job_ids if isinstance(execution, BatchExecution) else [execution.job_id]
 
 
 def default_runner(spec, **kwargs) -> JobResult:
@@ -135,6 +140,7 @@ class Dispatcher:
         lease_seconds: float | None = None,
         tick: float = 0.5,
         shutdown_grace: float = 30.0,
+        batch_runner: Runner | None = None,
     ):
         self.service = service
         self.client = client
@@ -143,6 +149,11 @@ class Dispatcher:
 
             raise ConfigError("a dispatcher running the pipeline needs client=distributed.Client(...)")
         self.runner = runner or default_runner
+        # Coalescing (pipeline/batch.py) runs through the batch runner: the pipeline's own,
+        # unless a test's runner stands in for the pipeline and brings no batch runner.
+        self.batch_runner = batch_runner or (default_batch_runner if runner is None else None)
+        self.coalesce_jobs = int(config.get("jobs.coalesce.max-jobs"))
+        self.coalesce_chunks = int(config.get("jobs.coalesce.max-chunks"))
         self.max_running = int(max_running if max_running is not None else config.get("jobs.max-running"))
         if self.max_running < 1:
             from embedfleet.errors import ConfigError
@@ -155,7 +166,7 @@ class Dispatcher:
         )
         self.tick = tick
         self.shutdown_grace = shutdown_grace
-        self._executions: dict[str, tuple[JobExecution, threading.Thread]] = {}
+        self._executions: dict[str, tuple[JobExecution | BatchExecution, threading.Thread]] = {}
         self._finished: list[str] = []
         self._ran: list[str] = []
         self._guard = threading.Lock()
@@ -164,8 +175,9 @@ class Dispatcher:
 
     @property
     def running(self) -> list[str]:
+        """The jobs this dispatcher runs now (a batch's every job)."""
         with self._guard:
-            return list(self._executions)
+            return [job_id for execution, _ in self._executions.values() for job_id in _job_ids(execution)]
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop: no new claims; running jobs are interrupted (or finish)."""
@@ -233,24 +245,75 @@ class Dispatcher:
 
     def _fill(self) -> None:
         while not self._stop.is_set() and len(self._executions) < self.max_running:
-            claim = None
-            for candidate in self.service.ledger.rank():
-                claim = self.service.ledger.claim(candidate, dispatcher=self.name)
+            ranked = self.service.ledger.rank()
+            for at, candidate in enumerate(ranked):
+                batch = uuid.uuid4().hex[:16] if self._may_coalesce(candidate) else None
+                claim = self.service.ledger.claim(candidate, dispatcher=self.name, batch=batch)
                 if claim is not None:
                     break
-            if claim is None:
+            else:
                 return
-            self._start(claim)
+            claims = [claim] + (self._join(ranked, at, claim, batch) if batch is not None else [])
+            self._start(claims, batch)
 
-    def _start(self, claim: Claim) -> None:
-        log.info("dispatcher %s: starting job %s of %s (priority %.1f)", self.name, claim.id, claim.owner, claim.priority)
-        execution = JobExecution(self.service, claim, client=self.client, runner=self.runner, tick=self.tick)
+    def _may_coalesce(self, candidate: Candidate) -> bool:
+        return (self.batch_runner is not None and self.coalesce_jobs > 1 and candidate.mode == "append"
+                and candidate.estimated_chunks <= self.coalesce_chunks)
+
+    def _join(self, ranked: list[Candidate], at: int, lead: Claim, batch: str) -> list[Claim]:
+        """Claim the waiting jobs that run in ``lead``'s batch: jobs of its collection with the same
+        options, each only if no job of another collection ranked above it is kept waiting for it.
+
+        A joining job takes no slot, so it keeps waiting no job that still gets one now: the
+        jobs of other collections passed over are counted, and joining stops once they are more
+        than the slots left after this batch.
+        """
+        from embedfleet.pipeline.batch import coalescing_key
+
+        key = coalescing_key(lead.spec)
+        if key is None:
+            return []
+        first = ranked[at]
+        group = (first.owner, first.sink, first.collection)
+        slots_left = self.max_running - len(self._executions) - 1
+        passed: set[tuple[str, str, str]] = set()
+        joined: list[Claim] = []
+        for candidate in ranked[at + 1:]:
+            if len(joined) + 1 >= self.coalesce_jobs:
+                break
+            if (candidate.owner, candidate.sink, candidate.collection) != group:
+                passed.add((candidate.owner, candidate.sink, candidate.collection))
+                continue
+            if len(passed) > slots_left:
+                break
+            if not self._may_coalesce(candidate):
+                continue
+            claim = self.service.ledger.claim(candidate, dispatcher=self.name, batch=batch,
+                                              joins=lambda spec: coalescing_key(spec) == key)
+            if claim is not None:
+                joined.append(claim)
+        return joined
+
+    def _start(self, claims: list[Claim], batch: str | None = None) -> None:
+        from embedfleet.pipeline.batch import was_batched
+
+        lead = claims[0]
+        if len(claims) == 1 and not (batch is not None and was_batched(lead.spec)):
+            log.info("dispatcher %s: starting job %s of %s (priority %.1f)", self.name, lead.id, lead.owner,
+                     lead.priority)
+            execution: JobExecution | BatchExecution = JobExecution(
+                self.service, lead, client=self.client, runner=self.runner, tick=self.tick)
+        else:
+            log.info("dispatcher %s: starting batch %s of %d jobs of %s (priority %.1f)", self.name, batch,
+                     len(claims), lead.owner, lead.priority)
+            execution = BatchExecution(self.service, claims, batch_id=batch, client=self.client,
+                                       runner=self.batch_runner, tick=self.tick)
         thread = threading.Thread(
-            target=self._run_execution, args=(execution,), name=f"embedfleet-job-{claim.id}", daemon=True
+            target=self._run_execution, args=(execution,), name=f"embedfleet-job-{execution.job_id}", daemon=True
         )
         with self._guard:
-            self._executions[claim.id] = (execution, thread)
-            self._ran.append(claim.id)
+            self._executions[execution.job_id] = (execution, thread)
+            self._ran.extend(_job_ids(execution))
         thread.start()
 
     def _run_execution(self, execution: JobExecution) -> None:

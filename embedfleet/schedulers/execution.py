@@ -37,13 +37,13 @@ log = logging.getLogger(__name__)
 Runner = Callable[..., "JobResult"]
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     if isinstance(exc, EmbedfleetError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
-def _with_current_roots(spec):
+def with_current_roots(spec):
     """The job's spec under the allowed roots of this dispatcher's config, where it has any:
     narrowing them binds the jobs already queued too. Workers check every file against them."""
     import dataclasses
@@ -216,12 +216,12 @@ class JobExecution:
             spec = JobSpec.from_json(self.claim.spec)
         except Exception as exc:
             log.error("job %s: unreadable job spec: %s", self.job_id, exc)
-            self._finish("failed", error=f"unreadable job spec: {_error_text(exc)}")
+            self._finish("failed", error=f"unreadable job spec: {error_text(exc)}")
             if reraise:
                 raise
             return None
 
-        spec = _with_current_roots(spec)
+        spec = with_current_roots(spec)
         self._embedded = EmbeddedOnDisk(spec.job_dir)
         monitor = threading.Thread(target=self._monitor, name=f"embedfleet-monitor-{self.job_id}", daemon=True)
         monitor.start()
@@ -266,7 +266,7 @@ class JobExecution:
             status, message = "interrupted", f"interrupted: {error}; the job waits for the store"
             log.info("job %s: %s", self.job_id, message)
         elif error is not None:
-            status, message = "failed", _error_text(error)
+            status, message = "failed", error_text(error)
             if not reraise:  # a re-raised error is its caller's to report (the CLI's `Error:` line)
                 # The exception itself: out of its except clause, exc_info=True logs "NoneType: None".
                 log.error("job %s failed: %s", self.job_id, message,

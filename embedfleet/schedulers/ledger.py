@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, select, update
@@ -29,6 +30,7 @@ from embedfleet.schedulers.admission import (
     at_concurrency_limit,
     left_phrase,
     running_jobs,
+    running_unit,
 )
 from embedfleet.schedulers.lifecycle import transition
 from embedfleet.schedulers.models import (
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 def _rank_query():
     """Every waiting job with its owner's tier, running jobs and jobs started since ``since``."""
     running = (
-        select(Job.owner.label("owner"), func.count().label("n"))
+        select(Job.owner.label("owner"), func.count(func.distinct(running_unit())).label("n"))
         .where(Job.status == "running")
         .group_by(Job.owner)
         .subquery("running_by_owner")
@@ -76,6 +78,10 @@ def _rank_query():
             Job.priority,
             Job.queued_at,
             Job.created_at,
+            Job.sink,
+            Job.collection,
+            Job.mode,
+            Job.estimated_chunks,
             User.tier,
             running.c.n.label("running"),
             recent.c.n.label("recent"),
@@ -153,17 +159,25 @@ class Ledger:
             if at_concurrency_limit(t, w.running):
                 continue
             eff = live_priority(w.priority, t, recent_jobs=w.recent, waiting_since=w.queued_at, now=now, settings=settings)
-            out.append(Candidate(w.id, w.owner, t.name, w.priority, eff, w.queued_at, w.created_at))
+            out.append(Candidate(w.id, w.owner, t.name, w.priority, eff, w.queued_at, w.created_at,
+                                 sink=w.sink, collection=w.collection, mode=w.mode,
+                                 estimated_chunks=int(w.estimated_chunks or 0)))
         out.sort(key=lambda c: (-c.effective, c.created_at, c.id))
         return out
 
-    def claim(self, candidate: Candidate, *, dispatcher: str) -> Claim | None:
+    def claim(self, candidate: Candidate, *, dispatcher: str, batch: str | None = None,
+              joins: Callable[[str], bool] | None = None) -> Claim | None:
         """Atomically take a waiting job for ``dispatcher``; None if another got it or its owner is at the limit.
 
         PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` on the job, then the owner's row is
         locked while their running jobs are counted, so two dispatchers never exceed a user's
         concurrency limit. SQLite: the write transaction holds the database lock and the
         update is conditional on the job still waiting (rowcount checked).
+
+        With ``batch``, the job runs in that batch of coalesced jobs: as its first job (the
+        batch's pass then counts against the concurrency limit), or, with ``joins`` (true for a
+        spec that may join the batch), beside the batch's jobs already running on its
+        collection, taking no slot of its own.
         """
         with self.store.write() as session:
             now = self.store.clock()
@@ -174,11 +188,14 @@ class Ledger:
             ).first()
             if row is None:
                 return None
+            if joins is not None and not joins(row.spec):
+                return None  # its options differ from the batch's: it runs on its own later
             user = self.store.lock_user(session, row.owner)
             t = tier_of(user.tier if user else None)
-            if at_concurrency_limit(t, session.execute(running_jobs(row.owner)).scalar_one()):
+            if joins is None and at_concurrency_limit(t, session.execute(running_jobs(row.owner)).scalar_one()):
                 return None
-            if collection_busy(session, row.owner, row.sink, row.collection) is not None:
+            if collection_busy(session, row.owner, row.sink, row.collection,
+                               batch=batch if joins is not None else None) is not None:
                 return None  # waits until the job on its collection ends
             if held_elsewhere(row.sink) is not None:
                 return None  # an embedded store another process writes: waits until it lets go
@@ -197,6 +214,7 @@ class Ledger:
                     "reserved": 0,
                     "to_embed": None,
                     "error": None,
+                    "batch": batch,
                 }))
                 .execution_options(synchronize_session=False)
             )
@@ -245,30 +263,50 @@ class Ledger:
         when the job is no longer this claim's (its lease expired and it was interrupted):
         the caller must stop it.
         """
-        values: dict[str, Any] = dict(counts.values()) if counts else {}
+        return self.heartbeat_many([(claim, counts, embedded)])[0]
+
+    def heartbeat_many(self, beats: list[tuple[Claim, Counts | None, int | None]]) -> list[bool | None]:
+        """:meth:`heartbeat` for many jobs (a batch's) in one transaction: ``(claim, counts,
+        embedded)`` each; their ``cancel_requested`` (None: lost), in order."""
+        out: list[bool | None] = []
         with self.store.write() as session:
             now = self.store.clock()
-            if embedded is None:  # nothing to charge: one statement
-                row = session.execute(
-                    update(Job).where(self.fence(claim)).values(heartbeat_at=now, **values).returning(Job.cancel_requested)
-                    .execution_options(synchronize_session=False)
-                ).first()
-                return None if row is None else bool(row[0])
-            settled = self.settle(session, claim, embedded, now)
-            if settled is None:
-                return None
-            job, charged = settled
-            session.execute(
-                update(Job).where(self.fence(claim)).values(heartbeat_at=now, **values, **charged)
+            for claim, counts, embedded in beats:
+                out.append(self._beat(session, now, claim, counts, embedded))
+        return out
+
+    def _beat(self, session: Session, now: dt.datetime, claim: Claim, counts: Counts | None,
+              embedded: int | None) -> bool | None:
+        values: dict[str, Any] = dict(counts.values()) if counts else {}
+        if embedded is None:  # nothing to charge: one statement
+            row = session.execute(
+                update(Job).where(self.fence(claim)).values(heartbeat_at=now, **values).returning(Job.cancel_requested)
                 .execution_options(synchronize_session=False)
-            )
-            return bool(job.cancel_requested)
+            ).first()
+            return None if row is None else bool(row[0])
+        settled = self.settle(session, claim, embedded, now)
+        if settled is None:
+            return None
+        job, charged = settled
+        session.execute(
+            update(Job).where(self.fence(claim)).values(heartbeat_at=now, **values, **charged)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(job.cancel_requested)
 
     def poll(self, claim: Claim) -> bool | None:
         """``cancel_requested`` of a claimed job without writing; None if the claim was lost."""
+        return self.poll_many([claim])[0]
+
+    def poll_many(self, claims: list[Claim]) -> list[bool | None]:
+        """:meth:`poll` for many jobs (a batch's) in one query."""
         with self.store.read(single=True) as session:
-            row = session.execute(select(Job.cancel_requested).where(self.fence(claim))).first()
-            return None if row is None else bool(row[0])
+            rows = session.execute(
+                select(Job.id, Job.attempt, Job.cancel_requested)
+                .where(Job.id.in_([c.id for c in claims]), Job.status == "running")
+            ).all()
+        found = {(r.id, r.attempt): bool(r.cancel_requested) for r in rows}
+        return [found.get((c.id, c.attempt)) for c in claims]
 
     def reserve(self, claim: Claim, chunks: int, *, embedded: int = 0) -> None:
         """The exact check after chunking: admit ``chunks`` to be embedded or raise QuotaExceeded.
@@ -313,23 +351,36 @@ class Ledger:
     ) -> bool:
         """Record the end of a run, charging what is left to charge (:meth:`settle`) in the same
         transaction; False if the claim was lost."""
-        values: dict[str, Any] = dict(counts.values()) if counts else {}
+        return self.finish_many([(claim, status, counts, embedded, error)])[0]
+
+    def finish_many(self, ends: list[tuple[Claim, str, Counts | None, int | None, str | None]]) -> list[bool]:
+        """:meth:`finish` for many jobs (a batch's) in one transaction: ``(claim, status, counts,
+        embedded, error)`` each; whether each was recorded, in order."""
+        out = []
         with self.store.write() as session:
             now = self.store.clock()
-            settled = self.settle(session, claim, embedded, now)
-            if settled is None:
-                return False
-            values.update(settled[1], error=error, reserved=0, heartbeat_at=None)
-            if status == "interrupted":  # to be resumed by any dispatcher, waiting from now
-                values = transition("requeue", "running", status, dict(values, queued_at=now, dispatcher=None))
-            else:
-                if status == "succeeded":
-                    values["stage"] = "done"
-                values = transition("end", "running", status, dict(values, finished_at=now))
-            session.execute(
-                update(Job).where(self.fence(claim)).values(**values).execution_options(synchronize_session=False)
-            )
-            self.store.notify(session)  # a slot is free
+            for claim, status, counts, embedded, error in ends:
+                out.append(self._end(session, now, claim, status, counts, embedded, error))
+            if any(out):
+                self.store.notify(session)  # a slot is free
+        return out
+
+    def _end(self, session: Session, now: dt.datetime, claim: Claim, status: str, counts: Counts | None,
+             embedded: int | None, error: str | None) -> bool:
+        values: dict[str, Any] = dict(counts.values()) if counts else {}
+        settled = self.settle(session, claim, embedded, now)
+        if settled is None:
+            return False
+        values.update(settled[1], error=error, reserved=0, heartbeat_at=None)
+        if status == "interrupted":  # to be resumed by any dispatcher, waiting from now
+            values = transition("requeue", "running", status, dict(values, queued_at=now, dispatcher=None))
+        else:
+            if status == "succeeded":
+                values["stage"] = "done"
+            values = transition("end", "running", status, dict(values, finished_at=now))
+        session.execute(
+            update(Job).where(self.fence(claim)).values(**values).execution_options(synchronize_session=False)
+        )
         return True
 
     def interrupt_dispatcher(self, dispatcher: str, *, why: str = "stopped") -> list[str]:

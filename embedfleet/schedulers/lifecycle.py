@@ -57,7 +57,7 @@ MOVES: dict[str, Move] = {
         # A dispatcher takes a waiting job: a new attempt, its lease, nothing left of the last run.
         Move("claim", ("queued", "interrupted"), ("running",), frozenset(
             {"stage", "attempt", "dispatcher", "started_at", "heartbeat_at", "finished_at", "dispatch_priority",
-             "cancel_requested", "reserved", "to_embed", "error"})),
+             "cancel_requested", "reserved", "to_embed", "error", "batch"})),
         # The owner cancels a job that is not running: it ends now.
         Move("cancel", ("queued", "interrupted"), ("cancelled",), frozenset({"finished_at", "error", "dispatcher"})),
         # The owner queues a job again; a running one only when its run died unrecorded.

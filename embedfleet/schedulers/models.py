@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when the tables change, and add a migration ``MIGRATIONS[old] = fn(conn)`` that brings
 #: a database at version ``old`` to ``old + 1``.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
@@ -171,6 +171,9 @@ class Job(Base):
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)  # the lease
     dispatcher: Mapped[str | None] = mapped_column(String(128), default=None)
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # fencing token: +1 at every claim
+    # The batch of coalesced jobs its latest run is part of (pipeline/batch.py); None: alone.
+    # A batch is one pipeline pass: it counts once against the owner's concurrency limit.
+    batch: Mapped[str | None] = mapped_column(String(32), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     dispatch_priority: Mapped[float | None] = mapped_column(default=None)  # effective priority at the claim
     # Counts, as the pipeline reports them.
@@ -251,6 +254,14 @@ def _add_tokens(conn: Connection) -> None:
 
 
 MIGRATIONS[2] = _add_tokens
+
+
+def _add_batch(conn: Connection) -> None:
+    # Additive: a nullable column; every existing job ran alone.
+    conn.execute(text("ALTER TABLE ef_jobs ADD COLUMN batch VARCHAR(32)"))
+
+
+MIGRATIONS[3] = _add_batch
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,6 +153,11 @@ class Candidate:
     effective: float
     queued_at: dt.datetime
     created_at: dt.datetime
+    # Where it writes and how, for forming batches of coalesced jobs (pipeline/batch.py).
+    sink: str = ""
+    collection: str = ""
+    mode: str = ""
+    estimated_chunks: int = 0
 
 
 @dataclass(frozen=True)

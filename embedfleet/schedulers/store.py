@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, or_, select, text
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
@@ -122,18 +122,20 @@ class Store:
         return int(used or 0)
 
 
-def collection_busy(session: Session, owner: str, sink: str, collection: str) -> str | None:
-    """The id of a running job on this collection, if any.
+def collection_busy(session: Session, owner: str, sink: str, collection: str, *,
+                    batch: str | None = None) -> str | None:
+    """The id of a running job on this collection, if any (jobs of ``batch`` aside).
 
     Two jobs on one collection would each diff against the same manifest and commit over
-    each other, so jobs on one collection run one at a time. Callers hold the owner's row
-    lock, which serialises this check with the owner's other claims.
+    each other, so jobs on one collection run one at a time, or together in one batch
+    (pipeline/batch.py), which diffs and commits once. Callers hold the owner's row lock,
+    which serialises this check with the owner's other claims.
     """
-    return session.execute(
-        select(Job.id)
-        .where(Job.owner == owner, Job.status == "running", Job.sink == sink, Job.collection == collection)
-        .limit(1)
-    ).scalar()
+    query = select(Job.id).where(Job.owner == owner, Job.status == "running", Job.sink == sink,
+                                 Job.collection == collection)
+    if batch is not None:
+        query = query.where(or_(Job.batch.is_(None), Job.batch != batch))
+    return session.execute(query.limit(1)).scalar()
 
 
 def _process_exists(pid: int) -> bool:

@@ -99,6 +99,7 @@ def diff_bucket_stage(
     check_duplicates: bool,
     out_dir: str,
     bucket: int,
+    groups: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Compare one bucket: the collection's ids (``old``) with the job's chunks (``new``, by origin).
 
@@ -106,7 +107,9 @@ def diff_bucket_stage(
     file that the collection lacks; not for mode full, which embeds everything),
     ``stale/b<bucket>.parquet`` (chunk ids to delete: sync and full) and
     ``manifest/b<bucket>.parquet`` (this bucket of the collection's next manifest). Returns
-    the counts the driver decides on.
+    the counts the driver decides on. ``groups`` (the group of each origin; coalesced jobs,
+    pipeline/batch.py) limits the duplicate check to doc ids repeated within one group: two
+    jobs of one batch may each add a document of the same name.
     """
     out = location(out_dir)
     old_t = _read(old, IDS.names, IDS).cast(IDS)  # the chunk frames' ids are non-nullable, a manifest's not
@@ -117,9 +120,21 @@ def diff_bucket_stage(
 
     duplicates: list[str] = []
     if check_duplicates:
-        firsts = new_t.filter(pc.equal(new_t.column("chunk_index"), 0)).column("doc_id")
-        counts = pc.value_counts(firsts)
-        duplicates = [str(v) for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()) if n > 1]
+        first = pc.equal(new_t.column("chunk_index"), 0)
+        firsts = new_t.filter(first).column("doc_id")
+        if groups is None:
+            counts = pc.value_counts(firsts)
+            duplicates = [str(v) for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
+                          if n > 1]
+        else:
+            seen: set[tuple[int, str]] = set()
+            repeated: set[str] = set()
+            for o, doc in zip(origin[first.to_numpy(zero_copy_only=False)], firsts.to_pylist()):
+                key = (groups[int(o)], doc)
+                if key in seen:
+                    repeated.add(doc)
+                seen.add(key)
+            duplicates = sorted(repeated)
 
     old_ids, new_ids = old_t.column("chunk_id"), new_t.column("chunk_id")
     fresh: dict[int, int] = {}
@@ -136,7 +151,11 @@ def diff_bucket_stage(
     gone_docs: list[str] = []
     new_ids_rows = new_t.select(IDS.names).cast(IDS)
     if mode == "append":
-        next_manifest = pa.concat_tables([old_t, new_ids_rows.filter(pa.array(unknown))])
+        added = new_ids_rows.filter(pa.array(unknown))
+        if groups is not None and added.num_rows:  # two jobs of a batch may add the same chunk: once
+            _, first = np.unique(added.column("chunk_id").to_numpy(zero_copy_only=False), return_index=True)
+            added = added.take(pa.array(np.sort(first)))
+        next_manifest = pa.concat_tables([old_t, added])
     else:
         dropped = pc.invert(pc.is_in(old_ids, value_set=new_ids.combine_chunks()))
         keep = protected_mask(old_t.column("doc_id"), protected)

@@ -39,7 +39,7 @@ from embedfleet.sinks.base import CollectionInfo, SinkSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["chunk_stage", "read_chunk_stage", "embed_stage", "store_ids_stage", "write_stage", "delete_stage", "manifest_stage", "with_retries"]
+__all__ = ["chunk_stage", "read_chunk_stage", "embed_stage", "embed_many_stage", "write_many_stage", "store_ids_stage", "write_stage", "delete_stage", "manifest_stage", "with_retries"]
 
 T = TypeVar("T")
 
@@ -139,14 +139,39 @@ def embed_stage(
     embedder: EmbedderSpec,
     heading_context: bool = False,
 ) -> dict[str, Any]:
+    return embed_many_stage([(in_path, row_start, row_stop, out_path)], embedder=embedder,
+                            heading_context=heading_context)[0]
+
+
+def embed_many_stage(
+    slices: list[tuple[str, int, int, str]], *, embedder: EmbedderSpec, heading_context: bool = False
+) -> list[dict[str, Any]]:
+    """Embed the rows ``[start, stop)`` of each ``(in_path, start, stop, out_path)`` in one model call.
+
+    The micro-batch of coalesced small jobs (pipeline/batch.py): a one-document job has a few
+    chunks, and a task per job would pay the task's and the model call's fixed cost for each.
+    Every slice still gets its own output file and stats, so each job is charged for and
+    resumes from its own partitions, whatever it was embedded beside.
+    """
     from embedfleet.embedders.cache import get_embedder
     from embedfleet.embedders.hardware import release_freed_memory
 
-    if is_done(out_path):
-        # Dask runs a task again whose result was lost with its worker: the vectors are on disk.
-        return read_json(sidecar(out_path))
-    table = read_table(in_path, schema=CHUNKS).slice(row_start, row_stop - row_start)
-    table = check_schema(table, CHUNKS, stage="embed input")
+    results: list[dict[str, Any] | None] = [None] * len(slices)
+    todo = []
+    for i, (_, _, _, out_path) in enumerate(slices):
+        if is_done(out_path):
+            # Dask runs a task again whose result was lost with its worker: the vectors are on disk.
+            results[i] = read_json(sidecar(out_path))
+        else:
+            todo.append(i)
+    if not todo:
+        return results  # type: ignore[return-value]
+    tables = []
+    for i in todo:
+        in_path, row_start, row_stop, _ = slices[i]
+        table = read_table(in_path, schema=CHUNKS).slice(row_start, row_stop - row_start)
+        tables.append(check_schema(table, CHUNKS, stage="embed input"))
+    table = pa.concat_tables(tables)
     model = get_embedder(embedder)
     texts = table.column("text").to_pylist()
     if heading_context:  # chunked with room for it: n_tokens counts the section path too
@@ -157,29 +182,44 @@ def embed_stage(
     out = table.append_column(pa.field("embedding", pa.list_(pa.float32(), model.dimensions), nullable=False),
                               _vectors_column(vectors, model.dimensions))
     out = check_schema(out, embeddings_schema(model.dimensions), stage="embed")
-    write_table_atomic(out, out_path)
-    result = {
-        "rows": out.num_rows,
-        "real_tokens": stats.real_tokens,
-        "padded_tokens": stats.padded_tokens,
-        "seconds": stats.seconds,
-        "precision": model.precision,
-        "pid": os.getpid(),
-        "requests": stats.requests,
-        "tokens_sent": stats.tokens_sent,
-    }
-    write_json_atomic(result, sidecar(out_path))
-    del table, out, vectors  # dropped first, so their pages are among those handed back
+    # Each slice's share of the call's tokens, padding, requests and time, by its real tokens;
+    # the last slice takes what rounding left, so the shares add up to the call's totals.
+    n_tokens = table.column("n_tokens").to_numpy().astype(np.float64)
+    total = max(1.0, float(n_tokens.sum()))
+    left = {"real_tokens": stats.real_tokens, "padded_tokens": stats.padded_tokens, "requests": stats.requests,
+            "tokens_sent": stats.tokens_sent}
+    offset = 0
+    for n, (i, part) in enumerate(zip(todo, tables)):
+        rows = part.num_rows
+        share = float(n_tokens[offset:offset + rows].sum()) / total
+        write_table_atomic(out.slice(offset, rows), slices[i][3])
+        offset += rows
+        last = n == len(todo) - 1
+        counts = {k: v if last else round(getattr(stats, k) * share) for k, v in left.items()}
+        for k, v in counts.items():
+            left[k] -= v
+        result = {"rows": rows, **counts, "seconds": stats.seconds * (1.0 if len(todo) == 1 else share),
+                  "precision": model.precision, "pid": os.getpid()}
+        write_json_atomic(result, sidecar(slices[i][3]))
+        results[i] = result
+    del table, tables, out, vectors  # dropped first, so their pages are among those handed back
     release_freed_memory()
-    return result
+    return results  # type: ignore[return-value]
 
 
 MANIFEST = pa.schema([("doc_id", pa.string()), ("chunk_id", pa.string())])
 
 
-def manifest_stage(chunks_path: str, *, out_path: str) -> int:
-    """One file of a collection's next manifest: the doc and chunk ids of one chunk file."""
-    table = check_schema(read_table(chunks_path, columns=["doc_id", "chunk_id"]), MANIFEST, stage="manifest")
+def manifest_stage(chunks_path: str | list[str], *, out_path: str) -> int:
+    """One file of a collection's next manifest: the doc and chunk ids of one chunk file, or of
+    several (coalesced jobs), each chunk id once."""
+    paths = [chunks_path] if isinstance(chunks_path, str) else list(chunks_path)
+    tables = [read_table(p, columns=["doc_id", "chunk_id"]) for p in paths]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if len(tables) > 1:
+        _, first = np.unique(table.column("chunk_id").to_numpy(zero_copy_only=False), return_index=True)
+        table = table.take(pa.array(np.sort(first)))
+    table = check_schema(table, MANIFEST, stage="manifest")
     write_table_atomic(table, out_path)
     return table.num_rows
 
@@ -244,6 +284,34 @@ def write_stage(
 
     written = with_retries(upsert, retry=retry, what=f"writing {os.path.basename(embeddings_path)} to {sink.uri}")
     write_json_atomic({"written": written}, marker)
+    return written
+
+
+def write_many_stage(
+    embeddings_paths: list[str], *, sink: SinkSpec, collection: str, info: CollectionInfo, retry: RetrySpec,
+    markers: list[str],
+) -> int:
+    """:func:`write_stage` for many small embedding files in one upsert (coalesced small jobs).
+
+    Files whose marker exists are skipped; every other one gets its marker once the upsert
+    took them all, so a crash before that writes them again (an upsert of the same ids).
+    """
+    todo = [(path, marker) for path, marker in zip(embeddings_paths, markers) if not exists(marker)]
+    if not todo:
+        return 0
+    tables = [read_table(path) for path, _ in todo]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def upsert() -> int:
+        try:
+            return _collection(sink, collection, info).upsert(table)
+        except SinkError:
+            forget_collections()  # reconnect on the next attempt: the server may have restarted
+            raise
+
+    written = with_retries(upsert, retry=retry, what=f"writing {len(todo)} embedding files to {sink.uri}")
+    for (_, marker), part in zip(todo, tables):
+        write_json_atomic({"written": part.num_rows}, marker)
     return written
 
 

@@ -1,0 +1,587 @@
+"""Coalesced small jobs: several append jobs of one collection in one pipeline pass.
+
+The job service runs jobs of one collection one at a time (they diff against and commit one
+manifest), so a user adding one media item per job is limited to one pipeline pass per item,
+and for a one-document job that pass is nearly all fixed cost: the model guard, a diff, an
+embedding task, a write and a manifest commit. A batch runs queued ``append`` jobs of one
+(user, sink, collection) whose options agree (:func:`coalescing_key`) as one pass:
+
+* each job keeps its own job dir, read partitions, chunk files and embedding partitions, named
+  as a job running alone names them, so each job is charged for exactly what it embedded
+  (its own partitions on disk) and resumes from them, in whatever batch it runs next;
+* one model guard and one sink, one diff of every job's chunks against the manifest, one
+  write stream, one manifest commit;
+* embedding tasks are micro-batches: the slices of many jobs embedded in one model call
+  (:func:`~embedfleet.tasks.stages.embed_many_stage`), each slice still its own file;
+* a job whose source fails (a missing file with ``on_error=fail``, a source that changed
+  since its last run), that is over its quota, or is cancelled before the writes, ends on its
+  own and nothing of it is written; the others go on.
+
+Each job's counts are those of the job run alone against the collection as it was before the
+batch: two jobs of one batch that carry the same chunk (the same document name and text) each
+embed it, and the collection holds it once.
+
+A batch commits once: before the manifest switch every member's outcome is recorded in the
+batch dir, after it each member's ``committed.json``. A member whose batch committed but that
+was not recorded finished (the dispatcher was killed in between) finds that out when it runs
+next and ends with the outcome recorded for it, embedding nothing again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from embedfleet.config import resolve_model_path
+from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled
+from embedfleet.frames.io import (
+    is_done,
+    parquet_rows,
+    read_json,
+    sidecar,
+    write_json_atomic,
+)
+from embedfleet.frames.storage import location
+from embedfleet.pipeline import incremental
+from embedfleet.pipeline.embedding import MIN_ROWS_PER_SLICE, TASK_RETRIES, embed_task_key, rows_per_slice
+from embedfleet.pipeline.follow import Follower
+from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
+from embedfleet.pipeline.jobdir import JobDir
+from embedfleet.pipeline.manifest import Manifest
+from embedfleet.pipeline.placement import Placement
+from embedfleet.pipeline.visibility import start_check
+from embedfleet.sinks.base import CollectionInfo
+from embedfleet.sinks.naming import physical_name
+from embedfleet.sinks.registry import open_sink
+from embedfleet.sinks.writer_lock import exclusive_writer
+from embedfleet.tasks import stages
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BatchMember", "coalescing_key", "run_batch", "was_batched"]
+
+#: ``<data-dir>/batches/<batch-id>/``: a batch's own files (its diff, outcomes, commit marker).
+BATCHES = "batches"
+#: In a member's job dir: the batch it last ran in.
+BATCH_MARKER = "batch.json"
+#: In a batch dir: every member's result, recorded before the manifest switch.
+OUTCOMES = "outcomes.json"
+
+
+def coalescing_key(spec_json: str) -> str | None:
+    """What jobs must share to run in one batch; None for a job that runs alone.
+
+    Only ``append`` jobs coalesce: a sync job's source is the whole collection, so two queued
+    sync jobs of one collection with different sources contradict each other, and run one
+    after the other as submitted. Built-in datasets are not small jobs. Everything but the job's
+    id and its source's location (and the roots it may read, which the dispatcher sets per
+    job) must agree: the sink, collection, model, chunking, mode, data dir, error handling.
+    """
+    raw = json.loads(spec_json)
+    source = raw.get("source") or {}
+    if raw.get("mode") != "append" or source.get("kind") == "builtin":
+        return None
+    raw.pop("job_id", None)
+    source = dict(source)
+    source.pop("location", None)
+    source.pop("allowed_roots", None)
+    raw["source"] = source
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def was_batched(spec_json: str) -> bool:
+    """Whether the job ran in a batch before: it then runs in one again (a batch of its own if
+    need be), which knows whether that batch committed before the job's end was recorded."""
+    raw = json.loads(spec_json)
+    return (location(f"{raw['data_dir']}/jobs/{raw['job_id']}") / BATCH_MARKER).exists()
+
+
+@dataclasses.dataclass
+class BatchMember:
+    """One job of a batch, as the job service hands it over, and what the batch made of it.
+
+    ``cancel`` is the member's own flag (its owner cancelled it, or its claim was lost): set
+    before the batch writes, the member ends ``cancelled`` and nothing of it is written.
+    ``result`` is filled in by :func:`run_batch`; ``error`` is why it failed on its own.
+    """
+
+    spec: JobSpec
+    on_progress: Callable[[Progress], None] | None = None
+    before_embed: Callable[[int], None] | None = None
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: JobResult | None = None
+    error: BaseException | None = None
+    # Working state of the pass.
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    plan: list = dataclasses.field(default_factory=list)
+    chunk_paths: list[str] = dataclasses.field(default_factory=list)
+    chunk_stats: dict[int, dict] = dataclasses.field(default_factory=dict)
+    embed_inputs: list[str] = dataclasses.field(default_factory=list)
+    slices: list[tuple[str, int, int, str]] = dataclasses.field(default_factory=list)
+    embedded_files: list[str] = dataclasses.field(default_factory=list)
+    precisions: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def job_dir(self) -> JobDir:
+        return JobDir(self.spec.job_dir)
+
+    @property
+    def active(self) -> bool:
+        return self.result is None and self.error is None
+
+    def report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(dataclasses.replace(self.progress))
+
+
+def batch_dir(data_dir: str, batch_id: str):
+    return location(data_dir) / BATCHES / batch_id
+
+
+def run_batch(members: list[BatchMember], *, client, batch_id: str, priority: int = 0,
+              cancel: threading.Event | None = None) -> None:
+    """Run ``members`` (jobs with one :func:`coalescing_key`) as one pass on ``client``'s cluster.
+
+    Fills in each member's ``result`` (succeeded or cancelled) or ``error`` (it failed on its
+    own). A failure of the pass itself (the store, the model guard, an embedding task) is
+    raised for the caller to record on every member still without a result; setting
+    ``cancel`` (the dispatcher stops) raises :class:`JobCancelled` the same way.
+    """
+    if not members:
+        return
+    keys = {coalescing_key(m.spec.to_json()) for m in members}
+    if len(keys) != 1 or None in keys:
+        raise ValueError("a batch needs append jobs whose options agree (coalescing_key)")
+    started = time.perf_counter()
+    lead = members[0].spec
+    for member in members:
+        member.result, member.error = None, None
+        member.progress = Progress(stage="reading")
+    with exclusive_writer(lead.sink.uri):
+        _Batch(members, client=client, batch_id=batch_id, priority=priority, cancel=cancel).run()
+    seconds = time.perf_counter() - started
+    for member in members:
+        if member.result is not None and not member.result.seconds:
+            member.result.seconds = seconds
+
+
+class _Batch:
+    def __init__(self, members: list[BatchMember], *, client, batch_id: str, priority: int,
+                 cancel: threading.Event | None):
+        self.members = members
+        self.lead = members[0].spec
+        self.batch_id = batch_id
+        # The pass's own spec and dir: its diff, the manifest version it commits, its markers.
+        self.spec = dataclasses.replace(self.lead, job_id=batch_id)
+        self.dir = JobDir(batch_dir(self.lead.data_dir, batch_id))
+        self.progress = Progress(stage="reading")
+        self.follower = Follower(client, priority=priority, cancel=cancel, on_progress=None, progress=self.progress)
+        self.client = client
+        self.collection = physical_name(self.lead.user, self.lead.collection)
+        self.manifest = Manifest(self.lead.data_dir, self.lead.sink.uri, self.collection)
+        self.futures: dict = {}
+
+    # -- the pass --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._finish_committed_earlier()
+        if not self._active():
+            return
+        self._prepare()
+        try:
+            self._chunk()
+            diff = self._diff()
+            self._reserve()
+            self._embed()
+            self._write()
+        except BaseException:
+            self.follower.cancel_all(self.futures)
+            concurrent.futures.wait([self.opening], timeout=30.0)
+            raise
+        self._commit(diff)
+        if self.single_writer:
+            stages.forget_collections()
+
+    def _active(self) -> list[BatchMember]:
+        return [m for m in self.members if m.active]
+
+    def _set_stage(self, stage: str, members: list[BatchMember] | None = None) -> None:
+        for member in members if members is not None else self._active():
+            member.progress.stage = stage  # type: ignore[assignment]
+            member.report()
+
+    def _fail(self, member: BatchMember, exc: BaseException) -> None:
+        member.error = exc
+        logger.info("job %s (batch %s) failed on its own: %s", member.spec.job_id, self.batch_id, exc)
+
+    def _honour_cancels(self) -> None:
+        for member in self._active():
+            if member.cancel.is_set():
+                member.result = self._result(member, "cancelled")
+                logger.info("job %s cancelled within batch %s; nothing of it is written", member.spec.job_id,
+                            self.batch_id)
+
+    def _result(self, member: BatchMember, status: str) -> JobResult:
+        spec, progress = member.spec, member.progress
+        result = JobResult(job_id=spec.job_id, status=status, user=spec.user, sink=spec.sink.uri,  # type: ignore[arg-type]
+                           collection=spec.collection)
+        result.documents, result.chunks = progress.documents, progress.chunks
+        result.embedded, result.skipped, result.tokens = progress.embedded, progress.skipped, progress.tokens
+        result.skipped_documents = [
+            SkippedDocument(**s) for i in sorted(member.chunk_stats) for s in member.chunk_stats[i]["skipped_documents"]
+        ]
+        result.precision = ",".join(sorted(member.precisions)) or None
+        return result
+
+    # -- a member whose batch committed before it could be recorded ---------------------------
+
+    def _finish_committed_earlier(self) -> None:
+        current = self.manifest.current_if_readable()
+        for member in self.members:
+            job_dir = member.job_dir
+            if job_dir.committed.exists() and job_dir.result.exists():
+                member.result = _result_from(read_json(job_dir.result))
+                continue
+            marker = job_dir.root / BATCH_MARKER
+            if not marker.exists():
+                continue
+            earlier = read_json(marker)["batch"]
+            earlier_dir = JobDir(batch_dir(self.lead.data_dir, earlier))
+            committed = earlier_dir.committed.exists() or (
+                current is not None and current.name.startswith(f"v-{earlier}-"))
+            outcomes = earlier_dir.root / OUTCOMES
+            if committed and outcomes.exists():
+                outcome = read_json(outcomes).get(member.spec.job_id)
+                if outcome is not None:
+                    member.result = _result_from(outcome)
+                    write_json_atomic(outcome, job_dir.result)
+                    write_json_atomic({"batch": earlier}, job_dir.committed)
+                    logger.info("job %s: its batch %s had committed; recorded it now", member.spec.job_id, earlier)
+
+    # -- before any task --------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        from embedfleet.datasets import plan_partitions
+        from embedfleet.pipeline.run import check_plan_unchanged, open_sink_in_thread
+        from embedfleet.tasks.chunking import reserved_tokens, validate_for_model
+
+        spec, client = self.lead, self.client
+        model = spec.embedder.model
+        self.max_tokens = model.max_seq_length - reserved_tokens(resolve_model_path(model.path),
+                                                                 prefix=model.document_prefix)
+        validate_for_model(spec.chunk, self.max_tokens, model_name=model.name, max_seq_length=model.max_seq_length)
+        self.placement = Placement(client, spec.embedder)
+        warm = self.placement.preload(priority=self.follower.priority)
+        self.dir.make()
+        write_json_atomic({"members": [m.spec.job_id for m in self.members]}, self.dir.root / "members.json")
+        # One probe of the data dir for the batch; the members' sources are probed at their
+        # common folder, which is where one user's small jobs' files live.
+        sources = [m.spec.source.location for m in self.members if "://" not in str(m.spec.source.location)]
+        self.visibility = start_check(client, token_path=self.dir.visible, priority=self.follower.priority,
+                                      source=_common_folder(sources))
+        if self.visibility.gates:
+            self.visibility.verify()
+        for member in self._active():
+            job_dir = member.job_dir
+            try:
+                job_dir.make()
+                write_json_atomic(json.loads(member.spec.to_json()), job_dir.spec)
+                write_json_atomic({"batch": self.batch_id}, job_dir.root / BATCH_MARKER)
+                member.plan = plan_partitions(member.spec.source)
+                check_plan_unchanged(member.plan, job_dir)
+            except EmbedfleetError as exc:
+                self._fail(member, exc)
+                continue
+            member.chunk_paths = [str(job_dir.chunk_file(i)) for i in range(len(member.plan))]
+            member.progress.partitions_total = len(member.plan)
+        self.info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
+                                   precision=warm.precision())
+        self.write_kwargs = {"sink": spec.sink, "collection": self.collection, "info": self.info, "retry": spec.retry}
+        self.opening = open_sink_in_thread(spec.sink, self.collection, self.info)
+
+    # -- read + chunk -----------------------------------------------------------------------
+
+    def _chunk(self) -> None:
+        self._set_stage("chunking")
+        spec = self.lead
+        events = {}
+        for m, member in enumerate(self.members):
+            if not member.active:
+                continue
+            for i, path in enumerate(member.chunk_paths):
+                if is_done(path):
+                    self._count_chunks(member, i, read_json(sidecar(path)))
+                    continue
+                future = self.client.submit(
+                    _isolated, stages.read_chunk_stage, member.spec.source, member.plan[i], out_path=path,
+                    chunk=spec.chunk, model_path=spec.embedder.model.path, max_tokens=self.max_tokens,
+                    on_error=member.spec.on_error, key=f"chunk-{member.spec.job_id}-{i}",
+                    priority=self.follower.priority, retries=TASK_RETRIES, pure=False,
+                )
+                events[future] = (m, i)
+        self.futures.update(events)
+
+        def chunked(event: tuple[int, int], value: Any) -> None:
+            self.visibility.verify()
+            m, i = event
+            member = self.members[m]
+            if isinstance(value, BaseException):
+                if member.active:
+                    self._fail(member, value)
+                return
+            if member.active:
+                self._count_chunks(member, i, value)
+                member.report()
+
+        self.follower.follow(self.futures, chunked)
+        self.visibility.verify()
+        self._honour_cancels()
+
+    def _count_chunks(self, member: BatchMember, i: int, stats: dict) -> None:
+        member.chunk_stats[i] = stats
+        progress = member.progress
+        progress.documents += stats["documents"]
+        progress.chunks += stats["chunks"]
+        progress.skipped_documents += len(stats["skipped_documents"])
+        progress.partitions_done += 1
+
+    # -- one diff for every member ------------------------------------------------------------
+
+    def _diff(self) -> incremental.Diff:
+        paths: list[str] = []
+        groups: list[int] = []
+        for m, member in enumerate(self.members):
+            if member.active:
+                for i, path in enumerate(member.chunk_paths):
+                    if member.chunk_stats[i]["chunks"]:
+                        paths.append(path)
+                        groups.append(m)
+        if self.opening.done():
+            self.opening.result()  # a refused collection stops the batch before the diff
+        try:
+            diff = incremental.diff(self.spec, self.follower, self.manifest, paths, self.dir, protected=[],
+                                    store=self.opening.result, write_kwargs=self.write_kwargs, groups=groups)
+        except DuplicateDocumentError as exc:
+            # A doc_id repeated within one member's source: that member fails, the others are diffed again.
+            return self._diff_without_duplicates(exc, paths, groups)
+        self.diffed = {m.spec.job_id for m in self._active()}
+        origins = diff.embed_origins if diff.embed_origins is not None else list(range(len(diff.embed_inputs)))
+        for path, origin in zip(diff.embed_inputs, origins):
+            self.members[groups[origin]].embed_inputs.append(path)
+        for member in self._active():
+            to_embed = sum(parquet_rows(p) for p in member.embed_inputs)
+            member.progress.chunks_to_embed = to_embed
+            member.progress.skipped = member.progress.chunks - to_embed
+        return diff
+
+    def _diff_without_duplicates(self, exc: DuplicateDocumentError, paths: list[str],
+                                 groups: list[int]) -> incremental.Diff:
+        from embedfleet.frames.io import read_table, remove_tree
+
+        repeated = set(exc.duplicates)
+        for m in sorted(set(groups)):
+            member = self.members[m]
+            ids = [d for p, g in zip(paths, groups) if g == m
+                   for d in read_table(p, columns=["doc_id"]).column("doc_id").to_pylist()]
+            if repeated & set(ids):
+                self._fail(member, DuplicateDocumentError(sorted(repeated & set(ids))))
+        remove_tree(self.dir.diff)
+        for member in self.members:
+            member.embed_inputs = []
+        if not self._active():
+            raise JobCancelled("every job of the batch failed on its own")
+        return self._diff()
+
+    # -- the exact quota check, member by member ------------------------------------------------
+
+    def _reserve(self) -> None:
+        for member in self._active():
+            member.slices = self._slices(member)
+            done = [s for s in member.slices if is_done(s[3])]
+            earlier = sum(read_json(sidecar(s[3]))["rows"] for s in done)
+            left = (member.progress.chunks_to_embed or 0) - earlier
+            member.progress.chunks_to_embed = left
+            if member.before_embed is not None:
+                try:
+                    member.before_embed(left)
+                except EmbedfleetError as exc:  # QuotaExceeded, or its claim was lost
+                    self._fail(member, exc)
+                    continue
+            for s in done:
+                member.precisions.add(read_json(sidecar(s[3]))["precision"])
+                member.embedded_files.append(s[3])
+        self.follower.check_cancel()
+        self._honour_cancels()
+
+    def _slices(self, member: BatchMember) -> list[tuple[str, int, int, str]]:
+        to_embed = member.progress.chunks_to_embed or 0
+        if not to_embed:
+            return []
+        rows = rows_per_slice(member.job_dir, to_embed, member.spec.chunks_per_partition,
+                              max(1, len(self.placement.workers)))
+        out = []
+        for path in member.embed_inputs:
+            n = parquet_rows(path)
+            out.extend((path, start, min(n, start + rows), str(member.job_dir.embedding_file(path, si)))
+                       for si, start in enumerate(range(0, n, rows)))
+        return out
+
+    # -- embed: micro-batches of every member's slices -------------------------------------------
+
+    def _embed(self) -> None:
+        self._set_stage("embedding")
+        pending = [(m, s) for m, member in enumerate(self.members) if member.active
+                   for s in member.slices if not is_done(s[3])]
+        for member in self._active():
+            member.progress.partitions_total = len(member.slices)
+            member.progress.partitions_done = sum(1 for s in member.slices if is_done(s[3]))
+        if not pending:
+            return
+        groups = _pack(pending, most=self.lead.chunks_per_partition, tasks=max(1, len(self.placement.workers)))
+        waiting = list(enumerate(groups))
+        running: dict = {}
+
+        def submit() -> None:
+            if waiting:
+                self.placement.refresh_if_stale()
+            while waiting:
+                free, worker = self.placement.next_worker()
+                if not free:
+                    return
+                slot, group = waiting.pop(0)
+                future = self.client.submit(
+                    stages.embed_many_stage, [s for _, s in group], embedder=self.placement.embedder,
+                    heading_context=self.lead.chunk.heading_context,
+                    key=embed_task_key(self.batch_id, f"pack-{slot:04d}"), priority=self.follower.priority,
+                    retries=TASK_RETRIES, pure=False, **self.placement.submit_options(worker),
+                )
+                running[future] = slot
+                self.placement.assign(slot, worker)
+
+        def embedded(slot: int, values: list[dict]) -> None:
+            self.placement.release(slot)
+            submit()
+            for (m, s), value in zip(groups[slot], values):
+                member = self.members[m]
+                progress = member.progress
+                progress.embedded += value["rows"]
+                progress.tokens += value["real_tokens"]
+                progress.partitions_done += 1
+                member.precisions.add(value["precision"])
+                member.embedded_files.append(s[3])
+                member.report()
+
+        submit()
+        self.follower.follow(running, embedded)
+
+    # -- write: one stream for the batch ---------------------------------------------------------
+
+    def _write(self) -> None:
+        self.single_writer = self.opening.result()
+        self._honour_cancels()  # the last point a cancel keeps a member out of the collection
+        writing = self._active()
+        self._set_stage("writing", writing)
+        paths, markers = [], []
+        for member in writing:
+            for path in sorted(member.embedded_files):
+                paths.append(path)
+                markers.append(str(member.job_dir.written_marker(path)))
+        if not paths:
+            return
+        if self.single_writer:
+            stages.write_many_stage(paths, markers=markers, **self.write_kwargs)
+        else:
+            self.follower.result_of(self.client.submit(
+                stages.write_many_stage, paths, markers=markers, key=f"write-{self.batch_id}",
+                priority=self.follower.priority, pure=False, **self.write_kwargs))
+        for member in writing:
+            member.progress.written = sum(parquet_rows(p) for p in member.embedded_files)
+
+    # -- commit: one manifest version for the batch --------------------------------------------------
+
+    def _commit(self, diff: incremental.Diff) -> None:
+        from embedfleet.frames.io import copy_file
+
+        writing = self._active()
+        self._set_stage("committing", writing)
+        outcomes = {m.spec.job_id: self._result(m, "succeeded").to_dict() for m in writing}
+        write_json_atomic(outcomes, self.dir.root / OUTCOMES)
+        version = self.manifest.new_version(self.batch_id)
+        version.mkdir(parents=True, exist_ok=True)
+        written_paths = [p for m in writing for p in m.embed_inputs]
+        # A member diffed but not written (over its quota, cancelled): its new ids are in the
+        # diff's manifest, and must not be in the one committed.
+        excluded = bool(self.diffed - {m.spec.job_id for m in writing})
+        old = self.manifest.files()
+        if diff.manifest is not None and not excluded:
+            for i, path in enumerate(diff.manifest):  # the diff wrote it: the old ids and every member's new ones
+                copy_file(path, version / f"part-{i:05d}.parquet")
+        else:
+            # The old ids, and the new ones of the members that are written: one task.
+            for i, path in enumerate(old):
+                copy_file(path, version / f"part-{i:05d}.parquet")
+            if written_paths:
+                self.follower.result_of(self.client.submit(
+                    stages.manifest_stage, written_paths, out_path=str(version / f"part-{len(old):05d}.parquet"),
+                    key=f"manifest-{self.batch_id}", priority=self.follower.priority, pure=False))
+        self.manifest.commit(version)
+        write_json_atomic({"version": version.name}, self.dir.committed)
+        for member in writing:
+            outcome = outcomes[member.spec.job_id]
+            write_json_atomic(outcome, member.job_dir.result)
+            write_json_atomic({"version": version.name, "batch": self.batch_id}, member.job_dir.committed)
+            member.progress.stage = "done"
+            member.result = _result_from(outcome)
+            member.report()
+
+
+def _isolated(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn``'s result, or the error it raised: one member's failure is not the batch's."""
+    try:
+        return fn(*args, **kwargs)
+    except EmbedfleetError as exc:
+        return exc
+    except (OSError, ValueError) as exc:
+        return EmbedfleetError(f"{type(exc).__name__}: {exc}")
+
+
+def _pack(pending: list[tuple[int, tuple[str, int, int, str]]], *, most: int, tasks: int) -> list[list]:
+    """Embedding tasks for ``pending`` slices: consecutive slices, up to ``most`` rows a task,
+    and at least ``tasks`` tasks (one per embedding worker) where there are rows enough."""
+    rows = [s[2] - s[1] for _, s in pending]
+    total = sum(rows)
+    target = max(MIN_ROWS_PER_SLICE // 4, min(most, -(-total // max(1, tasks))))
+    groups: list[list] = [[]]
+    size = 0
+    for item, n in zip(pending, rows):
+        if groups[-1] and size + n > target:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += n
+    return groups
+
+
+def _common_folder(paths: list[str]) -> str | None:
+    import os
+
+    if not paths:
+        return None
+    try:
+        common = os.path.commonpath([os.path.abspath(p) for p in paths])
+    except ValueError:
+        return None
+    return common
+
+
+def _result_from(raw: dict) -> JobResult:
+    raw = dict(raw)
+    raw["skipped_documents"] = [SkippedDocument(**s) for s in raw.get("skipped_documents", [])]
+    return JobResult(**raw)
