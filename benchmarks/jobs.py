@@ -10,8 +10,11 @@
   functions of each stage timed in place (submit, the dispatcher's wait and claim, each stage
   of ``run_job``, the visibility probe, the ledger's writes, the final record), the tasks each
   job sends to the scheduler and the workers' own compute time per kind of task.
-* ``jobs_per_minute``: 40 one-document jobs of 3 users, each user's jobs into one collection of
-  its own (the seeds' case), run by one dispatcher (``--max-running 20``) on a warm cluster.
+* ``jobs_per_minute``: bursts of one-document append jobs (100 or 1,000) of 3 or 20 users, each
+  user's jobs into one collection of its own (the seeds' case), submitted to a running
+  dispatcher (``--max-running 20``) on a warm cluster: jobs per minute from the first submit to
+  the last end, each job's submit -> succeeded latency, and the batches coalescing made
+  (``--coalesce 1`` runs every job alone, for comparison).
 
 Usage::
 
@@ -340,58 +343,111 @@ def bench_overhead(url: str, data_dir: Path, root: Path, jobs: int, model: str |
 
 
 def bench_jobs_per_minute(url: str, data_dir: Path, root: Path, jobs: int, users: int, max_running: int,
-                          model: str | None, timeout: float = 600.0) -> dict:
-    """``jobs`` one-document jobs of ``users`` users, each user's into one collection, one dispatcher."""
+                          model: str | None, timeout: float = 900.0, coalesce: int | None = None) -> dict:
+    """``jobs`` one-document append jobs of ``users`` users, each user's into one collection of
+    its own (the seeds' case), submitted as one burst to a running dispatcher on a warm cluster.
+
+    ``jobs_per_minute`` is the jobs done over the time from the first submit to the last end;
+    ``latency`` is each job's submit -> succeeded (its wait in the queue included).
+    ``coalesce`` sets ``embedfleet.jobs.coalesce.max-jobs`` (1: every job alone, as before
+    coalescing).
+    """
     from embedfleet.pipeline.cluster import connect
     from embedfleet.schedulers.dispatcher import Dispatcher
 
     paragraph = ("The command reads each named file and writes it, in order, to standard output; with no "
                  "file, or when the file is -, it reads standard input. Options change how lines are "
                  "numbered, how blank lines are squeezed and how non-printing characters are shown. ") * 4
-    service = JobService(url, data_dir=data_dir)
+    settings = {"embedfleet.jobs.queue-limit": jobs + 10}
+    if coalesce is not None:
+        settings["embedfleet.jobs.coalesce.max-jobs"] = coalesce
     names = [f"tp-{u}" for u in range(users)]
-    for name in names:
-        service.add_user(name, tier="enterprise")
-    with dask.config.set({"embedfleet.jobs.queue-limit": jobs + 10}), connect(workers=1, dashboard_address=":0") as client:
-        warm = root / "tp-warm"
-        warm.mkdir(parents=True)
-        (warm / "warm.md").write_text(paragraph)
-        service.submit(str(warm), user=names[0], collection="warm-up", model=model)
-        Dispatcher(service, client=client, max_running=max_running).run(once=True)
-        ids = []
-        for i in range(jobs):
-            docs = root / f"tp-{i}"
-            docs.mkdir(parents=True)
-            (docs / "item.md").write_text(f"# Item {i}\n\n{paragraph}")
-            user = names[i % users]
-            ids.append((service.submit(str(docs), user=user, collection="media", model=model).id, user))
-        dispatcher = Dispatcher(service, client=client, max_running=max_running)
-        thread = threading.Thread(target=dispatcher.run, kwargs={"once": True}, daemon=True)
-        t0 = time.perf_counter()
-        thread.start()
-        thread.join(timeout)
-        elapsed = time.perf_counter() - t0
-        stuck = thread.is_alive()
-        if stuck:
+    sources = []
+    for i in range(jobs):
+        docs = root / f"tp-{i}"
+        docs.mkdir(parents=True)
+        (docs / f"item-{i}.md").write_text(f"# Item {i}\n\n{paragraph}")
+        sources.append(docs)
+    with dask.config.set(settings):
+        service = JobService(url, data_dir=data_dir)
+        for name in names:
+            service.add_user(name, tier="enterprise")
+        with connect(workers=1, dashboard_address=":0") as client:
+            warm = root / "tp-warm"
+            warm.mkdir(parents=True)
+            (warm / "warm.md").write_text(paragraph)
+            for name in names:  # every collection exists, and the model is loaded
+                service.submit(str(warm), user=name, collection="media", model=model, mode="append")
+            Dispatcher(service, client=client, max_running=max_running).run(once=True)
+            dispatcher = Dispatcher(service, client=client, max_running=max_running)
+            thread = threading.Thread(target=dispatcher.run, daemon=True)
+            thread.start()
+            ids = []
+            t0 = time.perf_counter()
+            for i, docs in enumerate(sources):
+                user = names[i % users]
+                ids.append((service.submit(str(docs), user=user, collection="media", model=model, mode="append").id,
+                            user))
+            submitted = time.perf_counter() - t0
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and service.ledger.has_active():
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - t0
+            stuck = service.ledger.has_active()
             dispatcher.stop()
             thread.join(60)
-        infos = [service.status(job_id, user=user) for job_id, user in ids]
+            infos = [service.status(job_id, user=user) for job_id, user in ids]
+            batches = _batch_sizes(service, [job_id for job_id, _ in ids])
         service.close()
     statuses: dict[str, int] = {}
     for info in infos:
         statuses[info.status] = statuses.get(info.status, 0) + 1
-    run_times = [(i.finished_at - i.started_at).total_seconds() for i in infos if i.started_at and i.finished_at]
+    latency = sorted((i.finished_at - i.created_at).total_seconds() for i in infos if i.finished_at)
+    ends = [i.finished_at for i in infos if i.finished_at]
+    span = (max(ends) - min(i.created_at for i in infos)).total_seconds() if ends else elapsed
     done = statuses.get("succeeded", 0)
     return {
         "jobs": jobs,
         "users": users,
+        "collections": users,
         "max_running": max_running,
+        "coalesce_max_jobs": coalesce if coalesce is not None else dask.config.get("embedfleet.jobs.coalesce.max-jobs"),
         "statuses": statuses,
         "timed_out": stuck,
-        "seconds": round(elapsed, 2),
-        "jobs_per_minute": round(done / elapsed * 60, 1),
-        "run_seconds_p50": round(statistics.median(run_times), 3) if run_times else None,
+        "submit_seconds": round(submitted, 2),
+        "seconds": round(span, 2),
+        "jobs_per_minute": round(done / span * 60, 1) if span else None,
+        "latency_p50": round(statistics.median(latency), 3) if latency else None,
+        "latency_p90": round(latency[int(0.9 * (len(latency) - 1))], 3) if latency else None,
+        "batches": len(batches),
+        "batch_size_median": statistics.median(batches) if batches else None,
     }
+
+
+def _batch_sizes(service: JobService, ids: list[str]) -> list[int]:
+    from sqlalchemy import select
+
+    from embedfleet.schedulers.models import Job
+
+    with service.store.read() as session:
+        rows = session.execute(select(Job.id, Job.batch).where(Job.id.in_(ids))).all()
+    sizes: dict[str, int] = {}
+    for job_id, batch in rows:
+        sizes[batch or job_id] = sizes.get(batch or job_id, 0) + 1
+    return sorted(sizes.values())
+
+
+def bench_rates(root: Path, scenarios: list[tuple[int, int]], max_running: int, model: str | None,
+                coalesce: list[int | None]) -> list[dict]:
+    out = []
+    for n, (jobs, users) in enumerate(scenarios):
+        for c in coalesce:
+            where = root / f"rate-{n}-{c}"
+            where.mkdir(parents=True)
+            out.append(bench_jobs_per_minute(f"sqlite:///{where / 'rate.db'}", where / "data", where, jobs, users,
+                                             max_running, model, coalesce=c))
+            print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,8 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-jobs", type=int, default=5)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--overhead-jobs", type=int, default=5, help="0 skips the per-job breakdown")
-    parser.add_argument("--rate-jobs", type=int, default=40, help="0 skips the jobs-per-minute run")
-    parser.add_argument("--rate-users", type=int, default=3)
+    parser.add_argument("--rate", action="append", default=None, metavar="JOBSxUSERS",
+                        help="a jobs-per-minute scenario, e.g. 100x3 (repeatable; default 100x3 100x20 1000x3 "
+                             "1000x20); 0 skips")
+    parser.add_argument("--coalesce", type=int, action="append", default=None,
+                        help="embedfleet.jobs.coalesce.max-jobs for the rate runs (repeatable; 1 = no coalescing; "
+                             "default the configured value)")
     parser.add_argument("--max-running", type=int, default=20)
     parser.add_argument("--only", choices=["overhead", "rate"], action="append", default=None,
                         help="run only these parts (repeatable); submit and latency are skipped")
@@ -411,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model for the latency job (default embedfleet.embed.model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    rates = args.rate or ["100x3", "100x20", "1000x3", "1000x20"]
+    scenarios = [tuple(int(v) for v in r.split("x")) for r in rates if r != "0"]
+    coalesce = args.coalesce or [None]
 
     result: dict = {"benchmark": "jobs", "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="embedfleet-bench-") as tmp:
@@ -420,10 +483,8 @@ def main(argv: list[str] | None = None) -> int:
             if "overhead" in args.only and args.overhead_jobs:
                 result["overhead"] = bench_overhead(f"sqlite:///{root / 'ovh.db'}", root / "data-ovh", root / "ovh",
                                                     args.overhead_jobs, args.model)
-            if "rate" in args.only and args.rate_jobs:
-                result["jobs_per_minute"] = bench_jobs_per_minute(
-                    f"sqlite:///{root / 'rate.db'}", root / "data-rate", root / "rate", args.rate_jobs,
-                    args.rate_users, args.max_running, args.model)
+            if "rate" in args.only and scenarios:
+                result["jobs_per_minute"] = bench_rates(root, scenarios, args.max_running, args.model, coalesce)
             json.dump(result, sys.stdout, indent=2, sort_keys=True)
             sys.stdout.write("\n")
             return 0
@@ -454,10 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.overhead_jobs:
                     result["overhead"] = bench_overhead(f"sqlite:///{root / 'ovh.db'}", root / "data-ovh",
                                                         root / "ovh", args.overhead_jobs, args.model)
-                if args.rate_jobs:
-                    result["jobs_per_minute"] = bench_jobs_per_minute(
-                        f"sqlite:///{root / 'rate.db'}", root / "data-rate", root / "rate", args.rate_jobs,
-                        args.rate_users, args.max_running, args.model)
+                if scenarios:
+                    result["jobs_per_minute"] = bench_rates(root, scenarios, args.max_running, args.model, coalesce)
     json.dump(result, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     return 0

@@ -158,19 +158,14 @@ def test_a_cancelled_job_of_a_batch_ends_cancelled_and_nothing_of_it_is_written(
     victim = submitted[1]
     cancelled = threading.Event()
 
-    def runner(members, **kwargs):
-        # The owner cancels one job once the batch has chunked: its monitor sees it at its next tick.
-        for member in members:
-            if member.spec.job_id == victim.id:
-                original = member.before_embed
+    def runner(members, *, reserve, **kwargs):
+        # The owner cancels one job once the batch has diffed: its monitor sees it at its next tick.
+        def reserve_after_cancel(asks):
+            jobs.cancel(victim.id, user="flo")
+            cancelled.wait(5)
+            return reserve(asks)
 
-                def before_embed(n, original=original):
-                    jobs.cancel(victim.id, user="flo")
-                    cancelled.wait(5)
-                    original(n)
-
-                member.before_embed = before_embed
-        run_batch(members, **kwargs)
+        run_batch(members, reserve=reserve_after_cancel, **kwargs)
 
     watcher = threading.Thread(target=lambda: _wait_cancel_flag(jobs, victim.id, cancelled), daemon=True)
     watcher.start()

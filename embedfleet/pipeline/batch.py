@@ -114,7 +114,6 @@ class BatchMember:
 
     spec: JobSpec
     on_progress: Callable[[Progress], None] | None = None
-    before_embed: Callable[[int], None] | None = None
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: JobResult | None = None
     error: BaseException | None = None
@@ -145,14 +144,20 @@ def batch_dir(data_dir: str, batch_id: str):
     return location(data_dir) / BATCHES / batch_id
 
 
+Reserve = Callable[[list[tuple["BatchMember", int]]], list[BaseException | None]]
+
+
 def run_batch(members: list[BatchMember], *, client, batch_id: str, priority: int = 0,
-              cancel: threading.Event | None = None) -> None:
+              cancel: threading.Event | None = None, reserve: Reserve | None = None) -> None:
     """Run ``members`` (jobs with one :func:`coalescing_key`) as one pass on ``client``'s cluster.
 
     Fills in each member's ``result`` (succeeded or cancelled) or ``error`` (it failed on its
     own). A failure of the pass itself (the store, the model guard, an embedding task) is
     raised for the caller to record on every member still without a result; setting
     ``cancel`` (the dispatcher stops) raises :class:`JobCancelled` the same way.
+    ``reserve([(member, chunks), ...])`` is called once, after the diff, with the exact number
+    of chunks each member is about to embed, and answers with each one's refusal (an
+    exception, e.g. QuotaExceeded) or None: the exact quota check, for the batch in one go.
     """
     if not members:
         return
@@ -165,7 +170,7 @@ def run_batch(members: list[BatchMember], *, client, batch_id: str, priority: in
         member.result, member.error = None, None
         member.progress = Progress(stage="reading")
     with exclusive_writer(lead.sink.uri):
-        _Batch(members, client=client, batch_id=batch_id, priority=priority, cancel=cancel).run()
+        _Batch(members, client=client, batch_id=batch_id, priority=priority, cancel=cancel, reserve=reserve).run()
     seconds = time.perf_counter() - started
     for member in members:
         if member.result is not None and not member.result.seconds:
@@ -174,8 +179,9 @@ def run_batch(members: list[BatchMember], *, client, batch_id: str, priority: in
 
 class _Batch:
     def __init__(self, members: list[BatchMember], *, client, batch_id: str, priority: int,
-                 cancel: threading.Event | None):
+                 cancel: threading.Event | None, reserve: Reserve | None):
         self.members = members
+        self.reserve = reserve
         self.lead = members[0].spec
         self.batch_id = batch_id
         # The pass's own spec and dir: its diff, the manifest version it commits, its markers.
@@ -288,7 +294,7 @@ class _Batch:
                                       source=_common_folder(sources))
         if self.visibility.gates:
             self.visibility.verify()
-        for member in self._active():
+        def prepare(member: BatchMember) -> None:
             job_dir = member.job_dir
             try:
                 job_dir.make()
@@ -298,9 +304,11 @@ class _Batch:
                 check_plan_unchanged(member.plan, job_dir)
             except EmbedfleetError as exc:
                 self._fail(member, exc)
-                continue
+                return
             member.chunk_paths = [str(job_dir.chunk_file(i)) for i in range(len(member.plan))]
             member.progress.partitions_total = len(member.plan)
+
+        _each(self._active(), prepare)
         self.info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
                                    precision=warm.precision())
         self.write_kwargs = {"sink": spec.sink, "collection": self.collection, "info": self.info, "retry": spec.retry}
@@ -311,32 +319,39 @@ class _Batch:
     def _chunk(self) -> None:
         self._set_stage("chunking")
         spec = self.lead
-        events = {}
+        pending = []
         for m, member in enumerate(self.members):
             if not member.active:
                 continue
             for i, path in enumerate(member.chunk_paths):
                 if is_done(path):
                     self._count_chunks(member, i, read_json(sidecar(path)))
-                    continue
-                future = self.client.submit(
-                    _isolated, stages.read_chunk_stage, member.spec.source, member.plan[i], out_path=path,
-                    chunk=spec.chunk, model_path=spec.embedder.model.path, max_tokens=self.max_tokens,
-                    on_error=member.spec.on_error, key=f"chunk-{member.spec.job_id}-{i}",
-                    priority=self.follower.priority, retries=TASK_RETRIES, pure=False,
-                )
-                events[future] = (m, i)
-        self.futures.update(events)
+                else:
+                    pending.append((m, i))
+        # A few tasks for the whole batch, not one per job: each reads and chunks the
+        # partitions of several small jobs (every worker thread gets one).
+        threads = sum(w.get("nthreads", 1) for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
+        per_task = max(1, -(-len(pending) // max(1, threads)))
+        groups = [pending[k:k + per_task] for k in range(0, len(pending), per_task)]
+        for g, group in enumerate(groups):
+            items = [(self.members[m].spec.source, self.members[m].plan[i], self.members[m].chunk_paths[i],
+                      self.members[m].spec.on_error) for m, i in group]
+            future = self.client.submit(
+                read_chunk_many, items, chunk=spec.chunk, model_path=spec.embedder.model.path,
+                max_tokens=self.max_tokens, key=f"chunk-{self.batch_id}-{g}", priority=self.follower.priority,
+                retries=TASK_RETRIES, pure=False,
+            )
+            self.futures[future] = group
 
-        def chunked(event: tuple[int, int], value: Any) -> None:
+        def chunked(group: list[tuple[int, int]], values: list[Any]) -> None:
             self.visibility.verify()
-            m, i = event
-            member = self.members[m]
-            if isinstance(value, BaseException):
-                if member.active:
+            for (m, i), value in zip(group, values):
+                member = self.members[m]
+                if not member.active:
+                    continue
+                if isinstance(value, BaseException):
                     self._fail(member, value)
-                return
-            if member.active:
+                    continue
                 self._count_chunks(member, i, value)
                 member.report()
 
@@ -402,23 +417,28 @@ class _Batch:
     # -- the exact quota check, member by member ------------------------------------------------
 
     def _reserve(self) -> None:
+        asks, earlier_files = [], {}
+        _each(self._active(), self._plan_slices)
         for member in self._active():
-            member.slices = self._slices(member)
-            done = [s for s in member.slices if is_done(s[3])]
-            earlier = sum(read_json(sidecar(s[3]))["rows"] for s in done)
-            left = (member.progress.chunks_to_embed or 0) - earlier
+            done = [s[3] for s in member.slices if is_done(s[3])]
+            stats = [read_json(sidecar(path)) for path in done]
+            left = (member.progress.chunks_to_embed or 0) - sum(s["rows"] for s in stats)
             member.progress.chunks_to_embed = left
-            if member.before_embed is not None:
-                try:
-                    member.before_embed(left)
-                except EmbedfleetError as exc:  # QuotaExceeded, or its claim was lost
-                    self._fail(member, exc)
-                    continue
-            for s in done:
-                member.precisions.add(read_json(sidecar(s[3]))["precision"])
-                member.embedded_files.append(s[3])
+            asks.append((member, left))
+            earlier_files[id(member)] = (done, stats)
+        refusals = self.reserve(asks) if self.reserve is not None else [None] * len(asks)
+        for (member, _), refused in zip(asks, refusals):
+            if refused is not None:  # QuotaExceeded, or its claim was lost
+                self._fail(member, refused)
+                continue
+            done, stats = earlier_files[id(member)]
+            member.precisions.update(s["precision"] for s in stats)
+            member.embedded_files.extend(done)
         self.follower.check_cancel()
         self._honour_cancels()
+
+    def _plan_slices(self, member: BatchMember) -> None:
+        member.slices = self._slices(member)
 
     def _slices(self, member: BatchMember) -> list[tuple[str, int, int, str]]:
         to_embed = member.progress.chunks_to_embed or 0
@@ -533,7 +553,7 @@ class _Batch:
                     key=f"manifest-{self.batch_id}", priority=self.follower.priority, pure=False))
         self.manifest.commit(version)
         write_json_atomic({"version": version.name}, self.dir.committed)
-        for member in writing:
+        def record(member: BatchMember) -> None:
             outcome = outcomes[member.spec.job_id]
             write_json_atomic(outcome, member.job_dir.result)
             write_json_atomic({"version": version.name, "batch": self.batch_id}, member.job_dir.committed)
@@ -541,15 +561,23 @@ class _Batch:
             member.result = _result_from(outcome)
             member.report()
 
+        _each(writing, record)
 
-def _isolated(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn``'s result, or the error it raised: one member's failure is not the batch's."""
-    try:
-        return fn(*args, **kwargs)
-    except EmbedfleetError as exc:
-        return exc
-    except (OSError, ValueError) as exc:
-        return EmbedfleetError(f"{type(exc).__name__}: {exc}")
+
+def read_chunk_many(items: list[tuple[Any, Any, str, str]], **chunk_options: Any) -> list[Any]:
+    """:func:`~embedfleet.tasks.stages.read_chunk_stage` for ``(source, partition, out_path,
+    on_error)`` of several jobs in one task: each one's stats, or the error it raised (one job's
+    failure, such as a document it must not skip, is not the batch's)."""
+    out: list[Any] = []
+    for source, descriptor, out_path, on_error in items:
+        try:
+            out.append(stages.read_chunk_stage(source, descriptor, out_path=out_path, on_error=on_error,
+                                               **chunk_options))
+        except EmbedfleetError as exc:
+            out.append(EmbedfleetError(str(exc)))  # the message is what the job's record keeps
+        except (OSError, ValueError) as exc:
+            out.append(EmbedfleetError(f"{type(exc).__name__}: {exc}"))
+    return out
 
 
 def _pack(pending: list[tuple[int, tuple[str, int, int, str]]], *, most: int, tasks: int) -> list[list]:
@@ -567,6 +595,23 @@ def _pack(pending: list[tuple[int, tuple[str, int, int, str]]], *, most: int, ta
         groups[-1].append(item)
         size += n
     return groups
+
+
+#: Threads writing the members' small files at once: each write is a fsync'd rename, and a batch
+#: of 64 jobs writes a few hundred of them.
+FILE_THREADS = 8
+
+
+def _each(members: list[BatchMember], fn: Callable[[BatchMember], None]) -> None:
+    """``fn`` for every member, on a few threads: per-member files are independent."""
+    if len(members) <= 1:
+        for member in members:
+            fn(member)
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(FILE_THREADS, len(members)),
+                                               thread_name_prefix="embedfleet-batch-files") as pool:
+        for future in [pool.submit(fn, m) for m in members]:
+            future.result()
 
 
 def _common_folder(paths: list[str]) -> str | None:

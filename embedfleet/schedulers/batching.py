@@ -97,8 +97,9 @@ class BatchExecution:
             job.latest = dataclasses.replace(progress)
             job.dirty = True
 
-    def _before_embed(self, job: _Job, chunks: int) -> None:
-        self.ledger.reserve(job.claim, int(chunks), embedded=job.embedded.total())
+    def _reserve(self, asks: list[tuple[BatchMember, int]]) -> list[BaseException | None]:
+        jobs = {id(j.member): j for j in self.jobs if j.member is not None}
+        return self.ledger.reserve_many([(jobs[id(m)].claim, int(n), jobs[id(m)].embedded.total()) for m, n in asks])
 
     # -- monitor ---------------------------------------------------------------------------------
 
@@ -174,8 +175,7 @@ class BatchExecution:
                 ends.append((job, "failed", None, f"unreadable job spec: {error_text(exc)}"))
                 continue
             job.embedded = EmbeddedOnDisk(spec.job_dir)
-            job.member = BatchMember(spec, on_progress=functools.partial(self._on_progress, job),
-                                     before_embed=functools.partial(self._before_embed, job))
+            job.member = BatchMember(spec, on_progress=functools.partial(self._on_progress, job))
         members = [j.member for j in self.jobs if j.member is not None]
         monitor = threading.Thread(target=self._monitor, name=f"embedfleet-monitor-{self.batch_id}", daemon=True)
         monitor.start()
@@ -183,7 +183,8 @@ class BatchExecution:
         try:
             if members:
                 self.runner(members, client=self.client, batch_id=self.batch_id,
-                            priority=int(self.jobs[0].claim.priority), cancel=self.cancel_event)
+                            priority=int(self.jobs[0].claim.priority), cancel=self.cancel_event,
+                            reserve=self._reserve)
         except BaseException as exc:  # noqa: BLE001 - recorded on every job without an outcome
             error = exc
         finally:

@@ -316,29 +316,50 @@ class Ledger:
         charged by this run, so it is part of what must fit. What is admitted is held
         (:data:`HELD`) until it is charged or the job ends.
         """
+        refused = self.reserve_many([(claim, chunks, embedded)])[0]
+        if refused is not None:
+            raise refused
+
+    def reserve_many(self, asks: list[tuple[Claim, int, int]]) -> list[QuotaExceeded | JobCancelled | None]:
+        """:meth:`reserve` for many jobs of one owner (a batch's), in order, in one transaction:
+        ``(claim, chunks, embedded)`` each; the refusal of each (None: admitted). What one job
+        is admitted counts against the jobs after it."""
+        out: list[QuotaExceeded | JobCancelled | None] = []
+        if not asks:
+            return out
         with self.store.write() as session:
             now = self.store.clock()
-            user = self.store.lock_user(session, claim.owner)
-            t = tier_of(user.tier if user else None)
-            job = session.execute(select(Job.charged).where(self.fence(claim)).with_for_update()).first()
-            if job is None:
-                raise JobCancelled(f"job {claim.id} is no longer running on this dispatcher")
-            uncharged = max(0, int(embedded) - job.charged)
-            needed = int(chunks) + uncharged
-            used, held = self.store.used_today(session, claim.owner, self.store.today(now)), self.reads.held(session, claim.owner, exclude=claim.id)
-            remaining = quota_left(t, used, held)
-            if remaining is not None and needed > remaining:
-                earlier = f" (and {uncharged} its earlier run embedded, not charged yet)" if uncharged else ""
-                raise QuotaExceeded(
-                    f"quota exceeded: job {claim.id} has {chunks} chunks to embed{earlier} but user {claim.owner!r} "
-                    f"{left_phrase(t, remaining, used, held, holders='its other jobs')}; nothing was embedded",
-                    remaining=remaining,
-                    requested=needed,
-                )
-            session.execute(
-                update(Job).where(self.fence(claim)).values(reserved=needed, to_embed=chunks, heartbeat_at=now)
-                .execution_options(synchronize_session=False)
+            owners = {claim.owner for claim, _, _ in asks}
+            tiers = {}
+            for owner in sorted(owners):
+                user = self.store.lock_user(session, owner)
+                tiers[owner] = tier_of(user.tier if user else None)
+            for claim, chunks, embedded in asks:
+                out.append(self._reserve(session, now, tiers[claim.owner], claim, int(chunks), int(embedded)))
+        return out
+
+    def _reserve(self, session: Session, now: dt.datetime, t: Tier, claim: Claim, chunks: int,
+                 embedded: int) -> QuotaExceeded | JobCancelled | None:
+        job = session.execute(select(Job.charged).where(self.fence(claim)).with_for_update()).first()
+        if job is None:
+            return JobCancelled(f"job {claim.id} is no longer running on this dispatcher")
+        uncharged = max(0, embedded - job.charged)
+        needed = chunks + uncharged
+        used, held = self.store.used_today(session, claim.owner, self.store.today(now)), self.reads.held(session, claim.owner, exclude=claim.id)
+        remaining = quota_left(t, used, held)
+        if remaining is not None and needed > remaining:
+            earlier = f" (and {uncharged} its earlier run embedded, not charged yet)" if uncharged else ""
+            return QuotaExceeded(
+                f"quota exceeded: job {claim.id} has {chunks} chunks to embed{earlier} but user {claim.owner!r} "
+                f"{left_phrase(t, remaining, used, held, holders='its other jobs')}; nothing was embedded",
+                remaining=remaining,
+                requested=needed,
             )
+        session.execute(
+            update(Job).where(self.fence(claim)).values(reserved=needed, to_embed=chunks, heartbeat_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return None
 
     def finish(
         self,

@@ -61,6 +61,7 @@ class JobInfo:
     finished_at: dt.datetime | None
     heartbeat_at: dt.datetime | None
     error: str | None
+    batch: str | None = None  # the batch of coalesced jobs its latest run was part of
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -108,6 +109,7 @@ class JobInfo:
             finished_at=job.finished_at,
             heartbeat_at=job.heartbeat_at,
             error=job.error,
+            batch=job.batch,
         )
 
 
