@@ -10,7 +10,6 @@ from embedfleet.api import index, search
 from embedfleet.errors import *  # noqa: F403 - every error embedfleet raises is public (errors.__all__)
 from embedfleet.errors import __all__ as _errors
 from embedfleet.options import IndexOptions
-from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocument
 from embedfleet.sinks.base import Hit
 
 __all__ = [
@@ -29,10 +28,26 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # The job service pulls in SQLAlchemy; load it when a notebook asks for it, not on import.
-    if name == "JobService":
-        from embedfleet.schedulers import JobService
+# Loaded when first asked for, not on import: the job service pulls in SQLAlchemy, and the job
+# types the readers of every source format (pyarrow, httpx), which a search never needs.
+_LAZY = {
+    "JobService": "embedfleet.schedulers",
+    "JobResult": "embedfleet.pipeline.job",
+    "JobSpec": "embedfleet.pipeline.job",
+    "Progress": "embedfleet.pipeline.job",
+    "SkippedDocument": "embedfleet.pipeline.job",
+}
 
-        return JobService
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'embedfleet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from embedfleet import config
 from embedfleet.options import IndexOptions
-from embedfleet.pipeline.job import JobResult, Progress
-from embedfleet.sinks.base import Hit
+
+if TYPE_CHECKING:  # the job types import every source format's reader; search needs none
+    from embedfleet.pipeline.job import JobResult, Progress
+    from embedfleet.sinks.base import Hit
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
-import numpy as np
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from embedfleet.config import SECRET_KEYS, hide_url_password, redacted
 from embedfleet.errors import CollectionMismatch, SinkError
+
+if TYPE_CHECKING:  # a search reads no frames: pyarrow is imported where one is written
+    import numpy as np
+    import pyarrow as pa
 
 __all__ = ["CollectionInfo", "Hit", "Sink", "SinkCollection", "SinkSpec", "keep_last", "metadata_for_store"]
 
@@ -138,6 +141,8 @@ def keep_last(frame: pa.Table) -> pa.Table:
     last = {chunk_id: i for i, chunk_id in enumerate(ids)}
     if len(last) == len(ids):
         return frame
+    import pyarrow as pa
+
     return frame.take(pa.array(sorted(last.values())))
 
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
-import pyarrow as pa
 
 from embedfleet.config import private_dir
 from embedfleet.errors import ConfigError, SinkError
 from embedfleet.sinks.base import CollectionInfo, Hit, Sink, SinkCollection, SinkSpec, keep_last, metadata_for_store
+
+if TYPE_CHECKING:  # a search reads no frames: pyarrow is imported where one is made
+    import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +155,8 @@ class ChromaCollection(SinkCollection):
                 raise SinkError(f"Chroma get from {self.name!r} failed: {_reason(exc)}") from exc
             if not got["ids"]:
                 return
+            import pyarrow as pa
+
             doc_ids = [str((meta or {}).get("doc_id", "")) for meta in got["metadatas"]]
             yield pa.table({"doc_id": pa.array(doc_ids, pa.string()), "chunk_id": pa.array(got["ids"], pa.string())})
             offset += len(got["ids"])
