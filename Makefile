@@ -43,6 +43,7 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/throughput.py python-docs
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/jobs.py
+	$(BIN)/python benchmarks/search_cold_start.py
 
 bench-memory: $(VENV)/.dev-installed  # 50k chunks on 2 cores: ~10 min (bf16, AMX) to ~45 min (fp32, AVX2)
 	$(BIN)/python benchmarks/worker_memory.py --synthetic 50000
