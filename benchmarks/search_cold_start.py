@@ -49,8 +49,8 @@ _PROBE = (
 
 
 def _env(tree: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
 
 
 def _man_corpus(target: Path) -> Path | None:
@@ -155,7 +155,8 @@ def main() -> None:
                 outputs[name].add(hashlib.sha256(stdout).hexdigest())
                 peak[name].append(rss)
         for name, tree in trees.items():
-            out[name] = {"tree": str(tree), **_summary(walls[name], cpus[name]), "peak_rss_mb_median": int(statistics.median(peak[name])) >> 20,
+            out[name] = {"tree": str(tree), **_summary(walls[name], cpus[name]),
+                         "peak_rss_mb_median": int(statistics.median(peak[name])) >> 20,
                          "heavy_imports": _imports(tree, search_args), "distinct_outputs": len(outputs[name])}
         if "against" in trees:
             out["same_output"] = outputs["this"] == outputs["against"] and len(outputs["this"]) == 1
