@@ -10,11 +10,11 @@
   functions of each stage timed in place (submit, the dispatcher's wait and claim, each stage
   of ``run_job``, the visibility probe, the ledger's writes, the final record), the tasks each
   job sends to the scheduler and the workers' own compute time per kind of task.
-* ``jobs_per_minute``: bursts of one-document append jobs (100 or 1,000) of 3 or 20 users, each
-  user's jobs into one collection of its own (the seeds' case), submitted to a running
-  dispatcher (``--max-running 20``) on a warm cluster: jobs per minute from the first submit to
-  the last end, each job's submit -> succeeded latency, and the batches coalescing made
-  (``--coalesce 1`` runs every job alone, for comparison).
+* ``jobs_per_minute``: one-document append jobs (100 or 1,000 queued) of 3 or 20 users, each
+  user's jobs into one collection of its own (the seeds' case), then one dispatcher
+  (``--max-running 20``) on a warm cluster: jobs per minute from its start to the last end,
+  each job's queued -> succeeded time, and the batches coalescing made (``--coalesce 1`` runs
+  every job alone, for comparison; ``--precision bf16`` embeds at bf16).
 
 Usage::
 
@@ -343,14 +343,15 @@ def bench_overhead(url: str, data_dir: Path, root: Path, jobs: int, model: str |
 
 
 def bench_jobs_per_minute(url: str, data_dir: Path, root: Path, jobs: int, users: int, max_running: int,
-                          model: str | None, timeout: float = 900.0, coalesce: int | None = None) -> dict:
+                          model: str | None, timeout: float = 900.0, coalesce: int | None = None,
+                          precision: str | None = None) -> dict:
     """``jobs`` one-document append jobs of ``users`` users, each user's into one collection of
-    its own (the seeds' case), submitted as one burst to a running dispatcher on a warm cluster.
+    its own (the seeds' case), all queued, then run by one dispatcher on a warm cluster.
 
-    ``jobs_per_minute`` is the jobs done over the time from the first submit to the last end;
-    ``latency`` is each job's submit -> succeeded (its wait in the queue included).
+    ``jobs_per_minute`` is the jobs done over the time from the dispatcher's start to the last
+    end; ``latency`` is each job's submit -> succeeded, its wait in the queue included.
     ``coalesce`` sets ``embedfleet.jobs.coalesce.max-jobs`` (1: every job alone, as before
-    coalescing).
+    coalescing); ``precision`` is the jobs' model precision.
     """
     from embedfleet.pipeline.cluster import connect
     from embedfleet.schedulers.dispatcher import Dispatcher
@@ -361,13 +362,8 @@ def bench_jobs_per_minute(url: str, data_dir: Path, root: Path, jobs: int, users
     settings = {"embedfleet.jobs.queue-limit": jobs + 10}
     if coalesce is not None:
         settings["embedfleet.jobs.coalesce.max-jobs"] = coalesce
+    options = {"model": model, "mode": "append", **({"precision": precision} if precision else {})}
     names = [f"tp-{u}" for u in range(users)]
-    sources = []
-    for i in range(jobs):
-        docs = root / f"tp-{i}"
-        docs.mkdir(parents=True)
-        (docs / f"item-{i}.md").write_text(f"# Item {i}\n\n{paragraph}")
-        sources.append(docs)
     with dask.config.set(settings):
         service = JobService(url, data_dir=data_dir)
         for name in names:
@@ -377,50 +373,57 @@ def bench_jobs_per_minute(url: str, data_dir: Path, root: Path, jobs: int, users
             warm.mkdir(parents=True)
             (warm / "warm.md").write_text(paragraph)
             for name in names:  # every collection exists, and the model is loaded
-                service.submit(str(warm), user=name, collection="media", model=model, mode="append")
+                service.submit(str(warm), user=name, collection="media", **options)
             Dispatcher(service, client=client, max_running=max_running).run(once=True)
-            dispatcher = Dispatcher(service, client=client, max_running=max_running)
-            thread = threading.Thread(target=dispatcher.run, daemon=True)
-            thread.start()
             ids = []
             t0 = time.perf_counter()
-            for i, docs in enumerate(sources):
+            for i in range(jobs):
+                docs = root / f"tp-{i}"
+                docs.mkdir(parents=True)
+                (docs / f"item-{i}.md").write_text(f"# Item {i}\n\n{paragraph}")
                 user = names[i % users]
-                ids.append((service.submit(str(docs), user=user, collection="media", model=model, mode="append").id,
-                            user))
+                ids.append((service.submit(str(docs), user=user, collection="media", **options).id, user))
             submitted = time.perf_counter() - t0
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and service.ledger.has_active():
-                time.sleep(0.02)
-            elapsed = time.perf_counter() - t0
-            stuck = service.ledger.has_active()
-            dispatcher.stop()
-            thread.join(60)
+            dispatcher = Dispatcher(service, client=client, max_running=max_running)
+            thread = threading.Thread(target=dispatcher.run, kwargs={"once": True}, daemon=True)
+            started = service.store.clock()
+            thread.start()
+            thread.join(timeout)
+            stuck = thread.is_alive()
+            if stuck:
+                dispatcher.stop()
+                thread.join(60)
             infos = [service.status(job_id, user=user) for job_id, user in ids]
             batches = _batch_sizes(service, [job_id for job_id, _ in ids])
         service.close()
     statuses: dict[str, int] = {}
     for info in infos:
         statuses[info.status] = statuses.get(info.status, 0) + 1
-    latency = sorted((i.finished_at - i.created_at).total_seconds() for i in infos if i.finished_at)
-    ends = [i.finished_at for i in infos if i.finished_at]
-    span = (max(ends) - min(i.created_at for i in infos)).total_seconds() if ends else elapsed
+    # From the dispatcher's start: the jobs were all queued by then.
+    latency = sorted((i.finished_at - started).total_seconds() for i in infos if i.finished_at)
+    run_times = sorted((i.finished_at - i.started_at).total_seconds() for i in infos if i.finished_at and i.started_at)
+    span = latency[-1] if latency else None
     done = statuses.get("succeeded", 0)
     return {
         "jobs": jobs,
         "users": users,
         "collections": users,
         "max_running": max_running,
+        "precision": precision or "default",
         "coalesce_max_jobs": coalesce if coalesce is not None else dask.config.get("embedfleet.jobs.coalesce.max-jobs"),
         "statuses": statuses,
         "timed_out": stuck,
         "submit_seconds": round(submitted, 2),
-        "seconds": round(span, 2),
+        "seconds": round(span, 2) if span else None,
         "jobs_per_minute": round(done / span * 60, 1) if span else None,
-        "latency_p50": round(statistics.median(latency), 3) if latency else None,
-        "latency_p90": round(latency[int(0.9 * (len(latency) - 1))], 3) if latency else None,
+        "queued_to_succeeded_p50": round(statistics.median(latency), 3) if latency else None,
+        "queued_to_succeeded_p90": round(latency[int(0.9 * (len(latency) - 1))], 3) if latency else None,
+        "run_seconds_p50": round(statistics.median(run_times), 3) if run_times else None,
         "batches": len(batches),
         "batch_size_median": statistics.median(batches) if batches else None,
+        "batch_size_max": max(batches) if batches else None,
+        "chunks_per_job_median": statistics.median(i.chunks for i in infos) if infos else None,
+        "load_average_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -438,14 +441,15 @@ def _batch_sizes(service: JobService, ids: list[str]) -> list[int]:
 
 
 def bench_rates(root: Path, scenarios: list[tuple[int, int]], max_running: int, model: str | None,
-                coalesce: list[int | None]) -> list[dict]:
+                coalesce: list[int | None], precisions: list[str | None]) -> list[dict]:
     out = []
     for n, (jobs, users) in enumerate(scenarios):
         for c in coalesce:
-            where = root / f"rate-{n}-{c}"
-            where.mkdir(parents=True)
-            out.append(bench_jobs_per_minute(f"sqlite:///{where / 'rate.db'}", where / "data", where, jobs, users,
-                                             max_running, model, coalesce=c))
+            for p in precisions:
+                where = root / f"rate-{n}-{c}-{p}"
+                where.mkdir(parents=True)
+                out.append(bench_jobs_per_minute(f"sqlite:///{where / 'rate.db'}", where / "data", where, jobs, users,
+                                                 max_running, model, coalesce=c, precision=p))
             print(json.dumps(out[-1]), file=sys.stderr, flush=True)
     return out
 
@@ -460,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", action="append", default=None, metavar="JOBSxUSERS",
                         help="a jobs-per-minute scenario, e.g. 100x3 (repeatable; default 100x3 100x20 1000x3 "
                              "1000x20); 0 skips")
+    parser.add_argument("--precision", action="append", default=None,
+                        help="the rate runs' model precision (repeatable, e.g. fp32 and bf16; default the configured)")
     parser.add_argument("--coalesce", type=int, action="append", default=None,
                         help="embedfleet.jobs.coalesce.max-jobs for the rate runs (repeatable; 1 = no coalescing; "
                              "default the configured value)")
@@ -484,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["overhead"] = bench_overhead(f"sqlite:///{root / 'ovh.db'}", root / "data-ovh", root / "ovh",
                                                     args.overhead_jobs, args.model)
             if "rate" in args.only and scenarios:
-                result["jobs_per_minute"] = bench_rates(root, scenarios, args.max_running, args.model, coalesce)
+                result["jobs_per_minute"] = bench_rates(root, scenarios, args.max_running, args.model, coalesce, args.precision or [None])
             json.dump(result, sys.stdout, indent=2, sort_keys=True)
             sys.stdout.write("\n")
             return 0
@@ -516,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                     result["overhead"] = bench_overhead(f"sqlite:///{root / 'ovh.db'}", root / "data-ovh",
                                                         root / "ovh", args.overhead_jobs, args.model)
                 if scenarios:
-                    result["jobs_per_minute"] = bench_rates(root, scenarios, args.max_running, args.model, coalesce)
+                    result["jobs_per_minute"] = bench_rates(root, scenarios, args.max_running, args.model, coalesce, args.precision or [None])
     json.dump(result, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     return 0

@@ -100,7 +100,7 @@ def test_coalesced_jobs_each_get_their_own_counts_charges_and_results(jobs, clie
     assert _store(data_dir, "ana").count() == total
     # One manifest commit, holding every chunk once.
     manifest = Manifest(str(data_dir), jobs.status(submitted[0].id, user="ana").sink, physical_name("ana", "media"))
-    assert manifest.current.name.startswith(f"v-{batches[submitted[0].id]}-")
+    assert manifest.current.name.startswith(f"v-{batches[submitted[0].id]}-00-")
 
 
 def test_a_second_batch_appends_and_skips_what_the_collection_has(jobs, client, data_dir, tmp_path):
@@ -122,15 +122,15 @@ def test_a_second_batch_appends_and_skips_what_the_collection_has(jobs, client, 
     assert jobs.quota("ben").used_today == expected
 
 
-def test_jobs_of_different_users_never_share_a_collection(jobs, client, data_dir, tmp_path):
+def test_jobs_of_two_users_share_a_pass_but_never_a_collection(jobs, client, data_dir, tmp_path):
     for name in ("cy", "di"):
         jobs.add_user(name, tier="enterprise")
+    # The same file names and texts for both users: only the collection tells them apart.
     mine = [_submit(jobs, _item(tmp_path / "cy", i), "cy") for i in range(3)]
     theirs = [_submit(jobs, _item(tmp_path / "di", i), "di") for i in range(3)]
     run_once(jobs, client=client, max_running=4)
     batches = _batches(jobs, [j.id for j in mine + theirs])
-    assert len({batches[j.id] for j in mine}) == 1 and len({batches[j.id] for j in theirs}) == 1
-    assert {batches[j.id] for j in mine}.isdisjoint({batches[j.id] for j in theirs})
+    assert len(set(batches.values())) == 1  # one pass, its embedding tasks shared by both users
     for user, own in (("cy", mine), ("di", theirs)):
         docs = {m["doc_id"] for m in _store(data_dir, user).get(include=["metadatas"])["metadatas"]}
         assert docs == {f"item-{i}.md" for i in range(3)}
@@ -198,3 +198,48 @@ def _wait_cancel_flag(service, job_id, event):
                 return
         time.sleep(0.01)
     event.set()
+
+
+def test_a_refused_collection_fails_its_own_jobs_and_the_pass_goes_on(jobs, client, data_dir, tmp_path):
+    from embedfleet.sinks.base import CollectionInfo
+    from embedfleet.sinks.registry import make_spec, open_sink
+
+    for name in ("gil", "hal"):
+        jobs.add_user(name, tier="enterprise")
+    # gil's collection was made by another model: the model guard refuses it.
+    with open_sink(make_spec(f"chroma://{data_dir}/chroma", {})) as sink:
+        sink.open(physical_name("gil", "media"), create=True,
+                  info=CollectionInfo(model="another-model", dimensions=8, metric="cosine"))
+    refused = [_submit(jobs, _item(tmp_path / "gil", i), "gil") for i in range(2)]
+    fine = [_submit(jobs, _item(tmp_path / "hal", i), "hal") for i in range(2)]
+    run_once(jobs, client=client)
+    batches = _batches(jobs, [j.id for j in refused + fine])
+    assert len(set(batches.values())) == 1
+    for job in refused:
+        info = jobs.status(job.id, user="gil")
+        assert info.status == "failed" and "another-model" in info.error, info.error
+        assert info.charged == 0
+    assert {jobs.status(j.id, user="hal").status for j in fine} == {"succeeded"}
+    assert _store(data_dir, "gil").count() == 0
+    assert _store(data_dir, "hal").count() == sum(jobs.status(j.id, user="hal").chunks for j in fine)
+
+
+def test_a_job_over_its_quota_fails_alone_and_the_rest_of_the_batch_is_charged_exactly(jobs, client, tmp_path):
+    jobs.add_user("ivy", tier="free")
+    with dask.config.set({"embedfleet.jobs.tiers.free.daily-chunks": 60}):
+        # A collection with chunks in it: appends to it are checked by their exact count only.
+        _submit(jobs, _item(tmp_path, 8), "ivy")
+        run_once(jobs, client=client)
+        small = [_submit(jobs, _item(tmp_path, i), "ivy") for i in range(2)]
+        big_folder = _item(tmp_path, 9)
+        big = _submit(jobs, big_folder, "ivy")
+        # Its file grew after the submit: the exact count after chunking is over what is left.
+        (big_folder / "item-9.md").write_text("# Big\n\n" + PARAGRAPH * 120)
+        run_once(jobs, client=client)
+        infos = [jobs.status(j.id, user="ivy") for j in small]
+        assert {i.status for i in infos} == {"succeeded"}, [i.error for i in infos]
+        over = jobs.status(big.id, user="ivy")
+        assert over.status == "failed" and "quota exceeded" in over.error and over.charged == 0
+        assert over.batch == infos[0].batch == infos[1].batch
+        everything = jobs.list(user="ivy")
+        assert jobs.quota("ivy").used_today == sum(i.charged for i in everything) == sum(i.embedded for i in everything)

@@ -116,7 +116,7 @@ def test_a_batch_killed_after_its_commit_is_recorded_without_embedding_again(tmp
     assert {j["status"] for j in first.values()} == {"succeeded"}
     [batch] = {j["batch"] for j in first.values()}
     # As if the dispatcher died right after the manifest switch: no job recorded, no marker written.
-    (data / "batches" / batch / "committed.json").unlink()
+    (data / "batches" / f"{batch}-00" / "committed.json").unlink()  # its one collection's marker
     for job_id in ids:
         (data / "jobs" / job_id / "committed.json").unlink()
         (data / "jobs" / job_id / "result.json").unlink()

@@ -1,18 +1,21 @@
-"""Coalesced small jobs: several append jobs of one collection in one pipeline pass.
+"""Coalesced small jobs: many append jobs, of one collection or several, in one pipeline pass.
 
 The job service runs jobs of one collection one at a time (they diff against and commit one
 manifest), so a user adding one media item per job is limited to one pipeline pass per item,
 and for a one-document job that pass is nearly all fixed cost: the model guard, a diff, an
-embedding task, a write and a manifest commit. A batch runs queued ``append`` jobs of one
-(user, sink, collection) whose options agree (:func:`coalescing_key`) as one pass:
+embedding task, a write and a manifest commit. A batch runs waiting ``append`` jobs whose
+options agree (:func:`coalescing_key`), of any users and collections, as one pass:
 
 * each job keeps its own job dir, read partitions, chunk files and embedding partitions, named
   as a job running alone names them, so each job is charged for exactly what it embedded
   (its own partitions on disk) and resumes from them, in whatever batch it runs next;
-* one model guard and one sink, one diff of every job's chunks against the manifest, one
-  write stream, one manifest commit;
-* embedding tasks are micro-batches: the slices of many jobs embedded in one model call
-  (:func:`~embedfleet.tasks.stages.embed_many_stage`), each slice still its own file;
+* per collection (a :class:`_Group`): one model guard, one diff of its jobs' chunks against
+  its manifest, one write, one manifest commit; a collection that fails (its model guard, its
+  store) fails its own jobs only;
+* for the whole pass: a few read+chunk tasks, one exact quota check, and embedding tasks that
+  are micro-batches: the slices of many jobs, whoever's, embedded in one model call
+  (:func:`~embedfleet.tasks.stages.embed_many_stage`), each slice still its own job's file,
+  so no vector can reach another job's collection;
 * a job whose source fails (a missing file with ``on_error=fail``, a source that changed
   since its last run), that is over its quota, or is cancelled before the writes, ends on its
   own and nothing of it is written; the others go on.
@@ -30,6 +33,7 @@ next and ends with the outcome recorded for it, embedding nothing again.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,7 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from embedfleet.config import resolve_model_path
-from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled
+from embedfleet.errors import DuplicateDocumentError, EmbedfleetError, JobCancelled, JobError
 from embedfleet.frames.io import (
     is_done,
     parquet_rows,
@@ -80,15 +84,18 @@ def coalescing_key(spec_json: str) -> str | None:
 
     Only ``append`` jobs coalesce: a sync job's source is the whole collection, so two queued
     sync jobs of one collection with different sources contradict each other, and run one
-    after the other as submitted. Built-in datasets are not small jobs. Everything but the job's
-    id and its source's location (and the roots it may read, which the dispatcher sets per
-    job) must agree: the sink, collection, model, chunking, mode, data dir, error handling.
+    after the other as submitted. Built-in datasets are not small jobs. What the shared tasks
+    use must agree: the model and its settings, chunking, mode, data dir, partition size. The
+    job's id, its source's location (and the roots it may read, which the dispatcher sets per
+    job), its owner, store and collection may differ: each collection of a batch has its own
+    diff, writes and commit.
     """
     raw = json.loads(spec_json)
     source = raw.get("source") or {}
     if raw.get("mode") != "append" or source.get("kind") == "builtin":
         return None
-    raw.pop("job_id", None)
+    for own in ("job_id", "user", "collection", "sink"):
+        raw.pop(own, None)
     source = dict(source)
     source.pop("location", None)
     source.pop("allowed_roots", None)
@@ -165,16 +172,44 @@ def run_batch(members: list[BatchMember], *, client, batch_id: str, priority: in
     if len(keys) != 1 or None in keys:
         raise ValueError("a batch needs append jobs whose options agree (coalescing_key)")
     started = time.perf_counter()
-    lead = members[0].spec
     for member in members:
         member.result, member.error = None, None
         member.progress = Progress(stage="reading")
-    with exclusive_writer(lead.sink.uri):
+    with contextlib.ExitStack() as stack:
+        for uri in sorted({m.spec.sink.uri for m in members}):  # one order, whichever batch takes them
+            stack.enter_context(exclusive_writer(uri))
         _Batch(members, client=client, batch_id=batch_id, priority=priority, cancel=cancel, reserve=reserve).run()
     seconds = time.perf_counter() - started
     for member in members:
         if member.result is not None and not member.result.seconds:
             member.result.seconds = seconds
+
+
+class _Group:
+    """The jobs of a batch that write one collection: their diff, writes and commit, and the
+    collection's own files (``<data-dir>/batches/<batch-id>-<n>/``)."""
+
+    def __init__(self, batch: "_Batch", number: int, members: list[BatchMember]):
+        self.members = members
+        self.lead = members[0].spec
+        self.id = f"{batch.batch_id}-{number:02d}"
+        # The group's own spec and dir: its diff, the manifest version it commits, its markers.
+        self.spec = dataclasses.replace(self.lead, job_id=self.id)
+        self.dir = JobDir(batch_dir(self.lead.data_dir, self.id))
+        self.collection = physical_name(self.lead.user, self.lead.collection)
+        self.manifest = Manifest(self.lead.data_dir, self.lead.sink.uri, self.collection)
+        self.diffed: set[str] = set()
+        self.diff: incremental.Diff | None = None
+        self.single_writer = False
+
+    def active(self) -> list[BatchMember]:
+        return [m for m in self.members if m.active]
+
+    def fail(self, exc: BaseException) -> None:
+        """The collection itself failed (its model guard, its store): its jobs end, the batch goes on."""
+        for member in self.active():
+            member.error = exc
+        logger.info("batch group %s (collection %r) failed: %s", self.id, self.lead.collection, exc)
 
 
 class _Batch:
@@ -184,14 +219,15 @@ class _Batch:
         self.reserve = reserve
         self.lead = members[0].spec
         self.batch_id = batch_id
-        # The pass's own spec and dir: its diff, the manifest version it commits, its markers.
-        self.spec = dataclasses.replace(self.lead, job_id=batch_id)
-        self.dir = JobDir(batch_dir(self.lead.data_dir, batch_id))
         self.progress = Progress(stage="reading")
         self.follower = Follower(client, priority=priority, cancel=cancel, on_progress=None, progress=self.progress)
         self.client = client
-        self.collection = physical_name(self.lead.user, self.lead.collection)
-        self.manifest = Manifest(self.lead.data_dir, self.lead.sink.uri, self.collection)
+        by_collection: dict[tuple[str, str, str], list[BatchMember]] = {}
+        for member in members:
+            by_collection.setdefault((member.spec.user, member.spec.sink.uri, member.spec.collection), []).append(member)
+        self.groups = [_Group(self, n, group) for n, group in enumerate(by_collection.values())]
+        self.group_of = {id(m): g for g in self.groups for m in g.members}
+        self.dir = JobDir(batch_dir(self.lead.data_dir, batch_id))
         self.futures: dict = {}
 
     # -- the pass --------------------------------------------------------------------------
@@ -203,16 +239,19 @@ class _Batch:
         self._prepare()
         try:
             self._chunk()
-            diff = self._diff()
+            for group in self.groups:
+                self._diff(group)
             self._reserve()
             self._embed()
-            self._write()
+            for group in self.groups:
+                self._write(group)
         except BaseException:
             self.follower.cancel_all(self.futures)
-            concurrent.futures.wait([self.opening], timeout=30.0)
+            concurrent.futures.wait([g.opening for g in self.groups], timeout=30.0)
             raise
-        self._commit(diff)
-        if self.single_writer:
+        for group in self.groups:
+            self._commit(group)
+        if any(g.single_writer for g in self.groups):
             stages.forget_collections()
 
     def _active(self) -> list[BatchMember]:
@@ -227,9 +266,9 @@ class _Batch:
         member.error = exc
         logger.info("job %s (batch %s) failed on its own: %s", member.spec.job_id, self.batch_id, exc)
 
-    def _honour_cancels(self) -> None:
-        for member in self._active():
-            if member.cancel.is_set():
+    def _honour_cancels(self, members: list[BatchMember] | None = None) -> None:
+        for member in members if members is not None else self._active():
+            if member.active and member.cancel.is_set():
                 member.result = self._result(member, "cancelled")
                 logger.info("job %s cancelled within batch %s; nothing of it is written", member.spec.job_id,
                             self.batch_id)
@@ -249,27 +288,29 @@ class _Batch:
     # -- a member whose batch committed before it could be recorded ---------------------------
 
     def _finish_committed_earlier(self) -> None:
-        current = self.manifest.current_if_readable()
-        for member in self.members:
-            job_dir = member.job_dir
-            if job_dir.committed.exists() and job_dir.result.exists():
-                member.result = _result_from(read_json(job_dir.result))
-                continue
-            marker = job_dir.root / BATCH_MARKER
-            if not marker.exists():
-                continue
-            earlier = read_json(marker)["batch"]
-            earlier_dir = JobDir(batch_dir(self.lead.data_dir, earlier))
-            committed = earlier_dir.committed.exists() or (
-                current is not None and current.name.startswith(f"v-{earlier}-"))
-            outcomes = earlier_dir.root / OUTCOMES
-            if committed and outcomes.exists():
-                outcome = read_json(outcomes).get(member.spec.job_id)
-                if outcome is not None:
-                    member.result = _result_from(outcome)
-                    write_json_atomic(outcome, job_dir.result)
-                    write_json_atomic({"batch": earlier}, job_dir.committed)
-                    logger.info("job %s: its batch %s had committed; recorded it now", member.spec.job_id, earlier)
+        for group in self.groups:
+            current = group.manifest.current_if_readable()
+            for member in group.members:
+                job_dir = member.job_dir
+                if job_dir.committed.exists() and job_dir.result.exists():
+                    member.result = _result_from(read_json(job_dir.result))
+                    continue
+                marker = job_dir.root / BATCH_MARKER
+                if not marker.exists():
+                    continue
+                earlier = read_json(marker)["batch"]
+                earlier_dir = JobDir(batch_dir(self.lead.data_dir, earlier))
+                committed = earlier_dir.committed.exists() or (
+                    current is not None and current.name.startswith(f"v-{earlier}-"))
+                outcomes = earlier_dir.root / OUTCOMES
+                if committed and outcomes.exists():
+                    outcome = read_json(outcomes).get(member.spec.job_id)
+                    if outcome is not None:
+                        member.result = _result_from(outcome)
+                        write_json_atomic(outcome, job_dir.result)
+                        write_json_atomic({"batch": earlier}, job_dir.committed)
+                        logger.info("job %s: its batch %s had committed; recorded it now", member.spec.job_id,
+                                    earlier)
 
     # -- before any task --------------------------------------------------------------------
 
@@ -294,12 +335,13 @@ class _Batch:
                                       source=_common_folder(sources))
         if self.visibility.gates:
             self.visibility.verify()
+
         def prepare(member: BatchMember) -> None:
             job_dir = member.job_dir
             try:
                 job_dir.make()
                 write_json_atomic(json.loads(member.spec.to_json()), job_dir.spec)
-                write_json_atomic({"batch": self.batch_id}, job_dir.root / BATCH_MARKER)
+                write_json_atomic({"batch": self.group_of[id(member)].id}, job_dir.root / BATCH_MARKER)
                 member.plan = plan_partitions(member.spec.source)
                 check_plan_unchanged(member.plan, job_dir)
             except EmbedfleetError as exc:
@@ -309,10 +351,15 @@ class _Batch:
             member.progress.partitions_total = len(member.plan)
 
         _each(self._active(), prepare)
-        self.info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
-                                   precision=warm.precision())
-        self.write_kwargs = {"sink": spec.sink, "collection": self.collection, "info": self.info, "retry": spec.retry}
-        self.opening = open_sink_in_thread(spec.sink, self.collection, self.info)
+        info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
+                              precision=warm.precision())
+        for group in self.groups:
+            group.dir.make()
+            group.info = info
+            group.write_kwargs = {"sink": group.lead.sink, "collection": group.collection, "info": info,
+                                  "retry": group.lead.retry}
+            # The model guard of each collection, beside reading and chunking.
+            group.opening = open_sink_in_thread(group.lead.sink, group.collection, info)
 
     # -- read + chunk -----------------------------------------------------------------------
 
@@ -332,20 +379,20 @@ class _Batch:
         # partitions of several small jobs (every worker thread gets one).
         threads = sum(w.get("nthreads", 1) for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
         per_task = max(1, -(-len(pending) // max(1, threads)))
-        groups = [pending[k:k + per_task] for k in range(0, len(pending), per_task)]
-        for g, group in enumerate(groups):
+        chunking = [pending[k:k + per_task] for k in range(0, len(pending), per_task)]
+        for g, part in enumerate(chunking):
             items = [(self.members[m].spec.source, self.members[m].plan[i], self.members[m].chunk_paths[i],
-                      self.members[m].spec.on_error) for m, i in group]
+                      self.members[m].spec.on_error) for m, i in part]
             future = self.client.submit(
                 read_chunk_many, items, chunk=spec.chunk, model_path=spec.embedder.model.path,
                 max_tokens=self.max_tokens, key=f"chunk-{self.batch_id}-{g}", priority=self.follower.priority,
                 retries=TASK_RETRIES, pure=False,
             )
-            self.futures[future] = group
+            self.futures[future] = part
 
-        def chunked(group: list[tuple[int, int]], values: list[Any]) -> None:
+        def chunked(part: list[tuple[int, int]], values: list[Any]) -> None:
             self.visibility.verify()
-            for (m, i), value in zip(group, values):
+            for (m, i), value in zip(part, values):
                 member = self.members[m]
                 if not member.active:
                     continue
@@ -367,54 +414,59 @@ class _Batch:
         progress.skipped_documents += len(stats["skipped_documents"])
         progress.partitions_done += 1
 
-    # -- one diff for every member ------------------------------------------------------------
+    # -- one diff for every collection --------------------------------------------------------
 
-    def _diff(self) -> incremental.Diff:
+    def _diff(self, group: _Group) -> None:
         paths: list[str] = []
-        groups: list[int] = []
-        for m, member in enumerate(self.members):
+        origin_member: list[int] = []
+        for m, member in enumerate(group.members):
             if member.active:
                 for i, path in enumerate(member.chunk_paths):
                     if member.chunk_stats[i]["chunks"]:
                         paths.append(path)
-                        groups.append(m)
-        if self.opening.done():
-            self.opening.result()  # a refused collection stops the batch before the diff
+                        origin_member.append(m)
+        if not group.active():
+            return
         try:
-            diff = incremental.diff(self.spec, self.follower, self.manifest, paths, self.dir, protected=[],
-                                    store=self.opening.result, write_kwargs=self.write_kwargs, groups=groups)
+            if group.opening.done():
+                group.opening.result()  # a refused collection stops its jobs before the diff
+            diff = incremental.diff(group.spec, self.follower, group.manifest, paths, group.dir, protected=[],
+                                    store=group.opening.result, write_kwargs=group.write_kwargs,
+                                    groups=origin_member)
         except DuplicateDocumentError as exc:
-            # A doc_id repeated within one member's source: that member fails, the others are diffed again.
-            return self._diff_without_duplicates(exc, paths, groups)
-        self.diffed = {m.spec.job_id for m in self._active()}
+            # A doc_id repeated within one job's source: that job fails, the others are diffed again.
+            self._fail_duplicates(group, exc, paths, origin_member)
+            return self._diff(group)
+        except (JobCancelled, JobError):
+            raise
+        except EmbedfleetError as exc:  # the collection's model guard or store: its jobs only
+            group.fail(exc)
+            return
+        group.diff = diff
+        group.diffed = {m.spec.job_id for m in group.active()}
         origins = diff.embed_origins if diff.embed_origins is not None else list(range(len(diff.embed_inputs)))
         for path, origin in zip(diff.embed_inputs, origins):
-            self.members[groups[origin]].embed_inputs.append(path)
-        for member in self._active():
+            group.members[origin_member[origin]].embed_inputs.append(path)
+        for member in group.active():
             to_embed = sum(parquet_rows(p) for p in member.embed_inputs)
             member.progress.chunks_to_embed = to_embed
             member.progress.skipped = member.progress.chunks - to_embed
-        return diff
 
-    def _diff_without_duplicates(self, exc: DuplicateDocumentError, paths: list[str],
-                                 groups: list[int]) -> incremental.Diff:
+    def _fail_duplicates(self, group: _Group, exc: DuplicateDocumentError, paths: list[str],
+                         origin_member: list[int]) -> None:
         from embedfleet.frames.io import read_table, remove_tree
 
         repeated = set(exc.duplicates)
-        for m in sorted(set(groups)):
-            member = self.members[m]
-            ids = [d for p, g in zip(paths, groups) if g == m
-                   for d in read_table(p, columns=["doc_id"]).column("doc_id").to_pylist()]
-            if repeated & set(ids):
-                self._fail(member, DuplicateDocumentError(sorted(repeated & set(ids))))
-        remove_tree(self.dir.diff)
-        for member in self.members:
+        for m in sorted(set(origin_member)):
+            ids = {d for p, g in zip(paths, origin_member) if g == m
+                   for d in read_table(p, columns=["doc_id"]).column("doc_id").to_pylist()}
+            if repeated & ids:
+                self._fail(group.members[m], DuplicateDocumentError(sorted(repeated & ids)))
+        remove_tree(group.dir.diff)
+        for member in group.members:
             member.embed_inputs = []
-        if not self._active():
-            raise JobCancelled("every job of the batch failed on its own")
-        return self._diff()
 
-    # -- the exact quota check, member by member ------------------------------------------------
+    # -- the exact quota check, for the whole batch ------------------------------------------------
 
     def _reserve(self) -> None:
         asks, earlier_files = [], {}
@@ -453,7 +505,7 @@ class _Batch:
                        for si, start in enumerate(range(0, n, rows)))
         return out
 
-    # -- embed: micro-batches of every member's slices -------------------------------------------
+    # -- embed: micro-batches of every job's slices, whoever's ------------------------------------
 
     def _embed(self) -> None:
         self._set_stage("embedding")
@@ -464,8 +516,8 @@ class _Batch:
             member.progress.partitions_done = sum(1 for s in member.slices if is_done(s[3]))
         if not pending:
             return
-        groups = _pack(pending, most=self.lead.chunks_per_partition, tasks=max(1, len(self.placement.workers)))
-        waiting = list(enumerate(groups))
+        packs = _pack(pending, most=self.lead.chunks_per_partition, tasks=max(1, len(self.placement.workers)))
+        waiting = list(enumerate(packs))
         running: dict = {}
 
         def submit() -> None:
@@ -475,9 +527,9 @@ class _Batch:
                 free, worker = self.placement.next_worker()
                 if not free:
                     return
-                slot, group = waiting.pop(0)
+                slot, pack = waiting.pop(0)
                 future = self.client.submit(
-                    stages.embed_many_stage, [s for _, s in group], embedder=self.placement.embedder,
+                    stages.embed_many_stage, [s for _, s in pack], embedder=self.placement.embedder,
                     heading_context=self.lead.chunk.heading_context,
                     key=embed_task_key(self.batch_id, f"pack-{slot:04d}"), priority=self.follower.priority,
                     retries=TASK_RETRIES, pure=False, **self.placement.submit_options(worker),
@@ -488,7 +540,7 @@ class _Batch:
         def embedded(slot: int, values: list[dict]) -> None:
             self.placement.release(slot)
             submit()
-            for (m, s), value in zip(groups[slot], values):
+            for (m, s), value in zip(packs[slot], values):
                 member = self.members[m]
                 progress = member.progress
                 progress.embedded += value["rows"]
@@ -501,12 +553,18 @@ class _Batch:
         submit()
         self.follower.follow(running, embedded)
 
-    # -- write: one stream for the batch ---------------------------------------------------------
+    # -- write: one stream per collection ------------------------------------------------------
 
-    def _write(self) -> None:
-        self.single_writer = self.opening.result()
-        self._honour_cancels()  # the last point a cancel keeps a member out of the collection
-        writing = self._active()
+    def _write(self, group: _Group) -> None:
+        if not group.active():
+            return
+        try:
+            group.single_writer = group.opening.result()
+        except EmbedfleetError as exc:
+            group.fail(exc)
+            return
+        self._honour_cancels(group.active())  # the last point a cancel keeps a job out of the collection
+        writing = group.active()
         self._set_stage("writing", writing)
         paths, markers = [], []
         for member in writing:
@@ -515,48 +573,57 @@ class _Batch:
                 markers.append(str(member.job_dir.written_marker(path)))
         if not paths:
             return
-        if self.single_writer:
-            stages.write_many_stage(paths, markers=markers, **self.write_kwargs)
-        else:
-            self.follower.result_of(self.client.submit(
-                stages.write_many_stage, paths, markers=markers, key=f"write-{self.batch_id}",
-                priority=self.follower.priority, pure=False, **self.write_kwargs))
+        try:
+            if group.single_writer:
+                stages.write_many_stage(paths, markers=markers, **group.write_kwargs)
+            else:
+                self.follower.result_of(self.client.submit(
+                    stages.write_many_stage, paths, markers=markers, key=f"write-{group.id}",
+                    priority=self.follower.priority, pure=False, **group.write_kwargs))
+        except (JobCancelled, JobError):
+            raise
+        except EmbedfleetError as exc:  # the store gave up (after its retries): this collection's jobs fail
+            group.fail(exc)
+            return
         for member in writing:
             member.progress.written = sum(parquet_rows(p) for p in member.embedded_files)
 
-    # -- commit: one manifest version for the batch --------------------------------------------------
+    # -- commit: one manifest version per collection ------------------------------------------------
 
-    def _commit(self, diff: incremental.Diff) -> None:
+    def _commit(self, group: _Group) -> None:
         from embedfleet.frames.io import copy_file
 
-        writing = self._active()
+        writing = group.active()
+        if not writing or group.diff is None:
+            return
         self._set_stage("committing", writing)
         outcomes = {m.spec.job_id: self._result(m, "succeeded").to_dict() for m in writing}
-        write_json_atomic(outcomes, self.dir.root / OUTCOMES)
-        version = self.manifest.new_version(self.batch_id)
+        write_json_atomic(outcomes, group.dir.root / OUTCOMES)
+        version = group.manifest.new_version(group.id)
         version.mkdir(parents=True, exist_ok=True)
         written_paths = [p for m in writing for p in m.embed_inputs]
-        # A member diffed but not written (over its quota, cancelled): its new ids are in the
+        # A job diffed but not written (over its quota, cancelled): its new ids are in the
         # diff's manifest, and must not be in the one committed.
-        excluded = bool(self.diffed - {m.spec.job_id for m in writing})
-        old = self.manifest.files()
-        if diff.manifest is not None and not excluded:
-            for i, path in enumerate(diff.manifest):  # the diff wrote it: the old ids and every member's new ones
+        excluded = bool(group.diffed - {m.spec.job_id for m in writing})
+        old = group.manifest.files()
+        if group.diff.manifest is not None and not excluded:
+            for i, path in enumerate(group.diff.manifest):  # the diff wrote it: the old ids and every job's new ones
                 copy_file(path, version / f"part-{i:05d}.parquet")
         else:
-            # The old ids, and the new ones of the members that are written: one task.
+            # The old ids, and the new ones of the jobs that are written: one task.
             for i, path in enumerate(old):
                 copy_file(path, version / f"part-{i:05d}.parquet")
             if written_paths:
                 self.follower.result_of(self.client.submit(
                     stages.manifest_stage, written_paths, out_path=str(version / f"part-{len(old):05d}.parquet"),
-                    key=f"manifest-{self.batch_id}", priority=self.follower.priority, pure=False))
-        self.manifest.commit(version)
-        write_json_atomic({"version": version.name}, self.dir.committed)
+                    key=f"manifest-{group.id}", priority=self.follower.priority, pure=False))
+        group.manifest.commit(version)
+        write_json_atomic({"version": version.name}, group.dir.committed)
+
         def record(member: BatchMember) -> None:
             outcome = outcomes[member.spec.job_id]
             write_json_atomic(outcome, member.job_dir.result)
-            write_json_atomic({"version": version.name, "batch": self.batch_id}, member.job_dir.committed)
+            write_json_atomic({"version": version.name, "batch": group.id}, member.job_dir.committed)
             member.progress.stage = "done"
             member.result = _result_from(outcome)
             member.report()

@@ -261,32 +261,30 @@ class Dispatcher:
                 and candidate.estimated_chunks <= self.coalesce_chunks)
 
     def _join(self, ranked: list[Candidate], at: int, lead: Claim, batch: str) -> list[Claim]:
-        """Claim the waiting jobs that run in ``lead``'s batch: jobs of its collection with the same
-        options, each only if no job of another collection ranked above it is kept waiting for it.
+        """Claim the waiting jobs that run in ``lead``'s batch, in rank order: small append jobs
+        whose options agree with its (of any user and collection), each only if no job ranked
+        above it is kept waiting for it.
 
-        A joining job takes no slot, so it keeps waiting no job that still gets one now: the
-        jobs of other collections passed over are counted, and joining stops once they are more
-        than the slots left after this batch.
+        A joining job takes no slot of its own, so it keeps waiting no job that still gets one
+        now: the jobs passed over (another kind of job, or another user at their concurrency
+        limit) are counted, and joining stops once they are more than the slots left after this
+        batch. A job whose collection is running elsewhere is not passed over: it could not run.
         """
         from embedfleet.pipeline.batch import coalescing_key
 
         key = coalescing_key(lead.spec)
         if key is None:
             return []
-        first = ranked[at]
-        group = (first.owner, first.sink, first.collection)
         slots_left = self.max_running - len(self._executions) - 1
-        passed: set[tuple[str, str, str]] = set()
+        passed = 0
         joined: list[Claim] = []
         for candidate in ranked[at + 1:]:
             if len(joined) + 1 >= self.coalesce_jobs:
                 break
-            if (candidate.owner, candidate.sink, candidate.collection) != group:
-                passed.add((candidate.owner, candidate.sink, candidate.collection))
-                continue
-            if len(passed) > slots_left:
+            if passed > slots_left:
                 break
             if not self._may_coalesce(candidate):
+                passed += 1
                 continue
             claim = self.service.ledger.claim(candidate, dispatcher=self.name, batch=batch,
                                               joins=lambda spec: coalescing_key(spec) == key)

@@ -174,10 +174,10 @@ class Ledger:
         concurrency limit. SQLite: the write transaction holds the database lock and the
         update is conditional on the job still waiting (rowcount checked).
 
-        With ``batch``, the job runs in that batch of coalesced jobs: as its first job (the
-        batch's pass then counts against the concurrency limit), or, with ``joins`` (true for a
-        spec that may join the batch), beside the batch's jobs already running on its
-        collection, taking no slot of its own.
+        With ``batch``, the job runs in that batch of coalesced jobs: as its first job, or, with
+        ``joins`` (true for a spec that may join the batch), beside the batch's jobs already
+        running, on its collection or another. The pass counts once against each owner's
+        concurrency limit: a job joining a batch its owner already has a job in takes no slot.
         """
         with self.store.write() as session:
             now = self.store.clock()
@@ -192,7 +192,10 @@ class Ledger:
                 return None  # its options differ from the batch's: it runs on its own later
             user = self.store.lock_user(session, row.owner)
             t = tier_of(user.tier if user else None)
-            if joins is None and at_concurrency_limit(t, session.execute(running_jobs(row.owner)).scalar_one()):
+            in_batch = joins is not None and session.execute(
+                select(Job.id).where(Job.owner == row.owner, Job.status == "running", Job.batch == batch).limit(1)
+            ).first() is not None
+            if not in_batch and at_concurrency_limit(t, session.execute(running_jobs(row.owner)).scalar_one()):
                 return None
             if collection_busy(session, row.owner, row.sink, row.collection,
                                batch=batch if joins is not None else None) is not None:
