@@ -11,8 +11,13 @@ together with its fast tokenizer, and cached under ``EmbedderSpec.cache_dir`` (t
         embedfleet-onnx.json     pooling, normalisation, input names, how it was verified
         model.int8.onnx          only after a --quantize int8 run; with model.int8.json
 
+Why by hand: sentence-transformers' own ``backend="onnx"`` needs optimum-onnx, and every
+release of it (0.1.0 and before) caps transformers below 4.58 and does not import beside
+transformers 5 (``get_parameter_dtype`` is gone), which sentence-transformers 6 requires.
+
 ``key`` is a hash of the model directory's path and its files' names, sizes and mtimes, so a
-changed model is exported again and two models never share an export. Pooling (the model's
+changed model is exported again and two models never share an export
+(:mod:`embedfleet.embedders.exports`, shared with the openvino backend). Pooling (the model's
 ``Pooling`` module: mean, cls, max, mean_sqrt_len_tokens) and normalisation run in numpy,
 exactly as sentence-transformers does them. An export is verified against the torch model
 before it is kept.
@@ -35,11 +40,9 @@ out-of-memory error halves it like the torch backend.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -49,7 +52,10 @@ from typing import Any
 import numpy as np
 
 from embedfleet.config import EmbedderSpec, resolve_model_path
+from embedfleet.embedders import exports
 from embedfleet.embedders.base import Embedder
+from embedfleet.embedders.exports import cosines as _cosines
+from embedfleet.embedders.exports import sample_texts, top_k_overlap
 from embedfleet.errors import BackendUnavailableError, ConfigError, EmbeddingError
 
 logger = logging.getLogger(__name__)
@@ -84,99 +90,13 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-# --------------------------------------------------------------------------- the cache key
-
-
 def model_key(model_path: str) -> str:
-    """Hash of a model directory's absolute path and its files' names, sizes and mtimes (hex).
-
-    Stat, not content: hashing the weights cost ~0.1 s per load, a large share of a
-    one-query ``embedfleet search``; replacing a model file changes its size or mtime.
-    """
-    root = Path(model_path).resolve()
-    digest = hashlib.sha256(f"embedfleet-onnx:{EXPORT_FORMAT}:{root}".encode())
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel.startswith((".", "onnx/")) or "/." in rel or rel.endswith(".onnx"):
-            continue  # caches and exports that other tools put next to the model
-        st = path.stat()
-        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return digest.hexdigest()
-
-
-def _default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "embedfleet", "models")
+    """The cache key of ``model_path``'s ONNX export (:func:`embedfleet.embedders.exports.model_key`)."""
+    return exports.model_key(model_path, kind="onnx", version=EXPORT_FORMAT)
 
 
 def export_dir(model_name: str, model_path: str, cache_dir: str | None) -> Path:
-    root = Path(cache_dir or _default_cache_dir()) / "onnx"
-    return root / f"{model_name}-{model_key(model_path)[:16]}"
-
-
-def _lock(target: Path):
-    # filelock: a dependency of huggingface_hub, hence of sentence-transformers
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(target) + ".lock")
-
-
-def _share(path: Path) -> None:
-    """mkdtemp/mkstemp create owner-only entries; an export is shared like any cache file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    if path.is_dir():
-        path.chmod(0o777 & ~umask)
-        for child in path.iterdir():
-            child.chmod(0o666 & ~umask)
-    else:
-        path.chmod(0o666 & ~umask)
-
-
-# --------------------------------------------------------------------------- sample texts
-
-
-_FALLBACK_SAMPLES = [
-    "Rotate log files daily with logrotate and keep a week of compressed history.",
-    "The restore command takes a snapshot id and rebuilds the database from object storage.",
-    "How do I reset my password?",
-    "Python lists are mutable sequences, typically used to store collections of homogeneous items.",
-    "A context manager is an object that defines the runtime context to be established when executing a with statement.",
-    "Exceptions are raised when an error is detected; they can be handled by the surrounding code block.",
-    "The quick brown fox jumps over the lazy dog.",
-    "  Leading and trailing whitespace, tabs\tand\nnewlines.  ",
-]
-
-
-def sample_texts(n: int = 32) -> list[str]:
-    """Real text of the lengths the pipeline embeds: Python's help topics (stdlib), else a few sentences."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        return list(_FALLBACK_SAMPLES)
-    texts = list(_FALLBACK_SAMPLES)
-    for name in sorted(topics)[: max(0, n - len(texts))]:
-        body = topics[name]
-        # Vary the lengths: short and long texts share batches, so padding is exercised too.
-        texts.append(body[: 200 + (len(texts) * 97) % 1000])
-    return texts[:n]
-
-
-def top_k_overlap(vectors: np.ndarray, reference: np.ndarray, *, k: int) -> float:
-    """Taking each text as a query over all of them: the share of the reference's ``k`` nearest
-    that ``vectors`` also rank in their ``k`` nearest, averaged (retrieval, not just cosine)."""
-    a = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    b = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-    k = min(k, len(a))
-    got = np.argsort(-(a @ a.T), axis=1)[:, :k]
-    want = np.argsort(-(b @ b.T), axis=1)[:, :k]
-    return float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got, want)]))
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(axis=1)
+    return exports.export_dir(model_name, model_path, cache_dir, kind="onnx", version=EXPORT_FORMAT)
 
 
 # --------------------------------------------------------------------------- export
@@ -220,22 +140,7 @@ def export_model(model_name: str, model_path: str, cache_dir: str | None, *, max
     and reuse its result.
     """
     target = export_dir(model_name, model_path, cache_dir)
-    if (target / MANIFEST).is_file():
-        return target
-    with _lock(target):
-        if (target / MANIFEST).is_file():  # another process finished while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            _export_into(tmp, model_path, max_seq_length=max_seq_length)
-            _share(tmp)
-            if target.exists():  # a leftover without a manifest: never complete, safe to replace
-                shutil.rmtree(target)
-            os.rename(tmp, target)  # atomic: readers see all of it or none
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+    return exports.publish(target, MANIFEST, lambda tmp: _export_into(tmp, model_path, max_seq_length=max_seq_length))
 
 
 def _export_into(out: Path, model_path: str, *, max_seq_length: int) -> None:
@@ -321,7 +226,7 @@ def quantize_model(directory: Path, *, threads: int | None = None) -> dict[str, 
     report_path = directory / INT8_REPORT
     if report_path.is_file():
         return json.loads(report_path.read_text())
-    with _lock(directory / "model.int8"):
+    with exports.lock(directory / "model.int8"):
         if report_path.is_file():
             return json.loads(report_path.read_text())
         ort = _import_onnxruntime()
@@ -333,7 +238,7 @@ def quantize_model(directory: Path, *, threads: int | None = None) -> dict[str, 
             # Per-channel weights keep more of each output channel's range than one scale per
             # tensor; it is the cheapest accuracy win dynamic quantization offers.
             quantize_dynamic(str(directory / "model.onnx"), tmp, weight_type=QuantType.QInt8, per_channel=True)
-            _share(Path(tmp))
+            exports.share(Path(tmp))
             os.replace(tmp, directory / "model.int8.onnx")
         except BaseException:
             if os.path.exists(tmp):
@@ -349,7 +254,7 @@ def quantize_model(directory: Path, *, threads: int | None = None) -> dict[str, 
         fd, tmp = tempfile.mkstemp(prefix=".int8-report.", dir=directory)
         with os.fdopen(fd, "w") as f:
             json.dump(report, f)
-        _share(Path(tmp))
+        exports.share(Path(tmp))
         os.replace(tmp, report_path)
         return report
 
