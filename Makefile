@@ -11,7 +11,7 @@ QUERY ?= what does the with statement do
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup index test test-fast bench bench-memory clean
+.PHONY: setup setup-openvino index test test-fast test-openvino bench bench-memory bench-openvino clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.dev-installed
 
+# sentence-transformers' OpenVINO backend lives in a venv of its own: its extra moves transformers
+# back to 5.5.4 (optimum-intel's cap), under which the onnx backend's export does not trace.
+OPENVINO_VENV ?= .venv-openvino
+
+$(OPENVINO_VENV)/.openvino-installed: pyproject.toml
+	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
+	$(OPENVINO_VENV)/bin/pip install --quiet $(TORCH)
+	$(OPENVINO_VENV)/bin/pip install --quiet -e '.[openvino]' 'pytest>=8' 'pytest-timeout>=2.3'
+	touch $@
+
+setup-openvino: $(OPENVINO_VENV)/.openvino-installed
+
 index: $(VENV)/.core-installed
 	$(BIN)/embedfleet index $(DATASET) --collection $(DATASET)
 	$(BIN)/embedfleet search "$(QUERY)" --collection $(DATASET) -k 3
@@ -39,14 +51,20 @@ test: $(VENV)/.dev-installed
 test-fast: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -m "not slow"
 
+test-openvino: $(OPENVINO_VENV)/.openvino-installed
+	$(OPENVINO_VENV)/bin/python -m pytest tests/test_openvino.py
+
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/throughput.py python-docs
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/jobs.py
 	$(BIN)/python benchmarks/search_cold_start.py
 
+bench-openvino: $(OPENVINO_VENV)/.openvino-installed  # the backends table with its openvino rows
+	$(OPENVINO_VENV)/bin/python benchmarks/throughput.py --backends --limit 300
+
 bench-memory: $(VENV)/.dev-installed  # 50k chunks on 2 cores: ~10 min (bf16, AMX) to ~45 min (fp32, AVX2)
 	$(BIN)/python benchmarks/worker_memory.py --synthetic 50000
 
 clean:
-	rm -rf $(VENV) embedfleet-data .pytest_cache
+	rm -rf $(VENV) $(OPENVINO_VENV) embedfleet-data .pytest_cache

@@ -498,15 +498,17 @@ def embedder_spec(
         raise ConfigError(f"precision must be fp32, bf16, fp16 or auto, not {chosen_precision!r}")
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize must be int8, not {quantize!r}")
-    if quantize and chosen_backend != "onnx":
-        raise ConfigError("--quantize int8 needs --backend onnx")
+    if quantize and chosen_backend not in ("onnx", "openvino"):
+        raise ConfigError("--quantize int8 needs --backend onnx or openvino")
     chosen_device = device or get("embed.device")
     if chosen_precision == "fp16" and chosen_device == "cpu":
         # CPUs without AVX512-FP16 emulate fp16 matmuls: slower than fp32 and no more accurate.
         raise ConfigError("precision fp16 needs a CUDA device; on CPU use bf16 (or auto) or fp32")
-    if chosen_backend == "onnx" and chosen_precision in ("bf16", "fp16"):
-        raise ConfigError(f"the onnx backend runs fp32 (or --quantize int8), not {chosen_precision}; "
+    if chosen_backend in ("onnx", "openvino") and chosen_precision in ("bf16", "fp16"):
+        raise ConfigError(f"the {chosen_backend} backend runs fp32 (or --quantize int8), not {chosen_precision}; "
                           "use --backend sentence-transformers for bf16/fp16")
+    if chosen_backend == "openvino" and chosen_device not in (None, "auto", "cpu"):
+        raise ConfigError(f"the openvino backend runs on the CPU, not {chosen_device}")
     return EmbedderSpec(
         model=spec,
         backend=chosen_backend,

@@ -69,15 +69,15 @@ class IndexOptions:
     text_column: str | None = _option("Text column of a JSONL/CSV/Parquet source (default 'text').")
     id_column: str | None = _option("Document id column of a table source (default: file name and row number).")
     precision: Precision | None = _option("Model precision (default fp32; auto picks bf16 where the hardware has it).")
-    backend: str | None = _option("Embedder backend: sentence-transformers (default) or onnx.")
+    backend: str | None = _option("Embedder backend: sentence-transformers (default), onnx or openvino.")
     batch_tokens: int | None = _option(
         "Padded tokens per forward pass (batch size x longest text; default embedfleet.embed.batch-tokens, "
         "else the backend's measured best).",
         minimum=1,
     )
     quantize: Quantize | None = _option(
-        "With --backend onnx: dynamic int8 weights (faster on CPU, less exact; opt-in; `embedfleet index` prints "
-        "its measured cosine to fp32)."
+        "With --backend onnx: dynamic int8 weights; with openvino: static int8, calibrated (faster on CPU, less "
+        "exact; opt-in; `embedfleet index` prints its measured cosine to fp32)."
     )
     allow_mass_delete: bool = _option(
         "Let a sync delete more than embedfleet.index.max-delete-fraction of the collection's documents, "

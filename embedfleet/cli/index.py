@@ -96,7 +96,7 @@ def index(source, options, scheduler, workers, gpu, user, data_dir, database_url
         if bar is not None:
             bar.close()
     if options.quantize:
-        _print_quantization(options.model, data_dir)
+        _print_quantization(options.model, options.backend, data_dir)
     if as_json:
         emit_json(result.to_dict())
         return
@@ -105,12 +105,15 @@ def index(source, options, scheduler, workers, gpu, user, data_dir, database_url
         sys.exit(1)
 
 
-def _print_quantization(model: str | None, data_dir: str | None) -> None:
+def _print_quantization(model: str | None, backend: str | None, data_dir: str | None) -> None:
     """int8 is opt-in because it changes the vectors: say by how much (measured once, at quantization)."""
     from embedfleet import config
-    from embedfleet.embedders.onnx import quantization_report
 
     spec = config.model_spec(model)
+    if (backend or config.get("embed.backend") or spec.backend) == "openvino":
+        from embedfleet.embedders.openvino import quantization_report
+    else:
+        from embedfleet.embedders.onnx import quantization_report
     report = quantization_report(spec.name, spec.path, str(config.local_dir(data_dir) / "models"))
     if report:
         # Reports made before the overlap was measured have only the cosines.

@@ -26,6 +26,7 @@ __all__ = ["register", "known_backends", "check_backend", "backend_factory"]
 _BACKENDS: dict[str, str | Callable[[EmbedderSpec], Embedder]] = {
     "sentence-transformers": "embedfleet.embedders.sentence_transformers:SentenceTransformerEmbedder",
     "onnx": "embedfleet.embedders.onnx:OnnxEmbedder",
+    "openvino": "embedfleet.embedders.openvino:OpenVinoEmbedder",
     "openai": "embedfleet.embedders.openai:OpenAIEmbedder",
 }
 

@@ -31,6 +31,7 @@ __all__ = ["WarmImports", "warm_imports", "backend_modules", "BACKEND_MODULES"]
 BACKEND_MODULES: dict[str, tuple[str, ...]] = {
     "sentence-transformers": ("torch", "transformers", "sentence_transformers"),
     "onnx": ("onnxruntime", "tokenizers"),
+    "openvino": ("openvino", "sentence_transformers", "optimum.intel.openvino"),
     "openai": ("httpx",),
 }
 

@@ -163,7 +163,7 @@ class Preload:
             return self.spec.quantize
         if self.spec.precision != "auto":
             return self.spec.precision
-        if self.spec.backend == "onnx":
+        if self.spec.backend in ("onnx", "openvino"):
             return "fp32"
         if not self.futures:
             return "auto"
