@@ -1,15 +1,20 @@
 """The backends table of ``benchmarks/throughput.py --backends``: each embedder backend on the same chunks.
 
-In this process, one after another, each backend embeds the same chunks (embedfleet's own
-chunking of the corpus) through :meth:`Embedder.embed_with_stats`, as a worker's embed task
-does, after loading and one warm-up batch (so the rate is the embed stage's, not the load):
+In this process each backend embeds the same chunks (embedfleet's own chunking of the corpus)
+through :meth:`Embedder.embed_with_stats`, as a worker's embed task does, after loading and one
+warm-up batch (so the rate is the embed stage's, not the load). All are loaded first and timed
+in interleaved rounds (``--repeat``; the median round counts), so a drifting machine load
+favours none of them:
 
 * ``torch fp32`` (the baseline) and ``torch bf16`` (where the CPU has native bf16): the
   sentence-transformers backend;
 * ``onnx fp32`` and ``onnx int8`` (dynamic, per channel): the onnx backend, exported once
   into a temporary model cache before timing;
-* ``openvino fp32`` / ``int8``: only where sentence-transformers' OpenVINO backend can load
-  (``optimum-intel[openvino]``); otherwise the row says why.
+* ``openvino fp32`` and ``openvino int8`` (static, calibrated on a random sample of
+  ``calibration_samples`` of the chunks themselves): the openvino backend (sentence-transformers'
+  ``backend="openvino"``), where ``embedfleet[openvino]`` is installed; otherwise the row says why.
+  A backend that fails to load is a row saying why (the onnx export does not trace under the
+  transformers 5.5 that the openvino extra needs).
 
 For each: texts/s, the ratio to the baseline, the min and mean cosine of its vectors to the
 baseline's, and the top-10 overlap: for ``queries`` chunks taken as queries, the share of
@@ -30,15 +35,10 @@ from embedfleet import config
 TOP_K = 10
 
 
-def _rate(embedder, texts: list[str], counts: list[int], repeat: int) -> tuple[float, np.ndarray]:
-    embedder.embed_with_stats(texts[:32], counts[:32])  # warm-up: first-call allocations, kernels
-    seconds = []
-    vectors = None
-    for _ in range(repeat):
-        started = time.perf_counter()
-        vectors, _stats = embedder.embed_with_stats(texts, counts)
-        seconds.append(time.perf_counter() - started)
-    return len(texts) / float(np.median(seconds)), vectors
+def _time(embedder, texts: list[str], counts: list[int]) -> tuple[float, np.ndarray]:
+    started = time.perf_counter()
+    vectors, _stats = embedder.embed_with_stats(texts, counts)
+    return time.perf_counter() - started, vectors
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -69,41 +69,71 @@ def _variants() -> list[tuple[str, dict[str, Any]]]:
     out += [("onnx fp32", {"backend": "onnx", "precision": "fp32"}),
             ("onnx int8", {"backend": "onnx", "precision": "fp32", "quantize": "int8"})]
     try:
-        import optimum.intel  # noqa: F401
+        import optimum.intel.openvino  # noqa: F401
     except ImportError as exc:
-        why = f"optimum-intel[openvino] not installed ({exc})"
+        why = f"optimum-intel[openvino] not installed or not loadable: pip install 'embedfleet[openvino]' ({exc})"
         out += [("openvino fp32", {"skip": why}), ("openvino int8", {"skip": why})]
     else:
-        why = "not wired: embedfleet has no openvino backend yet"
-        out += [("openvino fp32", {"skip": why}), ("openvino int8", {"skip": why})]
+        out += [("openvino fp32", {"backend": "openvino", "precision": "fp32"}),
+                ("openvino int8", {"backend": "openvino", "precision": "fp32", "quantize": "int8", "calibrate": True})]
     return out
 
 
+def _calibrate_openvino(spec, texts: list[str], *, threads: int, samples: int) -> None:
+    """Static int8 calibrated on a random sample of the corpus's own chunks (before the embedder
+    loads it, so the cached int8 model is this one, not one calibrated on help topics)."""
+    from embedfleet.embedders import openvino
+
+    directory = openvino.export_model(spec.model.name, config.resolve_model_path(spec.model.path), spec.cache_dir)
+    rng = np.random.default_rng(0)
+    sample = [texts[i] for i in rng.choice(len(texts), size=min(samples, len(texts)), replace=False)]
+    openvino.quantize_model(directory, calibration_texts=sample, threads=threads)
+
+
 def backends_table(texts: list[str], counts: list[int], *, cache_dir: str, repeat: int = 1,
-                   queries: int = 50) -> list[dict[str, Any]]:
-    from embedfleet.embedders.cache import clear, get_embedder
+                   queries: int = 50, calibration_samples: int = 300) -> list[dict[str, Any]]:
+    from embedfleet.embedders.registry import backend_factory
 
     threads = len(os.sched_getaffinity(0))
     rows: list[dict[str, Any]] = []
-    reference: np.ndarray | None = None
-    base_rate = None
+    loaded: list[tuple[dict[str, Any], Any]] = []
     for name, options in _variants():
         if "skip" in options:
             rows.append({"backend": name, "note": options["skip"]})
             continue
+        calibrate = options.pop("calibrate", False)
         spec = config.embedder_spec(device="cpu", threads=threads, cache_dir=cache_dir, **options)
         started = time.perf_counter()
-        embedder = get_embedder(spec)
-        load_seconds = time.perf_counter() - started  # an onnx row's first load includes the export
-        rate, vectors = _rate(embedder, texts, counts, repeat)
-        row: dict[str, Any] = {"backend": name, "precision": embedder.precision, "texts_per_second": round(rate, 1),
-                               "load_seconds": round(load_seconds, 2)}
-        if reference is None:
-            reference, base_rate = vectors, rate
-        row["ratio"] = round(rate / base_rate, 2)
-        row.update({k: round(v, 6) for k, v in quality(vectors, reference, queries=queries).items()})
+        try:
+            if calibrate:
+                _calibrate_openvino(spec, texts, threads=threads, samples=calibration_samples)
+            # Not through the model cache, which would evict: every model stays loaded for the rounds.
+            embedder = backend_factory(spec.backend, spec.backend_path)(spec)
+        except Exception as exc:  # noqa: BLE001 - one backend that cannot load is a row, not the end of the table
+            rows.append({"backend": name, "note": f"failed to load: {type(exc).__name__}: {exc}"[:300]})
+            continue
+        row = {"backend": name, "precision": embedder.precision,
+               # an onnx/openvino row's first load includes the export (and the int8 one its calibration)
+               "load_seconds": round(time.perf_counter() - started, 2)}
+        embedder.embed_with_stats(texts[:32], counts[:32])  # warm-up: first-call allocations, kernels
         rows.append(row)
-        clear()  # one model resident at a time: the next one's rate is not shared with it
+        loaded.append((row, embedder))
+    # Interleaved rounds: on a shared machine the load drifts, and a backend timed only while it
+    # was high would look slower than one timed later.
+    seconds: dict[int, list[float]] = {id(row): [] for row, _ in loaded}
+    vectors: dict[int, np.ndarray] = {}
+    for _ in range(repeat):
+        for row, embedder in loaded:
+            took, vectors[id(row)] = _time(embedder, texts, counts)
+            seconds[id(row)].append(took)
+    if loaded:
+        base_row = loaded[0][0]
+        reference = vectors[id(base_row)]
+        base_rate = len(texts) / float(np.median(seconds[id(base_row)]))
+        for row, _ in loaded:
+            rate = len(texts) / float(np.median(seconds[id(row)]))
+            row.update({"texts_per_second": round(rate, 1), "ratio": round(rate / base_rate, 2)})
+            row.update({k: round(v, 6) for k, v in quality(vectors[id(row)], reference, queries=queries).items()})
     return rows
 
 
