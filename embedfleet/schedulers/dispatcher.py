@@ -66,6 +66,12 @@ log = logging.getLogger(__name__)
 WATCH_STEP_SECONDS = 0.01
 
 
+#: A collection with at least this share of ``jobs.coalesce.max-jobs`` waiting gets a batch of
+#: its own when a slot is free, rather than joining another collection's: two passes overlap
+#: (one embeds while the other writes and commits), which one big pass cannot.
+OWN_PASS_SHARE = 0.25
+
+
 def _job_ids(execution: JobExecution | BatchExecution) -> list[str]:
     return execution.job_ids if isinstance(execution, BatchExecution) else [execution.job_id]
 
@@ -266,25 +272,40 @@ class Dispatcher:
         above it is kept waiting for it.
 
         A joining job takes no slot of its own, so it keeps waiting no job that still gets one
-        now: the jobs passed over (another kind of job, or another user at their concurrency
-        limit) are counted, and joining stops once they are more than the slots left after this
-        batch. A job whose collection is running elsewhere is not passed over: it could not run.
+        now: the jobs passed over are counted, and joining stops once they are more than the
+        slots left after this batch. Passed over are jobs of another kind (a sync job, a big
+        one), and the jobs of another collection with a batch's worth waiting
+        (:data:`OWN_PASS_SHARE` of ``max-jobs``) while a slot is left for them: such a
+        collection gets a pass of its own, beside this one, so one collection's commit overlaps
+        another's embedding; a collection with a few jobs waiting joins instead.
         """
         from embedfleet.pipeline.batch import coalescing_key
 
         key = coalescing_key(lead.spec)
         if key is None:
             return []
+        own = (ranked[at].owner, ranked[at].sink, ranked[at].collection)
+        waiting: dict[tuple[str, str, str], int] = {}
+        for candidate in ranked[at + 1:]:
+            if self._may_coalesce(candidate):
+                group = (candidate.owner, candidate.sink, candidate.collection)
+                waiting[group] = waiting.get(group, 0) + 1
+        deep = max(2, int(self.coalesce_jobs * OWN_PASS_SHARE))
         slots_left = self.max_running - len(self._executions) - 1
         passed = 0
+        own_pass: set[tuple[str, str, str]] = set()
         joined: list[Claim] = []
         for candidate in ranked[at + 1:]:
-            if len(joined) + 1 >= self.coalesce_jobs:
+            if len(joined) + 1 >= self.coalesce_jobs or passed > slots_left:
                 break
-            if passed > slots_left:
-                break
+            group = (candidate.owner, candidate.sink, candidate.collection)
             if not self._may_coalesce(candidate):
                 passed += 1
+                continue
+            if group != own and (group in own_pass or (waiting[group] >= deep and len(own_pass) < slots_left)):
+                if group not in own_pass:
+                    own_pass.add(group)
+                    passed += 1
                 continue
             claim = self.service.ledger.claim(candidate, dispatcher=self.name, batch=batch,
                                               joins=lambda spec: coalescing_key(spec) == key)
