@@ -145,13 +145,19 @@ def test_int8_job_measures_on_its_chunks_and_stores_the_report(client, help_docs
     assert "--allow-mixed" in fp32.output and "int8-onnx" in fp32.output
     assert _described(uri)["quality"] == result["quality"]
 
-    # Printed by `embedfleet index` itself: a second int8 job (an edit) measures again.
+    # A small edit embeds fewer chunks than the sample: the stored report stands, and is printed.
     (help_docs / "assert.txt").write_text("assert statements check invariants while debugging.\n", encoding="utf-8")
-    text = CliRunner().invoke(main, args)
+    small = CliRunner().invoke(main, [*args, "--json"])
+    assert small.exit_code == 0, small.output
+    small_result = json.loads(small.stdout)
+    assert 0 < small_result["embedded"] < SAMPLE and small_result["quality"] == result["quality"]
+    assert _described(uri)["quality"] == result["quality"]
+    # A run that embeds the sample's worth measures again; `embedfleet index` prints the report.
+    text = CliRunner().invoke(main, [*args, "--mode", "full"])
     assert text.exit_code == 0, text.output
     assert "int8-onnx: cosine to fp32 on" in text.stdout and "top-10 neighbour overlap" in text.stdout
     latest = _described(uri)["quality"]
-    assert latest["job_id"] != result["job_id"]
+    assert latest["job_id"] != result["job_id"] and latest["job_id"] in text.stdout
 
 
 @pytest.mark.slow

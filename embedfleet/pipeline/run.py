@@ -128,7 +128,8 @@ class _JobRun:
             self._chunk()
             diff = self._diff()
             self.quality = start_quality_check(self.spec, self.follower, self.embedding.placement, self.non_empty,
-                                               self.info, embeds=self.progress.chunks - self.progress.skipped)
+                                               self.info, self.collection, chunks=self.progress.chunks,
+                                               embeds=self.progress.chunks - self.progress.skipped)
             self._embed(diff)
         except BaseException as exc:
             self.follower.cancel_all(self.futures)
