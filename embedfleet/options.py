@@ -85,6 +85,12 @@ class IndexOptions:
         default=False,
     )
 
+    allow_mixed: bool = _option(
+        "Add vectors of another family to a collection (float: fp32/bf16/fp16 of any backend; int8 of one "
+        "backend) and record it as mixed; without it such a job is refused before anything is written.",
+        default=False,
+    )
+
     def __post_init__(self) -> None:
         problems = [f"{f.key} {why}" for f in self.fields() if (why := f.problem(getattr(self, f.name))) is not None]
         if problems:

@@ -167,6 +167,7 @@ def fake_spec_builder(source: str, options, *, job_id, user, data_dir):
         mode=options.mode or "sync",
         on_error=options.on_error or "skip",
         allow_mass_delete=options.allow_mass_delete,
+        allow_mixed=options.allow_mixed,
     )
 
 

@@ -50,6 +50,7 @@ SAMPLES = {
     "batch_tokens": (1024, {}, lambda s: s.embedder.batch_tokens),
     "quantize": ("int8", {"backend": "onnx"}, lambda s: s.embedder.quantize),
     "allow_mass_delete": (True, {}, lambda s: s.allow_mass_delete),
+    "allow_mixed": (True, {}, lambda s: s.allow_mixed),
 }
 
 # (field, bad value, what the message says)

@@ -275,6 +275,9 @@ def test_collections_of_another_user_are_404(server, alice_kb):
         assert "kb" in [c["name"] for c in listed]
         info = http.get("/v1/collections/kb").json()
         assert info["model"] == "fake" and info["count"] >= 5 and "physical_name" not in info
+        # The vector family and (for an int8 collection) the quality report are shown too.
+        assert (info["families"], info["mixed"], info["quality"]) == (["float"], False, None)
+        assert [c for c in listed if c["name"] == "kb"][0]["families"] == ["float"]
 
 
 def test_drop_collection(server):

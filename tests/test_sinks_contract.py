@@ -12,7 +12,7 @@ import json
 import math
 import multiprocessing
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import EntryPoint
 
 import numpy as np
@@ -24,7 +24,7 @@ import pytest
 
 from embedfleet.errors import CollectionMismatch, ConfigError, SinkError, UnknownBackendError
 from embedfleet.sinks import registry
-from embedfleet.sinks.base import CollectionInfo, Sink, SinkSpec
+from embedfleet.sinks.base import CollectionInfo, QualityReport, Sink, SinkSpec, vector_family
 from embedfleet.sinks.naming import physical_name
 from embedfleet.sinks.registry import known_schemes, make_spec, open_sink
 from embedfleet.frames.schemas import embeddings_schema
@@ -265,6 +265,74 @@ def test_model_guard_refuses_and_leaves_collection_alone(sink, name):
     assert reopened.count() == 3
     # The same model opens it fine (and does not recreate it).
     assert sink.open(name, info=INFO, create=True).count() == 3
+
+
+FLOAT_FP32 = CollectionInfo(model="fake-a", dimensions=DIM, metric="cosine", precision="fp32", backend="sentence-transformers")
+INT8_ONNX = CollectionInfo(model="fake-a", dimensions=DIM, metric="cosine", precision="int8", backend="onnx")
+
+
+def test_vector_family_guard_and_allow_mixed(store, sink, name):
+    coll = sink.open(name, info=FLOAT_FP32, create=True)
+    coll.upsert(make_frame(ids_of(3)))
+    assert coll.info.families == ("float",) and not coll.info.mixed
+    # One family across backends and float precisions: bf16 on torch, fp32 on ONNX.
+    for same in (replace(FLOAT_FP32, precision="bf16"), replace(FLOAT_FP32, backend="onnx")):
+        assert sink.open(name, info=same, create=True).info.families == ("float",)
+    with pytest.raises(CollectionMismatch) as refused:
+        sink.open(name, info=INT8_ONNX, create=True)
+    message = str(refused.value)
+    assert "\n" not in message and "float" in message and "int8-onnx" in message and "--allow-mixed" in message
+    with store.sink() as fresh:  # nothing was recorded by the refused open
+        assert fresh.open(name).info.families == ("float",)
+
+    mixed = sink.open(name, info=INT8_ONNX, create=True, allow_mixed=True)
+    assert mixed.info.families == ("float", "int8-onnx") and mixed.info.mixed
+    assert mixed.count() == 3
+    mixed.upsert(make_frame(ids_of(2, prefix="q"), seed=1))
+    with store.sink() as fresh:  # recorded in the store, not only in this connection
+        reopened = fresh.open(name)
+        assert reopened.info.families == ("float", "int8-onnx") and reopened.info.mixed
+        assert (reopened.info.model, reopened.info.precision, reopened.info.backend) == ("fake-a", "fp32", "sentence-transformers")
+        assert reopened.count() == 5
+        # A family it holds now needs no permission (the workers of a mixed job open it so).
+        assert fresh.open(name, info=INT8_ONNX, create=True).info.families == ("float", "int8-onnx")
+        # Another int8 backend is a family of its own.
+        with pytest.raises(CollectionMismatch, match="int8-openvino"):
+            fresh.open(name, info=replace(INT8_ONNX, backend="openvino"), create=True)
+
+
+def test_quality_report_is_stored_and_replaced(store, sink, name):
+    coll = sink.open(name, info=INT8_ONNX, create=True)
+    vectors = np.eye(DIM, dtype=np.float32)[:3]
+    coll.upsert(make_frame(ids_of(3), vectors=vectors))
+    assert coll.info.quality is None
+    first = QualityReport(family="int8-onnx", samples=256, mean_cosine=0.987, min_cosine=0.951, top10_overlap=0.88,
+                          job_id="job1")
+    assert sink.record_quality(name, first).quality == first
+    second = replace(first, mean_cosine=0.99, job_id="job2")
+    sink.record_quality(name, second)
+    with store.sink() as fresh:
+        reopened = fresh.open(name, info=INT8_ONNX, create=True)
+        assert reopened.info.quality == second
+        assert reopened.info.families == ("int8-onnx",)
+        assert (reopened.info.model, reopened.info.dimensions, reopened.info.metric) == ("fake-a", DIM, "cosine")
+        # Recording changed no vector and not the metric: still cosine scores.
+        hits = reopened.query(vectors[1] * 5, 2)
+        assert hits[0].chunk_id == ids_of(3)[1] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert hits[1].score == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(SinkError, match="does not exist"):
+        sink.record_quality(name + "_none", first)
+
+
+def test_collections_recorded_before_families_derive_theirs():
+    old = {"embedfleet_model": "fake-a", "embedfleet_dimensions": DIM, "embedfleet_metric": "cosine",
+           "embedfleet_precision": "int8"}
+    assert CollectionInfo.from_metadata(old).families == ("int8-onnx",)  # ONNX was the only quantizing backend
+    assert CollectionInfo.from_metadata({**old, "embedfleet_precision": "bf16"}).families == ("float",)
+    unknown = CollectionInfo.from_metadata({k: v for k, v in old.items() if k != "embedfleet_precision"})
+    assert unknown.families == () and not unknown.mixed
+    INT8_ONNX.check_compatible(unknown, collection="kb")  # nothing recorded to compare with: allowed
+    assert vector_family("auto", "sentence-transformers") == "float"
 
 
 def test_open_missing_collection(sink, name):

@@ -114,7 +114,10 @@ def _print_list(body: dict, user: str, where: str, as_json: bool) -> None:
         if "error" in r:
             click.echo(f"{r['name']:<{width}}  error: {r['error']}")
         else:
-            click.echo(f"{r['name']:<{width}}  {r['count']:>9} chunks  {r['model']} ({r['dimensions']}d, {r['metric']})")
+            families = "+".join(r.get("families") or ()) or "unknown"
+            mixed = " MIXED" if r.get("mixed") else ""
+            click.echo(f"{r['name']:<{width}}  {r['count']:>9} chunks  {r['model']} ({r['dimensions']}d, {r['metric']}, "
+                       f"{families}){mixed}")
 
 
 @collections.command("info")
@@ -127,7 +130,8 @@ def _print_list(body: dict, user: str, where: str, as_json: bool) -> None:
 @handle_errors
 def info_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | None, server: str | None,
              as_json: bool) -> None:
-    """Show a collection: model, dimensions, metric, chunk count, physical name and store.
+    """Show a collection: model, dimensions, metric, vector families, an int8 job's quality report,
+    chunk count, physical name and store.
 
     \b
     Examples:
@@ -148,9 +152,17 @@ def info_cmd(name: str, user: str | None, sink_uri: str | None, data_dir: str | 
     if as_json:
         emit_json(described)
         return
-    for key in ("name", "user", "model", "dimensions", "metric", "precision", "count", "physical_name", "sink"):
+    for key in ("name", "user", "model", "dimensions", "metric", "precision", "backend", "count", "physical_name", "sink"):
         if described.get(key) is not None:
             click.echo(f"{key + ':':<15}{described[key]}")
+    if described.get("families"):
+        mixed = " (mixed: created with the first; --allow-mixed added the others)" if described.get("mixed") else ""
+        click.echo(f"{'families:':<15}{'+'.join(described['families'])}{mixed}")
+    if described.get("quality"):
+        from embedfleet.sinks.base import QualityReport
+
+        report = QualityReport.from_dict(described["quality"])
+        click.echo(f"{'quality:':<15}{report.describe()} (job {report.job_id})")
 
 
 @collections.command("drop")

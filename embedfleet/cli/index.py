@@ -95,8 +95,6 @@ def index(source, options, scheduler, workers, gpu, user, data_dir, database_url
     finally:
         if bar is not None:
             bar.close()
-    if options.quantize:
-        _print_quantization(options.model, options.backend, data_dir)
     if as_json:
         emit_json(result.to_dict())
         return
@@ -105,26 +103,9 @@ def index(source, options, scheduler, workers, gpu, user, data_dir, database_url
         sys.exit(1)
 
 
-def _print_quantization(model: str | None, backend: str | None, data_dir: str | None) -> None:
-    """int8 is opt-in because it changes the vectors: say by how much (measured once, at quantization)."""
-    from embedfleet import config
-
-    spec = config.model_spec(model)
-    if (backend or config.get("embed.backend") or spec.backend) == "openvino":
-        from embedfleet.embedders.openvino import quantization_report
-    else:
-        from embedfleet.embedders.onnx import quantization_report
-    report = quantization_report(spec.name, spec.path, str(config.local_dir(data_dir) / "models"))
-    if report:
-        # Reports made before the overlap was measured have only the cosines.
-        overlap = f", top-10 overlap {report['top10_overlap']:.3f}" if "top10_overlap" in report else ""
-        click.echo(
-            f"int8: cosine to fp32 on {report['samples']} sample texts: mean {report['mean_cosine']:.4f}, "
-            f"min {report['min_cosine']:.4f}{overlap}", err=True,
-        )
-
-
 def _print_summary(result) -> None:
+    from embedfleet.sinks.base import QualityReport
+
     click.echo(
         f"{result.status}: {result.documents} documents -> {result.chunks} chunks; "
         f"embedded {result.embedded}, unchanged {result.skipped}, deleted {result.deleted} "
@@ -137,6 +118,9 @@ def _print_summary(result) -> None:
             f" at {result.precision}{efficiency}"
         )
     click.echo(f"collection {result.collection!r} of user {result.user!r} in {result.sink} (job {result.job_id})")
+    if result.quality:
+        # int8 is opt-in because it moves the vectors: say by how much, on this corpus.
+        click.echo(QualityReport.from_dict(result.quality).describe())
     if result.skipped_documents:
         click.echo(f"skipped {len(result.skipped_documents)} unreadable documents:", err=True)
         for skipped in result.skipped_documents[:10]:

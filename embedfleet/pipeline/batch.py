@@ -352,14 +352,16 @@ class _Batch:
 
         _each(self._active(), prepare)
         info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
-                              precision=warm.precision())
+                              precision=warm.precision(), backend=spec.embedder.backend)
         for group in self.groups:
             group.dir.make()
             group.info = info
             group.write_kwargs = {"sink": group.lead.sink, "collection": group.collection, "info": info,
                                   "retry": group.lead.retry}
             # The model guard of each collection, beside reading and chunking.
-            group.opening = open_sink_in_thread(group.lead.sink, group.collection, info)
+            # allow_mixed is part of the coalescing key: every member of the batch has the lead's.
+            group.opening = open_sink_in_thread(group.lead.sink, group.collection, info,
+                                                allow_mixed=group.lead.allow_mixed)
 
     # -- read + chunk -----------------------------------------------------------------------
 

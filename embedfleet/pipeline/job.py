@@ -41,6 +41,8 @@ class JobSpec:
     #: documents, or delete from an empty source, stops before deleting unless allowed.
     max_delete_fraction: float = 0.5
     allow_mass_delete: bool = False
+    #: Add vectors of another family (float / int8 of a backend) to a collection, recording it as mixed.
+    allow_mixed: bool = False
 
     @property
     def job_dir(self) -> str:
@@ -74,6 +76,7 @@ class JobSpec:
             retry=RetrySpec(**raw["retry"]),
             max_delete_fraction=raw.get("max_delete_fraction", cls.max_delete_fraction),
             allow_mass_delete=raw.get("allow_mass_delete", cls.allow_mass_delete),
+            allow_mixed=raw.get("allow_mixed", cls.allow_mixed),
         )
 
 
@@ -132,6 +135,9 @@ class JobResult:
     # HTTP requests made, retries included. 0 for in-process models.
     tokens_sent: int = 0
     requests: int = 0
+    # A quantized job's report (QualityReport.to_dict()): its vectors against fp32 on a sample
+    # of its chunks; also stored in the collection's metadata.
+    quality: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

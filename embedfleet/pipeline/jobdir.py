@@ -31,6 +31,7 @@ class JobDir:
         self.embed_plan = self.root / "embed-plan.json"  # chunks per embedding task
         self.committed = self.root / "committed.json"  # the manifest version the job committed
         self.result = self.root / "result.json"  # a succeeded job's result
+        self.quality = self.root / "quality.json"  # a quantized job's report (tasks/quality.py)
         self.visible = self.root / "visible.json"  # the token every worker reads back at start (pipeline/visibility.py)
 
     @property

@@ -42,6 +42,7 @@ from embedfleet.pipeline.job import JobResult, JobSpec, Progress, SkippedDocumen
 from embedfleet.pipeline.jobdir import JobDir
 from embedfleet.pipeline.manifest import Manifest
 from embedfleet.pipeline.placement import Placement
+from embedfleet.pipeline.quality import start_quality_check
 from embedfleet.pipeline.visibility import start_check
 from embedfleet.sinks.base import CollectionInfo
 from embedfleet.sinks.naming import physical_name
@@ -126,6 +127,9 @@ class _JobRun:
         try:
             self._chunk()
             diff = self._diff()
+            self.quality = start_quality_check(self.spec, self.follower, self.embedding.placement, self.non_empty,
+                                               self.info, self.collection, chunks=self.progress.chunks,
+                                               embeds=self.progress.chunks - self.progress.skipped)
             self._embed(diff)
         except BaseException as exc:
             self.follower.cancel_all(self.futures)
@@ -138,6 +142,8 @@ class _JobRun:
         self.embedding.summarise(self.result)
         if self.embedding.write_error is not None:
             raise self.embedding.write_error
+        if self.quality is not None:
+            self.quality.finish(self.spec, self.follower, self.collection, self.result)
         self._delete(diff.stale)
         incremental.commit_manifest(self.spec, self.follower, self.manifest, self.non_empty, diff.manifest)
         if self.embedding.single_writer:
@@ -181,8 +187,8 @@ class _JobRun:
                                       source=spec.source.location if spec.source.kind != "builtin" else None)
         if self.visibility.gates:
             self.visibility.verify()
-        info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
-                              precision=warm.precision())
+        self.info = info = CollectionInfo(model=model.name, dimensions=model.dimensions, metric=model.metric,
+                                          precision=warm.precision(), backend=spec.embedder.backend)
         self.plan = plan_partitions(spec.source)
         check_plan_unchanged(self.plan, self.job_dir)
         self.chunk_paths = [str(self.job_dir.chunk_file(i)) for i in range(len(self.plan))]
@@ -194,7 +200,7 @@ class _JobRun:
         # store has opened (a second or so), before anything is written, not after an hour of
         # embedding. Opening takes a while (Chroma starts its engine), so it runs beside
         # reading, chunking and the first embedding tasks.
-        self.opening = open_sink_in_thread(spec.sink, self.collection, info)
+        self.opening = open_sink_in_thread(spec.sink, self.collection, info, allow_mixed=spec.allow_mixed)
 
     # --- read + chunk (and, when streaming, embed) ----------------------------------------
 
@@ -339,23 +345,25 @@ def check_plan_unchanged(plan: list, job_dir: JobDir) -> None:
     write_json_atomic({"fingerprint": fingerprint, "partitions": len(plan)}, job_dir.plan)
 
 
-def _open_sink(sink_spec, collection: str, info: CollectionInfo) -> bool:
-    """Open (creating) the job's collection, checking its model; whether the store takes a single writer.
+def _open_sink(sink_spec, collection: str, info: CollectionInfo, allow_mixed: bool = False) -> bool:
+    """Open (creating) the job's collection, checking its model and vector family (``allow_mixed``
+    adds the job's family to it); whether the store takes a single writer.
 
     A single-writer store stays open: this process writes to it for the rest of the job.
     """
     sink = open_sink(sink_spec)
     try:
-        sink.open(collection, info=info, create=True)
+        sink.open(collection, info=info, create=True, allow_mixed=allow_mixed)
         return sink.single_writer
     finally:
         if not sink.single_writer:
             sink.close()
 
 
-def open_sink_in_thread(sink_spec, collection: str, info: CollectionInfo) -> concurrent.futures.Future:
+def open_sink_in_thread(sink_spec, collection: str, info: CollectionInfo, *,
+                        allow_mixed: bool = False) -> concurrent.futures.Future:
     """:func:`_open_sink` in a thread of its own: the future says whether the store takes one writer."""
-    return _in_thread(_open_sink, sink_spec, collection, info)
+    return _in_thread(_open_sink, sink_spec, collection, info, allow_mixed)
 
 
 def _in_thread(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:

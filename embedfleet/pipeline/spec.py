@@ -63,4 +63,5 @@ def build_job_spec(
         retry=config.retry_spec(),
         max_delete_fraction=float(config.get("index.max-delete-fraction")),
         allow_mass_delete=options.allow_mass_delete,
+        allow_mixed=options.allow_mixed,
     )

@@ -47,6 +47,7 @@ def _spec_part(spec: JobSpec) -> dict[str, Any]:
     raw = json.loads(spec.to_json())
     raw.pop("job_id", None)
     raw.pop("retry", None)  # how failures are retried changes no chunk
+    raw.pop("allow_mixed", None)  # a permission: the same spec and source still embed nothing
     embedder = raw.get("embedder", {})
     for runtime in ("batch_tokens", "threads", "cache_max_models", "cache_max_bytes"):
         embedder.pop(runtime, None)

@@ -218,6 +218,5 @@ class SearchService:
 
 def _public(described: dict, sink: str) -> dict:
     # The physical name and the store's URI are the operator's, not the user's.
-    return {"name": described["name"], "sink": sink, "model": described.get("model"),
-            "dimensions": described.get("dimensions"), "metric": described.get("metric"),
-            "precision": described.get("precision"), "count": described.get("count")}
+    shown = ("model", "dimensions", "metric", "precision", "backend", "families", "mixed", "quality", "count")
+    return {"name": described["name"], "sink": sink, **{k: described.get(k) for k in shown}}

@@ -74,10 +74,7 @@ def describe_user_collection(sink: Sink, user: str, collection: str) -> dict[str
         "user": user,
         "physical_name": opened.name,
         "sink": display_uri(sink.uri),
-        "model": info.model,
-        "dimensions": info.dimensions,
-        "metric": info.metric,
-        "precision": info.precision,
+        **info.describe(),
         "count": opened.count(),
     }
 

@@ -228,6 +228,16 @@ class ChromaSink(Sink):
     def _collection(self, name: str, collection, info: CollectionInfo) -> ChromaCollection:
         return ChromaCollection(collection, info, self._max_batch_size)
 
+    def _record(self, name: str, collection, info: CollectionInfo):
+        # modify() replaces the whole metadata, and refuses any "hnsw:" key, even unchanged:
+        # the distance function lives on in the collection's configuration.
+        kept = {k: v for k, v in (collection.metadata or {}).items() if not k.startswith("hnsw:")}
+        try:
+            collection.modify(metadata={**kept, **info.to_metadata()})
+            return self._client.get_collection(name, embedding_function=None)
+        except Exception as exc:
+            raise SinkError(f"cannot update the metadata of Chroma collection {name!r}: {_reason(exc)}") from exc
+
     def list_collections(self) -> list[str]:
         try:
             return sorted(c.name if hasattr(c, "name") else str(c) for c in self._client.list_collections())

@@ -42,7 +42,9 @@ The model guard: the :class:`CollectionInfo` (model, dimensions, metric) is stor
 collection *properties* at creation (one request, so a collection never exists without
 them) and again as JSON in the collection description (Milvus Lite keeps properties but
 drops descriptions; a server keeps both). A collection without either is not embedfleet's
-and is refused.
+and is refused. What a collection learns later (a second vector family after ``--allow-mixed``,
+an int8 job's quality report) alters its properties; the description keeps what it was created
+with, and is read only when the properties hold nothing.
 
 Options (``embedfleet.sinks.milvus.*``): ``max-request-bytes`` (default 32 MiB: under the
 64 MiB gRPC message limit), ``max-batch-size`` (rows per request, default 1000),
@@ -551,6 +553,17 @@ class MilvusSink(Sink):
             # already loaded collection returns at once.
             collection._ensure_loaded()
         return collection
+
+    def _record(self, name: str, described: dict, info: CollectionInfo) -> dict:
+        # Properties only: a collection's description is fixed at creation (and Lite drops it);
+        # _recorded_info reads the properties first.
+        try:
+            self._client.alter_collection_properties(name, properties={k: str(v) for k, v in info.to_metadata().items()},
+                                                     timeout=self.timeout)
+        except Exception as exc:
+            raise SinkError(f"cannot update the properties of Milvus collection {name!r} at {self.display_uri}: "
+                            f"{_reason(exc)}") from exc
+        return self._lookup(name) or described
 
     def _schema(self, info: CollectionInfo):
         DataType = self._pymilvus.DataType

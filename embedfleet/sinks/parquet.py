@@ -7,7 +7,8 @@ small collections and tests, not for serving.
 Layout, one subdirectory per collection (its physical name)::
 
     /abs/dir/<collection>/
-        _collection.json             the CollectionInfo (model, dimensions, metric) + format version
+        _collection.json             the CollectionInfo (model, dimensions, metric, vector families,
+                                     an int8 job's quality report) + format version
         part-000000000001.parquet    rows written by one upsert (or by compact())
         part-000000000002.parquet
         _deletes-000000000003.parquet  tombstones: a single chunk_id column
@@ -538,6 +539,17 @@ class ParquetSink(Sink):
 
     def _collection(self, name: str, path: Path, info: CollectionInfo) -> ParquetCollection:
         return ParquetCollection(self, path, info)
+
+    def _record(self, name: str, path: Path, info: CollectionInfo) -> Path:
+        info_path = path / INFO_FILE
+        try:
+            with ParquetCollection(self, path, info)._writing():
+                document = json.loads(info_path.read_text())
+                document["info"] = {**document.get("info", {}), **info.to_metadata()}
+                _atomic_write(info_path, lambda tmp: tmp.write_text(json.dumps(document, indent=2, sort_keys=True)))
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"cannot update {info_path}: {exc}") from exc
+        return path
 
     def list_collections(self) -> list[str]:
         try:
