@@ -273,25 +273,15 @@ def write_stage(
 ) -> int:
     if exists(marker):
         return read_json(marker)["written"]
-    table = read_table(embeddings_path)
-
-    def upsert() -> int:
-        try:
-            return _collection(sink, collection, info).upsert(table)
-        except SinkError:
-            forget_collections()  # reconnect on the next attempt: the server may have restarted
-            raise
-
-    written = with_retries(upsert, retry=retry, what=f"writing {os.path.basename(embeddings_path)} to {sink.uri}")
-    write_json_atomic({"written": written}, marker)
-    return written
+    return write_many_stage([embeddings_path], sink=sink, collection=collection, info=info, retry=retry,
+                            markers=[marker])
 
 
 def write_many_stage(
     embeddings_paths: list[str], *, sink: SinkSpec, collection: str, info: CollectionInfo, retry: RetrySpec,
     markers: list[str],
 ) -> int:
-    """:func:`write_stage` for many small embedding files in one upsert (coalesced small jobs).
+    """Write embedding files to the collection in one upsert (one file, or a batch's many small ones).
 
     Files whose marker exists are skipped; every other one gets its marker once the upsert
     took them all, so a crash before that writes them again (an upsert of the same ids).
@@ -309,7 +299,8 @@ def write_many_stage(
             forget_collections()  # reconnect on the next attempt: the server may have restarted
             raise
 
-    written = with_retries(upsert, retry=retry, what=f"writing {len(todo)} embedding files to {sink.uri}")
+    what = os.path.basename(todo[0][0]) if len(todo) == 1 else f"{len(todo)} embedding files"
+    written = with_retries(upsert, retry=retry, what=f"writing {what} to {sink.uri}")
     for (_, marker), part in zip(todo, tables):
         write_json_atomic({"written": part.num_rows}, marker)
     return written
