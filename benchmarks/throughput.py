@@ -198,8 +198,7 @@ class _RssSampler:
             rss = proc.memory_info().rss
             entry = self.peaks.get(proc.pid)
             if entry is None:
-                cmdline = " ".join(proc.cmdline())
-                role = "worker" if "multiprocessing" in cmdline and "spawn" in cmdline else "driver"
+                role = _role(proc)
                 if proc.pid == self.root.pid:
                     role = "driver"
                 elif self.workers_root is not None and role != "worker":
@@ -224,16 +223,31 @@ class _RssSampler:
 
     def summary(self) -> dict:
         mib = lambda b: round(b / 2**20, 1)
+        forkservers = [p for p in self.peaks.values() if p["role"] == "forkserver"]
         # Short-lived helpers (the resource tracker) are not workers: keep processes that held a model-sized RSS.
         workers = [p for p in self.peaks.values() if p["role"] == "worker" and p["peak_rss_bytes"] > 100 * 2**20]
         drivers = [p for p in self.peaks.values() if p["role"] == "driver"]
         return {
             "driver_mib": mib(max((p["peak_rss_bytes"] for p in drivers), default=0)),
+            # The process a LocalCluster's workers fork from: imported modules the workers share.
+            "forkserver_mib": mib(max((p["peak_rss_bytes"] for p in forkservers), default=0)),
             "workers_mib": [mib(p["peak_rss_bytes"]) for p in sorted(workers, key=lambda p: p["pid"])],
             # Flat means the last quarters peak no higher than the first: memory does not grow
             # with the chunks a worker has embedded.
             "workers_peak_mib_by_quarter_of_run": [_by_quarter(p["series"], mib) for p in sorted(workers, key=lambda p: p["pid"])],
         }
+
+
+def _role(proc) -> str:
+    """A Dask worker process (spawned, or forked by a forkserver), a forkserver, or anything else ("driver")."""
+    cmdline = " ".join(proc.cmdline())
+    if "multiprocessing" in cmdline and "spawn_main" in cmdline:
+        return "worker"
+    if "multiprocessing.forkserver" in cmdline:
+        # Forked children keep their forkserver's command line: a worker's parent is the forkserver.
+        parent = proc.parent()
+        return "worker" if parent is not None and "multiprocessing.forkserver" in " ".join(parent.cmdline()) else "forkserver"
+    return "driver"
 
 
 def _by_quarter(series: list[tuple[float, int]], mib) -> list[float]:
@@ -336,6 +350,7 @@ def _median_run(rounds: list[dict]) -> dict:
         out[key] = round(statistics.median(r[key] for r in rounds), 2)
     out["peak_rss_mib"] = {
         "driver_mib": max(r["peak_rss_mib"]["driver_mib"] for r in rounds),
+        "forkserver_mib": max(r["peak_rss_mib"]["forkserver_mib"] for r in rounds),
         "workers_mib": [max(ws) for ws in zip(*(r["peak_rss_mib"]["workers_mib"] for r in rounds))],
     }
     out["rounds_e2e_chunks_per_second"] = [r["e2e_chunks_per_second"] for r in rounds]
