@@ -14,6 +14,8 @@ an existing cluster's workers are not touched.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import logging
 import threading
@@ -23,7 +25,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WarmImports", "warm_imports", "backend_modules", "BACKEND_MODULES"]
+__all__ = ["WarmImports", "warm_imports", "backend_modules", "BACKEND_MODULES", "exit_without_final_collection"]
 
 #: What each built-in backend imports when it loads a model. Any other backend (registered,
 #: configured in ``embedfleet.backends`` or an entry point) says so itself in a
@@ -51,6 +53,7 @@ class WarmImports(WorkerPlugin):
         self.modules = tuple(modules)
 
     def setup(self, worker) -> None:
+        exit_without_final_collection()
         if self.modules:
             threading.Thread(target=self._import, name="embedfleet-warm-imports", daemon=True).start()
 
@@ -79,3 +82,19 @@ def warm_imports(*, backend: str | None = None, model: str | None = None) -> War
     except Exception:  # noqa: BLE001 - an unknown or broken backend is the job's error to report
         return None
     return WarmImports(modules) if modules else None
+
+
+def exit_without_final_collection() -> None:
+    """Skip the interpreter's last garbage collections when this process exits.
+
+    With torch, transformers and sentence-transformers imported, Python's shutdown spent
+    1.8-2.6 s in its final full collections over their millions of objects (measured on the
+    2-core test machine); a Dask worker that took over 4 s to exit was killed by its nanny, so
+    every cluster close waited 4 s. Freezing the heap at exit (atexit runs before those
+    collections) moves every object to the permanent generation they skip: exit took 0.2 s.
+    Nothing is lost that an exit would keep: memory goes back with the process, and objects
+    the process still references are finalised as before, by reference counting.
+    """
+    if not getattr(exit_without_final_collection, "registered", False):
+        atexit.register(gc.freeze)
+        exit_without_final_collection.registered = True
