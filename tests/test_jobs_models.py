@@ -85,3 +85,26 @@ def test_sqlite_is_wal_with_busy_timeout(tmp_path):
 def test_unusable_urls_are_config_errors(url):
     with pytest.raises(ConfigError):
         make_engine(url)
+
+
+def test_a_version_3_database_gains_the_batch_column_and_keeps_its_jobs(db_url, tmp_path):  # noqa: F811
+    svc = make_service(db_url, tmp_path / "data")
+    try:
+        job = svc.submit(str(tmp_path), user="ana", collection="kb")
+    finally:
+        svc.close()
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        # Back to version 3: no batch column (the job recorded before stays).
+        conn.execute(sa.text("ALTER TABLE ef_jobs DROP COLUMN batch"))
+        conn.execute(sa.update(Meta).where(Meta.key == "schema_version").values(value="3"))
+    engine.dispose()
+    svc = make_service(db_url, tmp_path / "data")
+    try:
+        assert svc.status(job.id, user="ana").batch is None
+    finally:
+        svc.close()
+    engine = make_engine(db_url)
+    assert _version(engine) == SCHEMA_VERSION == 4
+    assert "batch" in {c["name"] for c in sa.inspect(engine).get_columns("ef_jobs")}
+    engine.dispose()

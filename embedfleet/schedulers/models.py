@@ -258,7 +258,10 @@ MIGRATIONS[2] = _add_tokens
 
 def _add_batch(conn: Connection) -> None:
     # Additive: a nullable column; every existing job ran alone.
-    conn.execute(text("ALTER TABLE ef_jobs ADD COLUMN batch VARCHAR(32)"))
+    from sqlalchemy import inspect
+
+    if "batch" not in {c["name"] for c in inspect(conn).get_columns(Job.__tablename__)}:
+        conn.execute(text("ALTER TABLE ef_jobs ADD COLUMN batch VARCHAR(32)"))
 
 
 MIGRATIONS[3] = _add_batch
