@@ -250,7 +250,7 @@ class FakeRunner:
         self.started = threading.Event()
 
     def __call__(self, spec, *, client, priority=0, on_progress=None, before_embed=None, cancel=None, stream=False):
-        from embedfleet.pipeline.job import JobResult, Progress
+        from embedfleet.pipeline.job import Progress
 
         with self.lock:
             self.calls.append({"job_id": spec.job_id, "user": spec.user, "priority": priority, "client": client})

@@ -11,7 +11,6 @@ import dask.config
 import pytest
 from click.testing import CliRunner
 
-import embedfleet
 from embedfleet import config
 from embedfleet.cli import main
 from embedfleet.errors import ChunkingError, ConfigError, UnknownBackendError

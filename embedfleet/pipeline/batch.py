@@ -63,7 +63,6 @@ from embedfleet.pipeline.placement import Placement
 from embedfleet.pipeline.visibility import start_check
 from embedfleet.sinks.base import CollectionInfo
 from embedfleet.sinks.naming import physical_name
-from embedfleet.sinks.registry import open_sink
 from embedfleet.sinks.writer_lock import exclusive_writer
 from embedfleet.tasks import stages
 
