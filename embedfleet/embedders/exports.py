@@ -108,6 +108,17 @@ _FALLBACK_SAMPLES = [
 ]
 
 
+def save_report(report: dict, directory: Path, report_path: Path) -> None:
+    """Write an int8 report next to its export: whole or not at all, readable by every user of the cache."""
+    import json
+
+    fd, name = tempfile.mkstemp(prefix=".int8-report.", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f)
+    share(Path(name))
+    os.replace(name, report_path)
+
+
 def sample_texts(n: int = 32) -> list[str]:
     """Real text of the lengths the pipeline embeds: Python's help topics (stdlib), else a few sentences."""
     try:

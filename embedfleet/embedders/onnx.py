@@ -251,11 +251,7 @@ def quantize_model(directory: Path, *, threads: int | None = None) -> dict[str, 
         cos = _cosines(small, full)
         report = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "samples": len(texts),
                   "top10_overlap": top_k_overlap(small, full, k=10)}
-        fd, tmp = tempfile.mkstemp(prefix=".int8-report.", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f)
-        exports.share(Path(tmp))
-        os.replace(tmp, report_path)
+        exports.save_report(report, directory, report_path)
         return report
 
 

@@ -181,11 +181,7 @@ def quantize_model(directory: Path, *, calibration_texts: Sequence[str] | None =
         report = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "samples": len(report_texts),
                   "top10_overlap": exports.top_k_overlap(small, full, k=10), "calibration_texts": len(samples),
                   "calibration": "given texts" if calibration_texts else "help topics"}
-        fd, name = tempfile.mkstemp(prefix=".int8-report.", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f)
-        exports.share(Path(name))
-        os.replace(name, report_path)
+        exports.save_report(report, directory, report_path)
         return report
 
 
