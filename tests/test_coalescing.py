@@ -243,3 +243,31 @@ def test_a_job_over_its_quota_fails_alone_and_the_rest_of_the_batch_is_charged_e
         assert over.batch == infos[0].batch == infos[1].batch
         everything = jobs.list(user="ivy")
         assert jobs.quota("ivy").used_today == sum(i.charged for i in everything) == sum(i.embedded for i in everything)
+
+
+def test_a_symlink_swapped_after_submit_reads_nothing_outside_the_roots_in_a_shared_pass(jobs, client, data_dir,
+                                                                                        tmp_path):
+    allowed = tmp_path / "allowed"
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "item-0.md").write_text("# Secret\n\nthe other tenant's payroll numbers " * 5)
+    with dask.config.set({"embedfleet.jobs.allowed-roots": [str(allowed)]}):
+        for name in ("kim", "lou"):
+            jobs.add_user(name, tier="enterprise")
+        mallory = _item(allowed / "kim", 0)
+        theirs = [_submit(jobs, _item(allowed / "lou", i), "lou") for i in range(2)]
+        swapped = _submit(jobs, mallory, "kim")
+        # After the submit, kim's file becomes a symlink to a file outside every allowed root.
+        (mallory / "item-0.md").unlink()
+        (mallory / "item-0.md").symlink_to(secret / "item-0.md")
+        run_once(jobs, client=client)
+        info = jobs.status(swapped.id, user="kim")
+        assert info.embedded == 0 and info.skipped_documents == 1, info
+        assert {jobs.status(j.id, user="lou").status for j in theirs} == {"succeeded"}
+        assert len(set(_batches(jobs, [swapped.id] + [j.id for j in theirs]).values())) == 1
+    for user in ("kim", "lou"):
+        try:
+            texts = _store(data_dir, user).get(include=["documents"])["documents"]
+        except Exception:  # kim's collection may hold nothing at all
+            texts = []
+        assert not any("payroll" in t for t in texts)
