@@ -169,8 +169,9 @@ def run(once, max_running, scheduler, workers, gpu, metrics_port, metrics_host, 
     """Dispatch queued jobs onto a Dask cluster (the job service's worker loop).
 
     Picks jobs by effective priority, never more than a user's tier allows at once nor
-    --max-running in total, and runs several jobs on the cluster together. Any number of
-    dispatchers may share one PostgreSQL database. Ctrl-C (or SIGTERM) stops cleanly: jobs
+    --max-running in total, and runs several jobs on the cluster together. Small append jobs
+    whose model and chunking agree run as one batch (one pass, a record each; see
+    embedfleet.jobs.coalesce). Any number of dispatchers may share one PostgreSQL database. Ctrl-C (or SIGTERM) stops cleanly: jobs
     that do not finish first are marked interrupted and resumed by the next dispatcher. A
     second Ctrl-C or SIGTERM stops at once, even with a job stuck: its jobs are marked
     interrupted first, and the exit status is 128 + the signal (130, 143).
