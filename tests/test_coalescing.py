@@ -90,6 +90,7 @@ def test_coalesced_jobs_each_get_their_own_counts_charges_and_results(jobs, clie
         info = jobs.status(job.id, user="ana")
         result = json.loads((JobDir(data_dir / "jobs" / job.id).result).read_text())
         assert info.documents == result["documents"] == 1
+        assert 0 < result["seconds"] == pytest.approx((info.finished_at - info.started_at).total_seconds(), abs=2.0)
         assert info.chunks == result["chunks"] == info.embedded > 0
         assert info.skipped == 0
         total += info.embedded

@@ -170,7 +170,6 @@ def run_batch(members: list[BatchMember], *, client, batch_id: str, priority: in
     keys = {coalescing_key(m.spec.to_json()) for m in members}
     if len(keys) != 1 or None in keys:
         raise ValueError("a batch needs append jobs whose options agree (coalescing_key)")
-    started = time.perf_counter()
     for member in members:
         member.result, member.error = None, None
         member.progress = Progress(stage="reading")
@@ -178,10 +177,6 @@ def run_batch(members: list[BatchMember], *, client, batch_id: str, priority: in
         for uri in sorted({m.spec.sink.uri for m in members}):  # one order, whichever batch takes them
             stack.enter_context(exclusive_writer(uri))
         _Batch(members, client=client, batch_id=batch_id, priority=priority, cancel=cancel, reserve=reserve).run()
-    seconds = time.perf_counter() - started
-    for member in members:
-        if member.result is not None and not member.result.seconds:
-            member.result.seconds = seconds
 
 
 class _Group:
@@ -216,6 +211,7 @@ class _Batch:
                  cancel: threading.Event | None, reserve: Reserve | None):
         self.members = members
         self.reserve = reserve
+        self.started = time.perf_counter()
         self.lead = members[0].spec
         self.batch_id = batch_id
         self.progress = Progress(stage="reading")
@@ -282,6 +278,7 @@ class _Batch:
             SkippedDocument(**s) for i in sorted(member.chunk_stats) for s in member.chunk_stats[i]["skipped_documents"]
         ]
         result.precision = ",".join(sorted(member.precisions)) or None
+        result.seconds = time.perf_counter() - self.started  # the pass's time so far: the job's wall time
         return result
 
     # -- a member whose batch committed before it could be recorded ---------------------------
