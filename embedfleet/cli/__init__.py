@@ -63,6 +63,10 @@ def main(verbose: int) -> None:
 
     import dask.config
 
+    from embedfleet.exiting import exit_without_final_collection
+
+    exit_without_final_collection()
+
     level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
     handler = logging.StreamHandler()
     handler.setFormatter((logging.Formatter if verbose else OneLineFormatter)(LOG_FORMAT))
