@@ -29,8 +29,7 @@ the export happens once.
 ``quantize="int8"`` (``--quantize int8``) is opt-in only: ONNX Runtime dynamic int8
 quantization is ~1.7x faster on CPU but its vectors are only ~0.94 cosine to fp32 for
 MiniLM. The cosine to fp32 is measured once on sample texts when the quantized model is
-made, stored in ``model.int8.json`` and logged (WARNING) by every process that loads it;
-:func:`quantization_report` reads it back for the CLI.
+made, stored in ``model.int8.json`` and logged (WARNING) by every process that loads it.
 
 The backend runs fp32 (``precision`` auto/fp32; bf16/fp16 are refused by ``embedder_spec``),
 on the CPU or CUDA execution provider (``device``; auto picks CUDA when onnxruntime offers it).
@@ -66,7 +65,6 @@ __all__ = [
     "export_model",
     "find_export",
     "model_key",
-    "quantization_report",
     "quantize_model",
 ]
 
@@ -148,7 +146,7 @@ def _export_into(out: Path, model_path: str, *, max_seq_length: int) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import torch
-        from sentence_transformers import SentenceTransformer
+        from embedfleet.embedders.st_import import SentenceTransformer
     except ImportError as exc:
         raise BackendUnavailableError("exporting a model to ONNX", "onnx", str(exc)) from exc
 
@@ -255,15 +253,6 @@ def quantize_model(directory: Path, *, threads: int | None = None) -> dict[str, 
         return report
 
 
-def quantization_report(model_name: str, model_path: str, cache_dir: str | None) -> dict[str, Any] | None:
-    """The stored int8-vs-fp32 cosine report for a model, if a quantized export exists."""
-    try:
-        path = export_dir(model_name, resolve_model_path(model_path), cache_dir) / INT8_REPORT
-    except (ConfigError, OSError):
-        return None
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -335,6 +324,9 @@ def _providers(ort, device: str) -> tuple[list[str], str]:
 
 
 class OnnxEmbedder(Embedder):
+    #: What loading a model imports, for warm workers (embedfleet.embedders.registry.backend_modules).
+    warm_modules = ("onnxruntime", "tokenizers")
+
     def __init__(self, spec: EmbedderSpec):
         super().__init__(spec)
         ort = _import_onnxruntime()

@@ -30,6 +30,9 @@ __all__ = ["SentenceTransformerEmbedder"]
 
 
 class SentenceTransformerEmbedder(Embedder):
+    #: What loading a model imports, for warm workers (embedfleet.embedders.registry.backend_modules).
+    warm_modules = ("torch", "transformers", "embedfleet.embedders.st_import")
+
     def __init__(self, spec: EmbedderSpec):
         super().__init__(spec)
         # The model comes from a local path; never let a library reach for a hub.
@@ -39,7 +42,7 @@ class SentenceTransformerEmbedder(Embedder):
         try:
             import torch
             import transformers
-            from sentence_transformers import SentenceTransformer
+            from embedfleet.embedders.st_import import SentenceTransformer
         except ImportError as exc:
             raise BackendUnavailableError("the sentence-transformers backend", "sentence-transformers", str(exc)) from exc
 
