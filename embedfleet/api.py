@@ -64,7 +64,10 @@ def index(
             known = run_unchanged(spec, **kwargs)
             if known is not None:
                 return known
-            from embedfleet.pipeline.cluster import connect
+            from embedfleet.pipeline.cluster import connect, start_local_workers
+
+            # The workers' imports now, beside the driver's own (the job's modules, the scheduler).
+            start_local_workers(scheduler_address=scheduler, gpu=gpu, backend=options.backend, model=options.model)
             from embedfleet.pipeline.run import run_job
 
             with connect(scheduler_address=scheduler, workers=workers, gpu=gpu, backend=options.backend,

@@ -150,7 +150,7 @@ def test_warm_imports_plugin_imports_in_the_background_on_worker_start():
     from embedfleet.embedders.warm import WarmImports, warm_imports
 
     assert warm_imports(backend="fake") is None
-    assert warm_imports(backend="sentence-transformers").modules == ("torch", "transformers", "sentence_transformers")
+    assert warm_imports(backend="sentence-transformers").modules == ("torch", "transformers", "embedfleet.embedders.st_import")
     assert warm_imports(backend="onnx").modules == ("onnxruntime", "tokenizers")
 
     def imported() -> bool:

@@ -227,6 +227,9 @@ def _run(coro) -> Any:
 
 
 class OpenAIEmbedder(Embedder):
+    #: What loading a model imports, for warm workers (embedfleet.embedders.registry.backend_modules).
+    warm_modules = ("httpx",)
+
     warm_modules = ("httpx",)
 
     def __init__(self, spec: EmbedderSpec):

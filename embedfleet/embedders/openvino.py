@@ -49,7 +49,7 @@ from embedfleet.errors import BackendUnavailableError, ConfigError, EmbeddingErr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OpenVinoEmbedder", "export_model", "find_export", "quantization_report", "quantize_model"]
+__all__ = ["OpenVinoEmbedder", "export_model", "find_export", "quantize_model"]
 
 # Bump when the export's layout or logic changes: old exports are then not reused.
 EXPORT_FORMAT = 1
@@ -185,17 +185,8 @@ def quantize_model(directory: Path, *, calibration_texts: Sequence[str] | None =
         return report
 
 
-def quantization_report(model_name: str, model_path: str, cache_dir: str | None) -> dict[str, Any] | None:
-    """The stored int8-vs-fp32 report for a model, if a quantized export exists (the onnx backend's shape)."""
-    try:
-        path = export_dir(model_name, resolve_model_path(model_path), cache_dir) / INT8_REPORT
-    except (ConfigError, OSError):
-        return None
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 class OpenVinoEmbedder(Embedder):
-    #: What loading a model imports, for warm workers (embedfleet.embedders.warm).
+    #: What loading a model imports, for warm workers (embedfleet.embedders.registry.backend_modules).
     warm_modules = ("openvino", "sentence_transformers", "optimum.intel.openvino")
 
     def __init__(self, spec: EmbedderSpec):

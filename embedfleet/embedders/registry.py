@@ -20,7 +20,7 @@ from embedfleet.config import EmbedderSpec
 from embedfleet.embedders.base import Embedder
 from embedfleet.errors import ConfigError, UnknownBackendError
 
-__all__ = ["register", "known_backends", "check_backend", "backend_factory"]
+__all__ = ["register", "known_backends", "check_backend", "backend_factory", "backend_modules", "job_backend_modules"]
 
 # "module:Class" strings, so torch or onnxruntime are imported only by the backend that needs them.
 _BACKENDS: dict[str, str | Callable[[EmbedderSpec], Embedder]] = {
@@ -77,3 +77,24 @@ def backend_factory(name: str, path: str | None = None) -> Callable[[EmbedderSpe
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"embedder backend {name!r}: cannot load {factory!r} ({exc})") from exc
     return factory
+
+
+def backend_modules(name: str) -> tuple[str, ...]:
+    """What loading a model of backend ``name`` imports: its factory's ``warm_modules``.
+
+    Each backend says so itself (a registered, configured or entry-point backend too), so
+    that a worker can import them before its first task (:mod:`embedfleet.embedders.warm`,
+    the forkserver of :mod:`embedfleet.pipeline.cluster`); none means nothing to import early.
+    """
+    return tuple(getattr(backend_factory(name), "warm_modules", ()))
+
+
+def job_backend_modules(*, backend: str | None = None, model: str | None = None) -> tuple[str, ...]:
+    """:func:`backend_modules` of the backend jobs will use: ``backend``, else ``embed.backend``, else ``model``'s.
+
+    Empty when that backend cannot be resolved: the job then fails with the proper error on its own.
+    """
+    try:
+        return backend_modules(backend or config.get("embed.backend") or config.model_spec(model).backend)
+    except Exception:  # noqa: BLE001 - an unknown or broken backend is the job's error to report
+        return ()
