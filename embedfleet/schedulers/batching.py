@@ -19,9 +19,15 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from embedfleet import config
 from embedfleet.errors import EmbedfleetError, JobCancelled, StoreBusy
-from embedfleet.schedulers.execution import EmbeddedOnDisk, Runner, error_text, with_current_roots
+from embedfleet.schedulers.execution import (
+    EmbeddedOnDisk,
+    Runner,
+    default_heartbeat_seconds,
+    error_text,
+    run_monitor,
+    with_current_roots,
+)
 from embedfleet.schedulers.records import Claim, Counts
 
 if TYPE_CHECKING:
@@ -67,9 +73,7 @@ class BatchExecution:
         self.client = client
         self.runner = runner or default_batch_runner
         self.tick = tick
-        if heartbeat_seconds is None:
-            heartbeat_seconds = min(15.0, max(0.05, config.seconds_value("jobs.lease-seconds") / 4))
-        self.heartbeat_seconds = heartbeat_seconds
+        self.heartbeat_seconds = default_heartbeat_seconds() if heartbeat_seconds is None else heartbeat_seconds
         self.jobs = [_Job(claim) for claim in claims]
         self.cancel_event = threading.Event()  # the whole pass: the dispatcher stops
         self.shutting_down = False
@@ -104,14 +108,8 @@ class BatchExecution:
     # -- monitor ---------------------------------------------------------------------------------
 
     def _monitor(self) -> None:
-        last_beat = time.monotonic()
-        while not self._stop.wait(self.tick):
-            try:
-                due = time.monotonic() - last_beat >= self.heartbeat_seconds
-                if self._sync(heartbeat=due):
-                    last_beat = time.monotonic()
-            except Exception:  # a database hiccup must not kill the pass; the leases tolerate some
-                log.exception("batch %s: could not update its jobs' records", self.batch_id)
+        run_monitor(self._stop, self._sync, tick=self.tick, heartbeat_seconds=self.heartbeat_seconds,
+                    what=f"batch {self.batch_id}")
 
     def _sync(self, *, heartbeat: bool) -> bool:
         """Flush every job's progress, heartbeat and charge in one transaction, or poll for

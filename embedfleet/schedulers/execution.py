@@ -37,6 +37,24 @@ log = logging.getLogger(__name__)
 Runner = Callable[..., "JobResult"]
 
 
+def default_heartbeat_seconds() -> float:
+    """A quarter of ``jobs.lease-seconds`` (0.05-15 s): a lease outlives a few missed beats."""
+    return min(15.0, max(0.05, config.seconds_value("jobs.lease-seconds") / 4))
+
+
+def run_monitor(stop: threading.Event, sync: Callable[..., bool], *, tick: float, heartbeat_seconds: float,
+                what: str) -> None:
+    """Call ``sync(heartbeat=...)`` every ``tick`` until ``stop``, asking for a heartbeat once
+    ``heartbeat_seconds`` have passed since ``sync`` last said it renewed the lease."""
+    last_beat = time.monotonic()
+    while not stop.wait(tick):
+        try:
+            if sync(heartbeat=time.monotonic() - last_beat >= heartbeat_seconds):
+                last_beat = time.monotonic()
+        except Exception:  # a database hiccup must not kill the run; the lease tolerates some
+            log.exception("%s: could not update the job records", what)
+
+
 def error_text(exc: BaseException) -> str:
     if isinstance(exc, EmbedfleetError):
         return str(exc)
@@ -125,9 +143,7 @@ class JobExecution:
         self.runner = runner
         self.cancel_event = cancel if cancel is not None else threading.Event()
         self.tick = tick
-        if heartbeat_seconds is None:
-            heartbeat_seconds = min(15.0, max(0.05, config.seconds_value("jobs.lease-seconds") / 4))
-        self.heartbeat_seconds = heartbeat_seconds
+        self.heartbeat_seconds = default_heartbeat_seconds() if heartbeat_seconds is None else heartbeat_seconds
         self._user_on_progress = on_progress
         self._lock = threading.Lock()
         self._latest: Progress | None = None
@@ -165,14 +181,8 @@ class JobExecution:
     # -- monitor --------------------------------------------------------------------------
 
     def _monitor(self) -> None:
-        last_beat = time.monotonic()
-        while not self._stop.wait(self.tick):
-            try:
-                due = time.monotonic() - last_beat >= self.heartbeat_seconds
-                if self._sync(heartbeat=due):
-                    last_beat = time.monotonic()
-            except Exception:  # a database hiccup must not kill the job; the lease tolerates some
-                log.exception("job %s: could not update the job record", self.job_id)
+        run_monitor(self._stop, self._sync, tick=self.tick, heartbeat_seconds=self.heartbeat_seconds,
+                    what=f"job {self.job_id}")
 
     def _sync(self, *, heartbeat: bool) -> bool:
         """Flush progress/heartbeat/charge or poll for a cancel; True if the lease was renewed."""
