@@ -12,6 +12,7 @@ def test_identical_vectors_agree_fully():
     ref = rng.normal(size=(40, 16)).astype(np.float32)
     q = quality(ref * 3.0, ref, queries=10)  # scale does not matter: cosine
     assert q["min_cosine"] >= 0.99999 and q["mean_cosine"] >= 0.99999 and q["top10_overlap"] == 1.0
+    assert q["top10_overlap_fp32_query"] == 1.0
 
 
 def test_noise_lowers_cosine_and_overlap_measurably():
@@ -26,13 +27,26 @@ def test_noise_lowers_cosine_and_overlap_measurably():
     assert 0.1 <= q["top10_overlap"] < 0.9
 
 
+def test_fp32_query_overlap_ranks_the_noisy_vectors_by_the_reference_query():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(120, 16)).astype(np.float32)
+    noisy = ref + rng.normal(scale=0.5, size=ref.shape).astype(np.float32)
+    q = quality(noisy, ref, queries=30)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
+    a, b = unit(noisy), unit(ref)
+    sample = np.random.default_rng(0).choice(len(a), size=30, replace=False)
+    expected = np.mean([len(set(np.argsort(-(a @ b[i]))[:10]) & set(np.argsort(-(b @ b[i]))[:10])) / 10 for i in sample])
+    assert abs(q["top10_overlap_fp32_query"] - expected) < 1e-9
+    assert 0.1 <= q["top10_overlap_fp32_query"] < 0.9
+
+
 def test_table_has_a_row_per_backend_and_says_why_one_is_missing():
     rows = [
         {"backend": "torch fp32", "texts_per_second": 26.0, "ratio": 1.0, "min_cosine": 1.0, "mean_cosine": 1.0,
-         "top10_overlap": 1.0},
+         "top10_overlap": 1.0, "top10_overlap_fp32_query": 1.0},
         {"backend": "openvino int8", "note": "optimum-intel[openvino] not installed"},
     ]
     lines = format_table(rows).splitlines()
-    assert lines[0].split() == ["backend", "texts/s", "ratio", "min", "cos", "mean", "cos", "top-10"]
-    assert lines[2].split() == ["torch", "fp32", "26.0", "1.00x", "1.00000", "1.00000", "1.000"]
+    assert lines[0].split() == ["backend", "texts/s", "ratio", "min", "cos", "mean", "cos", "top-10", "fp32", "query"]
+    assert lines[2].split() == ["torch", "fp32", "26.0", "1.00x", "1.00000", "1.00000", "1.000", "1.000"]
     assert lines[3].split()[:2] == ["openvino", "int8"] and "not installed" in lines[3]
