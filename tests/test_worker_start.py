@@ -90,8 +90,11 @@ def test_the_forkserver_starts_before_distributed_is_imported_with_the_environme
         def where():
             import tests.forked_probe as probe
             parent = dict(kv.split("=", 1) for kv in open(f"/proc/{os.getppid()}/environ").read().split("\\0") if "=" in kv)
+            import gc
             return {"parent": os.getppid(), "imported_by": probe.IMPORTED_BY, "tasks_imported": "embedfleet.tasks.stages" in sys.modules,
-                    "forkserver_env": {k: parent.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED")}}
+                    "forkserver_env": {k: parent.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED")},
+                    "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
+                    "preload_variable": "EMBEDFLEET_FORKSERVER_MODULES" in os.environ}
 
         with cluster.connect(workers=2, threads_per_worker=1, dashboard_address=":0", backend="probe") as client:
             print(json.dumps({**started, "driver": os.getpid(), "workers": list(client.run(where).values())}))
@@ -108,6 +111,30 @@ def test_the_forkserver_starts_before_distributed_is_imported_with_the_environme
     assert all(w["imported_by"] == w["parent"] and w["tasks_imported"] for w in workers)
     assert all(w["forkserver_env"] == {"OMP_NUM_THREADS": "3", "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONHASHSEED": "6640"}
                for w in workers)
+    # It imported them with the collector paused and froze the result: each worker starts with
+    # the collector on and distributed's objects (tens of thousands) in the permanent generation.
+    assert all(w["gc_enabled"] and w["frozen"] > 20_000 and not w["preload_variable"] for w in workers)
+
+
+def test_the_preload_module_imports_its_modules_with_the_collector_paused_and_skips_a_missing_one():
+    done = _python("""
+        import gc, json, os, sys
+        seen = []
+        gc.callbacks.append(lambda phase, info: seen.append(info["generation"]) if phase == "start" else None)
+        import embedfleet.pipeline.forkserver_preload as preload  # no variable: nothing happens
+        nothing = {"frozen": gc.get_freeze_count(), "email_imported": "email.mime.text" in sys.modules}
+        before = len(seen)
+        preload.import_with_collector_paused(["email.mime.text", "no_such_module_anywhere", "json.tool"])
+        print(json.dumps({"nothing": nothing, "collections_during_import": len(seen) - before,
+                          "imported": ["email.mime.text" in sys.modules, "json.tool" in sys.modules],
+                          "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["nothing"]["email_imported"] is False
+    assert seen["collections_during_import"] == 0
+    assert seen["imported"] == [True, True] and seen["gc_enabled"] is True
+    assert seen["frozen"] > seen["nothing"]["frozen"]
 
 
 def test_no_forkserver_for_an_existing_scheduler_or_a_gpu_cluster():

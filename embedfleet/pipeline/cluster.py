@@ -185,7 +185,8 @@ def _forked_workers(modules: tuple[str, ...]) -> dict:
 
 
 def _start_forkserver(modules: tuple[str, ...]) -> None:
-    """Start this process's forkserver, importing distributed, ``modules`` and :data:`TASK_MODULES`.
+    """Start this process's forkserver, importing distributed, ``modules`` and :data:`TASK_MODULES`
+    (through :mod:`~embedfleet.pipeline.forkserver_preload`, without cyclic collections).
 
     It lives as long as this process and serves every cluster it starts: a later call finds
     it running and changes nothing. Every worker inherits its environment: this process's,
@@ -196,8 +197,12 @@ def _start_forkserver(modules: tuple[str, ...]) -> None:
     import multiprocessing
     import multiprocessing.forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *modules, *TASK_MODULES])
-    with _environ(_nanny_pre_spawn_environ()):
+    from embedfleet.pipeline import forkserver_preload
+
+    # One preload module, which imports the rest with the garbage collector paused.
+    multiprocessing.get_context("forkserver").set_forkserver_preload([forkserver_preload.__name__])
+    preload = {forkserver_preload.MODULES_VARIABLE: ",".join(["distributed", *modules, *TASK_MODULES])}
+    with _environ({**_nanny_pre_spawn_environ(), **preload}):
         multiprocessing.forkserver.ensure_running()
 
 
