@@ -115,6 +115,13 @@ def test_a_stopped_streaming_job_writes_nothing_and_resumes_without_re_embedding
     # embed task; and a cancelled task that was already running still finishes (writing its
     # output atomically). Count what is embedded once the scheduler has none of the job's tasks
     # left to run and no worker is still running one.
+    # The job's last submissions and its cancel travel on the client's batched stream (and the
+    # scheduler's compute-task/free-keys on each worker's), which run_on_scheduler and client.run
+    # overtake: the check below could pass before the scheduler even knew of an embed task that
+    # then ran anyway. A task sent now to every worker runs only after all of that was handled.
+    for worker in client.scheduler_info()["workers"]:
+        client.submit(int, pure=False, workers=[worker], allow_other_workers=False).result(timeout=60)
+
     def stopped_job_settled() -> bool:
         pending = client.run_on_scheduler(lambda dask_scheduler, job=spec.job_id: [
             key for key, task in dask_scheduler.tasks.items()
