@@ -7,6 +7,17 @@ import numpy as np
 from benchmarks.backends import format_table, quality
 
 
+def _noisy_pair(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference vectors and a noisy copy of them (noise half the vectors' own scale)."""
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(size=(n, 16)).astype(np.float32)
+    return ref + rng.normal(scale=0.5, size=ref.shape).astype(np.float32), ref
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def test_identical_vectors_agree_fully():
     rng = np.random.default_rng(1)
     ref = rng.normal(size=(40, 16)).astype(np.float32)
@@ -16,24 +27,18 @@ def test_identical_vectors_agree_fully():
 
 
 def test_noise_lowers_cosine_and_overlap_measurably():
-    rng = np.random.default_rng(2)
-    ref = rng.normal(size=(200, 16)).astype(np.float32)
-    noisy = ref + rng.normal(scale=0.5, size=ref.shape).astype(np.float32)
+    noisy, ref = _noisy_pair(2, 200)
     q = quality(noisy, ref, queries=50)
-    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
-    cos = (unit(noisy) * unit(ref)).sum(axis=1)
+    cos = (_unit(noisy) * _unit(ref)).sum(axis=1)
     assert abs(q["min_cosine"] - cos.min()) < 1e-5 and abs(q["mean_cosine"] - cos.mean()) < 1e-5
     # The top-10 of each query includes the query itself in both; the rest shuffles with the noise.
     assert 0.1 <= q["top10_overlap"] < 0.9
 
 
 def test_fp32_query_overlap_ranks_the_noisy_vectors_by_the_reference_query():
-    rng = np.random.default_rng(3)
-    ref = rng.normal(size=(120, 16)).astype(np.float32)
-    noisy = ref + rng.normal(scale=0.5, size=ref.shape).astype(np.float32)
+    noisy, ref = _noisy_pair(3, 120)
     q = quality(noisy, ref, queries=30)
-    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
-    a, b = unit(noisy), unit(ref)
+    a, b = _unit(noisy), _unit(ref)
     sample = np.random.default_rng(0).choice(len(a), size=30, replace=False)
     expected = np.mean([len(set(np.argsort(-(a @ b[i]))[:10]) & set(np.argsort(-(b @ b[i]))[:10])) / 10 for i in sample])
     assert abs(q["top10_overlap_fp32_query"] - expected) < 1e-9
